@@ -1,0 +1,1 @@
+"""dashscope-emo-mcp: an MCP server for DashScope portrait animation (EMO and Emoji)."""

@@ -1,0 +1,68 @@
+"""The MCP application factory. Nothing happens at import time; `create_app` wires it all."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import httpx2
+from mcp.server.mcpserver import MCPServer
+
+from server.config import Settings
+from server.dashscope import DEFAULT_TIMEOUT, DashScopeClient
+from server.evidence import Evidence
+from server.ledger import Ledger
+from server.service import Service
+from tools import build_tools
+from tools.context import AppContext
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
+EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
+Emoji (expression clip from a portrait + official template): emoji_detect → emoji_generate → task_status.
+Generation only accepts boxes from a passing detection of the same image_url. Generation is paid and \
+asynchronous: poll task_status (wait_seconds ≤ 50 per call); the finished MP4 is saved locally."""
+
+
+def package_version() -> str:
+    try:
+        return version("dashscope-emo-mcp")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MCPServer[AppContext]:
+    """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
+        ledger = Ledger(settings.state_dir)
+        owned = http is None
+        client_http = http or httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True)
+        try:
+            client = DashScopeClient(client_http, settings.base_url, settings.api_key)
+            evidence = Evidence(settings.output_dir, settings.api_key)
+            logger.info(
+                "serving: base_url=%s output_dir=%s key_source=%s sandbox=%s",
+                settings.base_url,
+                settings.output_dir,
+                settings.key_source,
+                settings.sandbox,
+            )
+            yield AppContext(service=Service(settings, client, ledger, evidence))
+        finally:
+            if owned:
+                await client_http.aclose()
+            ledger.close()
+
+    return MCPServer(
+        name="dashscope-emo-mcp",
+        title="DashScope portrait animation (EMO, Emoji)",
+        instructions=INSTRUCTIONS,
+        version=package_version(),
+        tools=build_tools(settings),
+        lifespan=lifespan,
+    )

@@ -1,0 +1,152 @@
+"""Settings read from the environment once, at start-up, and passed down explicitly.
+
+Nothing here runs at import time: `load_settings()` is called by the CLI (or a test) and
+the resulting frozen `Settings` is handed to `create_app()`.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from server.errors import ConfigError
+
+DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+DEFAULT_POLL_INTERVAL = 15.0
+SANDBOX_POLL_INTERVAL = 0.5
+CREDENTIALS_FILE = Path("~/.alibabacloud/credentials")
+
+KeySource = Literal["env", "credentials-file", "sandbox", "none"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know about its environment."""
+
+    api_key: str | None = field(repr=False)
+    key_source: KeySource
+    base_url: str
+    output_dir: Path
+    state_dir: Path
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    sandbox: bool = False
+    # Extra deployment names allowed for the optional `model` argument, per official model.
+    model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def is_beijing(self) -> bool:
+        return self.base_url.rstrip("/") == DEFAULT_BASE_URL
+
+
+def _read_credentials_file(env: Mapping[str, str]) -> str | None:
+    """The seed skills' convention: `dashscope_api_key` in an INI profile section."""
+    path = Path(env.get("ALIBABA_CLOUD_CREDENTIALS_FILE", str(CREDENTIALS_FILE))).expanduser()
+    if not path.is_file():
+        return None
+    profile = env.get("ALIBABA_CLOUD_PROFILE") or env.get("ALICLOUD_PROFILE") or "default"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    value = parser.get(profile, "dashscope_api_key", fallback="").strip()
+    return value or None
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
+    return value
+
+
+def _parse_aliases(raw: str) -> dict[str, tuple[str, ...]]:
+    """`EMO_MCP_MODEL_ALIASES="emo-v1=my-emo-deploy,emoji-v1=my-emoji"`."""
+    from server.models import OFFICIAL_MODELS
+
+    aliases: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        official, sep, alias = item.partition("=")
+        official, alias = official.strip(), alias.strip()
+        if not sep or official not in OFFICIAL_MODELS or not alias:
+            raise ConfigError(
+                f"EMO_MCP_MODEL_ALIASES entry {item!r} must look like <official model>=<deployment name>, "
+                f"with the official model one of {', '.join(sorted(OFFICIAL_MODELS))}"
+            )
+        aliases.setdefault(official, []).append(alias)
+    return {key: tuple(values) for key, values in aliases.items()}
+
+
+def ensure_writable_dir(path: Path, variable: str) -> Path:
+    """Create `path` if needed and prove it is writable, or say which variable to fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{variable} points at {str(path)!r}, which cannot be written ({exc.strerror or exc}). "
+            f"Set {variable} to a writable folder."
+        ) from exc
+    return path
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    cwd: Path | None = None,
+    sandbox: bool = False,
+    sandbox_base_url: str | None = None,
+) -> Settings:
+    """Read settings from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+
+    key_source: KeySource
+    api_key = (env.get("DASHSCOPE_API_KEY") or "").strip() or None
+    if sandbox:
+        from server.fake_dashscope import SANDBOX_API_KEY
+
+        api_key, key_source = SANDBOX_API_KEY, "sandbox"
+    elif api_key:
+        key_source = "env"
+    else:
+        api_key = _read_credentials_file(env)
+        key_source = "credentials-file" if api_key else "none"
+
+    base_url = sandbox_base_url or (env.get("DASHSCOPE_HTTP_BASE_URL") or "").strip() or DEFAULT_BASE_URL
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"DASHSCOPE_HTTP_BASE_URL must be an http(s) URL, got {base_url!r}")
+
+    output_dir = Path(env.get("OUTPUT_DIR") or "output").expanduser()
+    output_dir = ensure_writable_dir((cwd / output_dir).resolve(), "OUTPUT_DIR")
+    state_raw = env.get("EMO_MCP_STATE_DIR")
+    state_dir = (
+        ensure_writable_dir((cwd / Path(state_raw).expanduser()).resolve(), "EMO_MCP_STATE_DIR")
+        if state_raw
+        else output_dir
+    )
+
+    return Settings(
+        api_key=api_key,
+        key_source=key_source,
+        base_url=base_url.rstrip("/"),
+        output_dir=output_dir,
+        state_dir=state_dir,
+        poll_interval=_positive_float(
+            env, "EMO_MCP_POLL_INTERVAL", SANDBOX_POLL_INTERVAL if sandbox else DEFAULT_POLL_INTERVAL
+        ),
+        sandbox=sandbox,
+        model_aliases=_parse_aliases(env.get("EMO_MCP_MODEL_ALIASES", "")),
+    )

@@ -1,0 +1,260 @@
+"""The async DashScope client: the only module that speaks HTTP to the service.
+
+Rules from the contract that live here and nowhere else:
+- detect is synchronous and never sends `X-DashScope-Async`; a submit always does;
+- task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
+  `Retry-After`; a submit is never retried once it may have reached the service;
+- the result URL is fetched without the API key (it is a signed storage URL on another host),
+  streamed to a temporary file with its sha256 computed on the way, then renamed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+
+from server.errors import (
+    MissingApiKeyError,
+    ServiceError,
+    SubmitOutcomeUnknownError,
+    UpstreamError,
+    UpstreamUnavailableError,
+    upstream_error,
+)
+
+logger = logging.getLogger(__name__)
+
+DETECT_PATH = "/services/aigc/image2video/face-detect"
+SUBMIT_PATH = "/services/aigc/image2video/video-synthesis"
+
+DEFAULT_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
+DETECT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
+DOWNLOAD_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
+MAX_READ_RETRIES = 4
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 8.0
+RETRY_AFTER_CAP = 60.0
+DOWNLOAD_CHUNK = 256 * 1024
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    sha256: str
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff; a server's Retry-After wins (capped)."""
+    if retry_after is not None:
+        return min(retry_after, RETRY_AFTER_CAP)
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt)))
+
+
+def _error_from_response(response: httpx2.Response) -> UpstreamError:
+    code, message, request_id = f"HTTP{response.status_code}", "", None
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        code = str(body.get("code") or code)
+        message = str(body.get("message") or "")
+        request_id = body.get("request_id")
+    elif response.text:
+        message = response.text[:200]
+    return upstream_error(
+        response.status_code,
+        code,
+        message,
+        str(request_id) if request_id else None,
+        parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def _json_body(response: httpx2.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServiceError(response.status_code, "BadResponse", "DashScope answered with non-JSON") from exc
+    if not isinstance(body, dict):
+        raise ServiceError(response.status_code, "BadResponse", "DashScope answered with a non-object")
+    return body
+
+
+class DashScopeClient:
+    """Thin, typed wrapper over the endpoints this server uses."""
+
+    def __init__(
+        self,
+        http: httpx2.AsyncClient,
+        base_url: str,
+        api_key: str | None,
+        *,
+        sleep: Sleep = anyio.sleep,
+    ) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._sleep = sleep
+
+    def _headers(self, *, asynchronous: bool = False, oss: bool = False) -> dict[str, str]:
+        if not self._api_key:
+            raise MissingApiKeyError()
+        headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
+        if asynchronous:
+            headers["X-DashScope-Async"] = "enable"
+        if oss:
+            headers["X-DashScope-OssResourceResolve"] = "enable"
+        return headers
+
+    async def detect(self, model: str, image_url: str, ratio: str | None) -> dict[str, Any]:
+        """POST face-detect. Billed per call, so only a 429 (refused, not billed) is retried."""
+        payload: dict[str, Any] = {"model": model, "input": {"image_url": image_url}}
+        if ratio is not None:
+            payload["parameters"] = {"ratio": ratio}
+        headers = self._headers(oss=image_url.startswith("oss://"))
+        for attempt in range(MAX_READ_RETRIES + 1):
+            try:
+                response = await self._http.post(
+                    self._base_url + DETECT_PATH, json=payload, headers=headers, timeout=DETECT_TIMEOUT
+                )
+            except httpx2.TransportError as exc:
+                raise UpstreamUnavailableError(
+                    f"DashScope could not be reached for detection ({type(exc).__name__}). "
+                    "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
+                ) from exc
+            if response.status_code == 429 and attempt < MAX_READ_RETRIES:
+                error = _error_from_response(response)
+                await self._sleep(backoff_delay(attempt, error.retry_after))
+                continue
+            if response.status_code >= 400:
+                raise _error_from_response(response)
+            return _json_body(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST video-synthesis once. Anything but a clear answer means "outcome unknown"."""
+        uses_oss = "oss://" in json.dumps(payload.get("input", {}))
+        headers = self._headers(asynchronous=True, oss=uses_oss)
+        try:
+            response = await self._http.post(
+                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=DEFAULT_TIMEOUT
+            )
+        except httpx2.ConnectError as exc:
+            # The connection was never made, so nothing reached the service.
+            raise UpstreamUnavailableError(
+                f"DashScope could not be reached ({type(exc).__name__}); nothing was submitted. "
+                "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
+            ) from exc
+        except httpx2.TransportError as exc:
+            raise SubmitOutcomeUnknownError(
+                f"The submit was sent but no answer came back ({type(exc).__name__})."
+            ) from exc
+        if response.status_code >= 500:
+            error = _error_from_response(response)
+            raise SubmitOutcomeUnknownError(str(error)) from error
+        if response.status_code >= 400:
+            raise _error_from_response(response)
+        return _json_body(response)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """GET /tasks/{id}, retried: a read is safe to repeat."""
+        headers = {"Authorization": self._headers()["Authorization"]}
+        url = f"{self._base_url}/tasks/{task_id}"
+        last: Exception | None = None
+        for attempt in range(MAX_READ_RETRIES + 1):
+            retry_after: float | None = None
+            try:
+                response = await self._http.get(url, headers=headers, timeout=DEFAULT_TIMEOUT)
+            except httpx2.TransportError as exc:
+                last = exc
+            else:
+                if response.status_code < 400:
+                    return _json_body(response)
+                error = _error_from_response(response)
+                if response.status_code != 429 and response.status_code < 500:
+                    raise error
+                last, retry_after = error, error.retry_after
+            if attempt < MAX_READ_RETRIES:
+                delay = backoff_delay(attempt, retry_after)
+                logger.info("task query retry %d in %.2fs after %s", attempt + 1, delay, type(last).__name__)
+                await self._sleep(delay)
+        if isinstance(last, UpstreamError):
+            raise last
+        raise UpstreamUnavailableError(
+            f"DashScope did not answer the task query after {MAX_READ_RETRIES + 1} tries "
+            f"({type(last).__name__}). The task is safe; call task_status again later."
+        ) from last
+
+    async def download(self, url: str, destination: Path) -> Downloaded:
+        """Stream `url` to `destination` via a `.part` file; retried from scratch on transport errors."""
+        last: Exception | None = None
+        for attempt in range(MAX_READ_RETRIES + 1):
+            try:
+                return await self._download_once(url, destination)
+            except (httpx2.TransportError, _ShortDownloadError) as exc:
+                last = exc
+            except UpstreamError as exc:
+                if exc.status_code != 429 and exc.status_code < 500:
+                    raise
+                last = exc
+            if attempt < MAX_READ_RETRIES:
+                await self._sleep(backoff_delay(attempt, getattr(last, "retry_after", None)))
+        raise UpstreamUnavailableError(
+            f"The video could not be downloaded ({type(last).__name__}); the task is recorded and "
+            "task_status will try again (the URL stays valid for 24 h after the task ends)."
+        ) from last
+
+    async def _download_once(self, url: str, destination: Path) -> Downloaded:
+        part = destination.with_name(destination.name + ".part")
+        digest = hashlib.sha256()
+        size = 0
+        async with self._http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise _error_from_response(response)
+            expected = response.headers.get("content-length")
+            async with await anyio.open_file(part, "wb") as sink:
+                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    await sink.write(chunk)
+        if expected is not None and expected.isdigit() and int(expected) != size:
+            part.unlink(missing_ok=True)
+            raise _ShortDownloadError(f"expected {expected} bytes, got {size}")
+        os.replace(part, destination)
+        return Downloaded(destination, size, digest.hexdigest())
+
+
+class _ShortDownloadError(Exception):
+    """The stream ended before Content-Length bytes arrived."""

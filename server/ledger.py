@@ -1,0 +1,289 @@
+"""The SQLite ledger: every detection and every task, surviving restarts.
+
+It is the memory behind provenance (generate only accepts boxes a passing detection of that
+same image returned) and behind `task_status` across processes sharing one OUTPUT_DIR.
+WAL mode lets several server processes read and write the same file safely.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LEDGER_FILE = "ledger.sqlite3"
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+# Recorded when a submit was sent but no answer came back: a task may exist upstream.
+SUBMIT_UNKNOWN = "SUBMIT_OUTCOME_UNKNOWN"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS detections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    family TEXT NOT NULL,
+    model TEXT NOT NULL,
+    image_url TEXT NOT NULL,
+    ratio TEXT,
+    check_pass INTEGER NOT NULL,
+    face_bbox TEXT,
+    ext_bbox TEXT,
+    code TEXT,
+    message TEXT,
+    request_id TEXT,
+    evidence_dir TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS detections_by_image ON detections (family, image_url);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    family TEXT NOT NULL,
+    model TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    ratio TEXT,
+    status TEXT NOT NULL,
+    submit_time TEXT,
+    scheduled_time TEXT,
+    end_time TEXT,
+    video_url TEXT,
+    video_path TEXT,
+    video_sha256 TEXT,
+    video_bytes INTEGER,
+    usage TEXT,
+    code TEXT,
+    message TEXT,
+    request_id TEXT,
+    evidence_dir TEXT NOT NULL,
+    polls INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def box_key(box: Sequence[int] | None) -> str | None:
+    """Canonical text of a box, so equality in SQL is equality of the four integers."""
+    return None if box is None else json.dumps([int(v) for v in box], separators=(",", ":"))
+
+
+def _box(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in json.loads(text)]
+
+
+@dataclass(frozen=True)
+class Detection:
+    id: int
+    family: str
+    model: str
+    image_url: str
+    ratio: str | None
+    check_pass: bool
+    face_bbox: list[int] | None
+    ext_bbox: list[int] | None
+    code: str | None
+    message: str | None
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    family: str
+    model: str
+    payload: dict[str, Any]
+    ratio: str | None
+    status: str
+    submit_time: str | None
+    scheduled_time: str | None
+    end_time: str | None
+    video_url: str | None
+    video_path: str | None
+    video_sha256: str | None
+    video_bytes: int | None
+    usage: dict[str, Any] | None
+    code: str | None
+    message: str | None
+    request_id: str | None
+    evidence_dir: str
+    polls: int
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class Ledger:
+    """A small synchronous store; every call is a few hundred microseconds on local disk."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LEDGER_FILE
+        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # detections -------------------------------------------------------------
+
+    def add_detection(
+        self,
+        *,
+        family: str,
+        model: str,
+        image_url: str,
+        ratio: str | None,
+        check_pass: bool,
+        face_bbox: Sequence[int] | None,
+        ext_bbox: Sequence[int] | None,
+        code: str | None,
+        message: str | None,
+        request_id: str | None,
+        evidence_dir: str,
+    ) -> int:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO detections (family, model, image_url, ratio, check_pass, face_bbox, ext_bbox,"
+                " code, message, request_id, evidence_dir, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    family,
+                    model,
+                    image_url,
+                    ratio,
+                    int(check_pass),
+                    box_key(face_bbox),
+                    box_key(ext_bbox),
+                    code,
+                    message,
+                    request_id,
+                    evidence_dir,
+                    time.time(),
+                ),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def detections_of(self, image_url: str) -> list[Detection]:
+        """Every detection of this exact image URL, newest first, both families."""
+        rows = self._db.execute(
+            "SELECT * FROM detections WHERE image_url = ? ORDER BY id DESC", (image_url,)
+        ).fetchall()
+        return [
+            Detection(
+                id=row["id"],
+                family=row["family"],
+                model=row["model"],
+                image_url=row["image_url"],
+                ratio=row["ratio"],
+                check_pass=bool(row["check_pass"]),
+                face_bbox=_box(row["face_bbox"]),
+                ext_bbox=_box(row["ext_bbox"]),
+                code=row["code"],
+                message=row["message"],
+                request_id=row["request_id"],
+            )
+            for row in rows
+        ]
+
+    # tasks ------------------------------------------------------------------
+
+    def add_task(
+        self,
+        *,
+        task_id: str,
+        family: str,
+        model: str,
+        payload: dict[str, Any],
+        ratio: str | None,
+        status: str,
+        request_id: str | None,
+        evidence_dir: str,
+    ) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO tasks (task_id, family, model, payload, ratio, status, request_id,"
+                " evidence_dir, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (task_id, family, model, json.dumps(payload), ratio, status, request_id, evidence_dir, now, now),
+            )
+
+    _TASK_COLUMNS = frozenset(
+        {
+            "status",
+            "submit_time",
+            "scheduled_time",
+            "end_time",
+            "video_url",
+            "video_path",
+            "video_sha256",
+            "video_bytes",
+            "usage",
+            "code",
+            "message",
+            "polls",
+        }
+    )
+
+    def update_task(self, task_id: str, **fields: Any) -> None:
+        unknown = set(fields) - self._TASK_COLUMNS
+        if unknown:
+            raise ValueError(f"not task columns: {sorted(unknown)}")
+        if "usage" in fields and fields["usage"] is not None:
+            fields["usage"] = json.dumps(fields["usage"])
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE tasks SET {assignments}, updated_at = ? WHERE task_id = ?",  # noqa: S608 (names are whitelisted)
+                (*fields.values(), time.time(), task_id),
+            )
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        row = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return None if row is None else _task(row)
+
+    def tasks(self, *, limit: int = 50, open_only: bool = False) -> list[TaskRecord]:
+        where = f"WHERE status NOT IN ({','.join('?' * len(TERMINAL_STATUSES))})" if open_only else ""
+        params: tuple[Any, ...] = tuple(sorted(TERMINAL_STATUSES)) if open_only else ()
+        rows = self._db.execute(
+            f"SELECT * FROM tasks {where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608 (no user text)
+            (*params, limit),
+        ).fetchall()
+        return [_task(row) for row in rows]
+
+
+def _task(row: sqlite3.Row) -> TaskRecord:
+    return TaskRecord(
+        task_id=row["task_id"],
+        family=row["family"],
+        model=row["model"],
+        payload=json.loads(row["payload"]),
+        ratio=row["ratio"],
+        status=row["status"],
+        submit_time=row["submit_time"],
+        scheduled_time=row["scheduled_time"],
+        end_time=row["end_time"],
+        video_url=row["video_url"],
+        video_path=row["video_path"],
+        video_sha256=row["video_sha256"],
+        video_bytes=row["video_bytes"],
+        usage=json.loads(row["usage"]) if row["usage"] else None,
+        code=row["code"],
+        message=row["message"],
+        request_id=row["request_id"],
+        evidence_dir=row["evidence_dir"],
+        polls=row["polls"],
+    )

@@ -1,0 +1,58 @@
+"""Facts about the four DashScope models this server wraps (names, ratios, sizes, templates)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Literal
+
+EMO_DETECT = "emo-detect-v1"
+EMO_GENERATE = "emo-v1"
+EMOJI_DETECT = "emoji-detect-v1"
+EMOJI_GENERATE = "emoji-v1"
+OFFICIAL_MODELS = frozenset({EMO_DETECT, EMO_GENERATE, EMOJI_DETECT, EMOJI_GENERATE})
+
+Family = Literal["emo", "emoji"]
+Ratio = Literal["1:1", "3:4"]
+StyleLevel = Literal["normal", "calm", "active"]
+
+# What a ratio's ext_bbox turns into (EMO output is 15 fps H.264 with sound).
+OUTPUT_SIZE: dict[str, str] = {"1:1": "512x512", "3:4": "512x704"}
+EMOJI_OUTPUT_SIZE = "512x512"
+
+FAMILY_OF_MODEL: dict[str, Family] = {
+    EMO_DETECT: "emo",
+    EMO_GENERATE: "emo",
+    EMOJI_DETECT: "emoji",
+    EMOJI_GENERATE: "emoji",
+}
+
+# Evidence folders under OUTPUT_DIR, named after the seed skills.
+EVIDENCE_FOLDER: dict[Family, str] = {"emo": "aliyun-emo", "emoji": "aliyun-emoji"}
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    series: str
+    series_meaning: str
+    meaning: str
+
+
+@cache
+def templates() -> tuple[Template, ...]:
+    """The official `driven_id` catalogue, from the data file shipped with the package."""
+    raw = json.loads(resources.files("server").joinpath("templates.json").read_text(encoding="utf-8"))
+    return tuple(Template(**item) for item in raw["templates"])
+
+
+@cache
+def template_max_seconds() -> int:
+    raw = json.loads(resources.files("server").joinpath("templates.json").read_text(encoding="utf-8"))
+    return int(raw["typical_max_seconds"])
+
+
+def template_ids() -> tuple[str, ...]:
+    return tuple(t.id for t in templates())

@@ -1,0 +1,117 @@
+"""What the domain layer returns: typed results shared by the MCP tools and the CLI.
+
+Each model's JSON schema is the tool's published `outputSchema`; `summary()` is the one-line
+text a person (or a client that ignores structured content) reads first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox: bool = Field(description="True when this came from the built-in sandbox, not DashScope.")
+
+    def _prefix(self) -> str:
+        return "[sandbox] " if self.sandbox else ""
+
+    def summary(self) -> str:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+
+class EmoDetection(_Result):
+    check_pass: bool = Field(description="Whether the portrait qualifies for emo-v1.")
+    image_url: str
+    ratio: str = Field(description="'1:1' (head shot) or '3:4' (half body).")
+    output_size: str = Field(description="Video size this ratio gives: 512x512 for 1:1, 512x704 for 3:4.")
+    face_bbox: list[int] | None = Field(description="[x1, y1, x2, y2]; pass unchanged to emo_generate.")
+    ext_bbox: list[int] | None = Field(description="[x1, y1, x2, y2]; pass unchanged to emo_generate.")
+    humanoid: bool | None = None
+    code: str | None = Field(None, description="Upstream reason when the check failed.")
+    message: str | None = None
+    request_id: str | None = None
+    model: str
+    evidence_dir: str = Field(description="Folder holding the request and response of this detection.")
+
+    def summary(self) -> str:
+        if self.check_pass:
+            return (
+                f"{self._prefix()}emo_detect passed ({self.ratio}, video {self.output_size}): "
+                f"face_bbox {self.face_bbox}, ext_bbox {self.ext_bbox}. Next: emo_generate with these boxes."
+            )
+        return (
+            f"{self._prefix()}emo_detect did not pass: {self.code}: {self.message}. "
+            "Pick another portrait (one clear, front-facing person) and detect again."
+        )
+
+
+class EmojiDetection(_Result):
+    check_pass: bool = Field(description="Derived: true when the service returned both boxes and no error.")
+    image_url: str
+    output_size: str = Field(description="Emoji clips are 512x512.")
+    face_bbox: list[int] | None = Field(description="Wire bbox_face; pass unchanged to emoji_generate.")
+    ext_bbox_face: list[int] | None = Field(description="Pass unchanged to emoji_generate.")
+    code: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+    model: str
+    evidence_dir: str
+
+    def summary(self) -> str:
+        if self.check_pass:
+            return (
+                f"{self._prefix()}emoji_detect passed: face_bbox {self.face_bbox}, ext_bbox_face "
+                f"{self.ext_bbox_face}. Next: emoji_generate with these boxes and a template_id."
+            )
+        return (
+            f"{self._prefix()}emoji_detect did not pass: {self.code}: {self.message}. "
+            "Pick another portrait (one front-facing, unoccluded person) and detect again."
+        )
+
+
+class Submitted(_Result):
+    task_id: str
+    task_status: str
+    model: str
+    request_id: str | None = None
+    output_size: str
+    evidence_dir: str
+    next_step: str
+
+    def summary(self) -> str:
+        return f"{self._prefix()}Submitted {self.model} task {self.task_id} ({self.task_status}). {self.next_step}"
+
+
+class TaskStatus(_Result):
+    task_id: str
+    task_status: str = Field(
+        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED or UNKNOWN (unknown or older than 24 h)."
+    )
+    finished: bool
+    model: str | None = None
+    submit_time: str | None = Field(None, description="Beijing time (UTC+8), as DashScope reports it.")
+    scheduled_time: str | None = None
+    end_time: str | None = None
+    video_url: str | None = Field(None, description="Valid 24 h after the task ends; already downloaded.")
+    video_path: str | None = Field(None, description="Absolute path of the downloaded MP4.")
+    video_sha256: str | None = None
+    video_bytes: int | None = None
+    usage: dict[str, Any] | None = Field(None, description="video_duration (billed seconds), video_ratio.")
+    code: str | None = None
+    message: str | None = None
+    download_error: str | None = None
+    evidence_dir: str | None = None
+
+    def summary(self) -> str:
+        head = f"{self._prefix()}Task {self.task_id}: {self.task_status}"
+        if self.task_status == "SUCCEEDED" and self.video_path:
+            return f"{head}. Video saved to {self.video_path} ({self.video_bytes} bytes)."
+        if self.task_status == "SUCCEEDED":
+            return f"{head}, but the download failed: {self.download_error} Call task_status again to retry."
+        if self.task_status in {"FAILED", "CANCELED", "UNKNOWN"}:
+            return f"{head}: {self.code or ''} {self.message or ''}".rstrip() + "."
+        return f"{head}. Not finished; call task_status again with wait_seconds to keep waiting."

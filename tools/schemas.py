@@ -1,0 +1,62 @@
+"""Input types of the tools: strict at every level, so an agent cannot pass what it invented.
+
+- URLs are http(s) only and of sane length;
+- a box is exactly four non-negative integers with x1 < x2 and y1 < y2 (no "1" → 1 coercion);
+- enums (ratio, style_level, template_id) are published inline so clients see the choices.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, StrictInt
+
+MAX_URL_LENGTH = 2048
+MAX_WAIT_SECONDS = 50
+
+
+def _check_url(value: str) -> str:
+    if value != value.strip() or not value:
+        raise ValueError("must be a non-empty URL without surrounding spaces")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"}:
+        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise ValueError(f"must be a public http:// or https:// URL (got {shown})")
+    if not parts.hostname or any(ch.isspace() for ch in value):
+        raise ValueError("must be a full http(s) URL with a host name and no spaces")
+    return value
+
+
+def _check_box(value: list[int]) -> list[int]:
+    x1, y1, x2, y2 = value
+    if not (x1 < x2 and y1 < y2):
+        raise ValueError(f"must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2 (got {value})")
+    return value
+
+
+HttpUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        json_schema_extra={"format": "uri", "pattern": "^https?://"},
+    ),
+    AfterValidator(_check_url),
+]
+
+Box = Annotated[
+    list[Annotated[StrictInt, Field(ge=0)]],
+    Field(min_length=4, max_length=4),
+    AfterValidator(_check_box),
+]
+
+Ratio = Literal["1:1", "3:4"]
+StyleLevel = Literal["normal", "calm", "active"]
+WaitSeconds = Annotated[StrictInt, Field(ge=0, le=MAX_WAIT_SECONDS)]
+TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+def choice(values: tuple[str, ...]) -> Any:
+    """A `Literal` of values known only at run time (templates from the data file, model aliases)."""
+    return Literal[values]

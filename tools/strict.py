@@ -1,0 +1,23 @@
+"""Make a tool's root argument object strict.
+
+MCP SDK 2.3 builds the root arguments model without `extra="forbid"`, so an unknown top-level
+argument is silently dropped and the published schema lacks `additionalProperties: false`. We
+rebuild the model as a forbidding subclass and republish the schema; a test checks that the
+published schema and the runtime behaviour agree, because this touches semi-internal fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server.mcpserver.tools import Tool
+from pydantic import ConfigDict
+
+
+def harden(tool: Tool) -> Tool:
+    base = tool.fn_metadata.arg_model
+    config = ConfigDict(**{**base.model_config, "extra": "forbid"})
+    strict: Any = type(base.__name__, (base,), {"model_config": config, "__module__": base.__module__})
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+    return tool
