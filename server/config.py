@@ -18,7 +18,6 @@ from server.errors import ConfigError
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
 SANDBOX_POLL_INTERVAL = 0.5
-CREDENTIALS_FILE = Path("~/.alibabacloud/credentials")
 
 KeySource = Literal["env", "credentials-file", "sandbox", "none"]
 
@@ -44,7 +43,13 @@ class Settings:
 
 def _read_credentials_file(env: Mapping[str, str]) -> str | None:
     """The seed skills' convention: `dashscope_api_key` in an INI profile section."""
-    path = Path(env.get("ALIBABA_CLOUD_CREDENTIALS_FILE", str(CREDENTIALS_FILE))).expanduser()
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    default = home / ".alibabacloud" / "credentials"
+    path = (
+        Path(env["ALIBABA_CLOUD_CREDENTIALS_FILE"]).expanduser()
+        if env.get("ALIBABA_CLOUD_CREDENTIALS_FILE")
+        else default
+    )
     if not path.is_file():
         return None
     profile = env.get("ALIBABA_CLOUD_PROFILE") or env.get("ALICLOUD_PROFILE") or "default"

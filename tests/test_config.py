@@ -1,0 +1,92 @@
+"""Settings: where the key comes from, and clear errors for a bad environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.config import DEFAULT_BASE_URL, load_settings
+from server.errors import ConfigError
+
+
+def write_credentials(home: Path, text: str) -> Path:
+    path = home / ".alibabacloud" / "credentials"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"HOME": str(tmp_path)}, cwd=tmp_path)
+    assert settings.base_url == DEFAULT_BASE_URL and settings.is_beijing
+    assert settings.output_dir == (tmp_path / "output").resolve()
+    assert settings.state_dir == settings.output_dir
+    assert settings.poll_interval == 15.0
+    assert settings.key_source == "none" and settings.api_key is None
+
+
+def test_env_key_wins_over_credentials_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_credentials(tmp_path, "[default]\ndashscope_api_key = sk-from-file\n")
+    settings = load_settings({"HOME": str(tmp_path), "DASHSCOPE_API_KEY": "sk-from-env"}, cwd=tmp_path)
+    assert (settings.api_key, settings.key_source) == ("sk-from-env", "env")
+    assert "sk-from-env" not in repr(settings)
+
+
+def test_credentials_file_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_credentials(tmp_path, "[default]\ndashscope_api_key = sk-default\n\n[work]\ndashscope_api_key = sk-work\n")
+    assert load_settings({}, cwd=tmp_path).api_key == "sk-default"
+    settings = load_settings({"ALIBABA_CLOUD_PROFILE": "work"}, cwd=tmp_path)
+    assert (settings.api_key, settings.key_source) == ("sk-work", "credentials-file")
+    assert load_settings({"ALICLOUD_PROFILE": "work"}, cwd=tmp_path).api_key == "sk-work"
+    assert load_settings({"ALIBABA_CLOUD_PROFILE": "absent"}, cwd=tmp_path).api_key is None
+
+
+def test_overrides(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "HOME": str(tmp_path),
+            "DASHSCOPE_HTTP_BASE_URL": "http://127.0.0.1:9/api/v1/",
+            "OUTPUT_DIR": "videos",
+            "EMO_MCP_STATE_DIR": str(tmp_path / "state"),
+            "EMO_MCP_POLL_INTERVAL": "2.5",
+            "EMO_MCP_MODEL_ALIASES": "emo-v1=my-emo",
+        },
+        cwd=tmp_path,
+    )
+    assert settings.base_url == "http://127.0.0.1:9/api/v1" and not settings.is_beijing
+    assert settings.output_dir == tmp_path / "videos"
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.poll_interval == 2.5
+    assert settings.model_aliases == {"emo-v1": ("my-emo",)}
+
+
+@pytest.mark.parametrize(
+    ("env", "mentions"),
+    [
+        ({"EMO_MCP_POLL_INTERVAL": "soon"}, "EMO_MCP_POLL_INTERVAL"),
+        ({"EMO_MCP_POLL_INTERVAL": "0"}, "EMO_MCP_POLL_INTERVAL"),
+        ({"DASHSCOPE_HTTP_BASE_URL": "ftp://x"}, "DASHSCOPE_HTTP_BASE_URL"),
+        ({"EMO_MCP_MODEL_ALIASES": "not-a-model=x"}, "EMO_MCP_MODEL_ALIASES"),
+    ],
+)
+def test_bad_values_are_config_errors(tmp_path: Path, env: dict[str, str], mentions: str) -> None:
+    with pytest.raises(ConfigError, match=mentions):
+        load_settings({"HOME": str(tmp_path), **env}, cwd=tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir_is_a_clear_error(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="OUTPUT_DIR"):
+        load_settings({"OUTPUT_DIR": str(locked / "out")}, cwd=tmp_path)
+
+
+def test_output_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match=r"OUTPUT_DIR.*writable"):
+        load_settings({"HOME": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "taken")}, cwd=tmp_path)
