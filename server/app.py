@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -11,14 +10,9 @@ import httpx2
 from mcp.server.mcpserver import MCPServer
 
 from server.config import Settings
-from server.dashscope import DEFAULT_TIMEOUT, DashScopeClient
-from server.evidence import Evidence
-from server.ledger import Ledger
-from server.service import Service
+from server.runtime import open_service
 from tools import build_tools
 from tools.context import AppContext
-
-logger = logging.getLogger(__name__)
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
@@ -39,24 +33,8 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        ledger = Ledger(settings.state_dir)
-        owned = http is None
-        client_http = http or httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True)
-        try:
-            client = DashScopeClient(client_http, settings.base_url, settings.api_key)
-            evidence = Evidence(settings.output_dir, settings.api_key)
-            logger.info(
-                "serving: base_url=%s output_dir=%s key_source=%s sandbox=%s",
-                settings.base_url,
-                settings.output_dir,
-                settings.key_source,
-                settings.sandbox,
-            )
-            yield AppContext(service=Service(settings, client, ledger, evidence))
-        finally:
-            if owned:
-                await client_http.aclose()
-            ledger.close()
+        async with open_service(settings, http) as service:
+            yield AppContext(service=service)
 
     return MCPServer(
         name="dashscope-emo-mcp",
