@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -196,3 +197,27 @@ async def test_without_wait_one_poll_reports_progress_state(client: Client, fake
     assert status["finished"] is False
     assert status["video_path"] is None
     assert len(fake.queries(submitted["task_id"])) == 1
+
+
+async def test_long_waits_are_capped_not_refused(
+    client: Client, fake: FakeDashScope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tools import schemas
+
+    monkeypatch.setattr(schemas, "MAX_WAIT_SECONDS", 0.3)
+    fake.polls_to_finish = 10_000
+    detection = await detect_emo(client)
+    submitted = await call_ok(
+        client,
+        "emo_generate",
+        {
+            "image_url": PORTRAIT,
+            "audio_url": SPEECH,
+            "face_bbox": detection["face_bbox"],
+            "ext_bbox": detection["ext_bbox"],
+        },
+    )
+    with anyio.fail_after(10):
+        status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 3600})
+    assert status["finished"] is False
+    assert status["task_status"] in {"PENDING", "RUNNING"}

@@ -54,7 +54,7 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("emoji_detect", {"image_url": PORTRAIT, "ratio": "1:1"}, "ratio"),
     ("task_status", {"task_id": ""}, "task_id"),
     ("task_status", {"task_id": "../../etc/passwd"}, "task_id"),
-    ("task_status", {"task_id": "abc", "wait_seconds": 600}, "wait_seconds"),
+    ("task_status", {"task_id": "abc", "wait_seconds": -1}, "wait_seconds"),
     ("task_status", {"task_id": "abc", "wait_seconds": "5"}, "wait_seconds"),
 ]
 

@@ -53,7 +53,8 @@ Box = Annotated[
 
 Ratio = Literal["1:1", "3:4"]
 StyleLevel = Literal["normal", "calm", "active"]
-WaitSeconds = Annotated[StrictInt, Field(ge=0, le=MAX_WAIT_SECONDS)]
+# Longer waits are accepted and capped (see tools/tasks.py), so an agent never loses a turn to a refusal.
+WaitSeconds = Annotated[float, Field(ge=0, le=86_400, strict=True)]
 TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 

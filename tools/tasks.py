@@ -8,14 +8,15 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from server.results import TaskStatus
+from tools import schemas
 from tools.context import run
 from tools.schemas import MAX_WAIT_SECONDS, TaskId, WaitSeconds
 from tools.strict import harden
 
 DESCRIPTION = f"""Get the status of a task from emo_generate or emoji_generate; download the video when done.
-wait_seconds (0-{MAX_WAIT_SECONDS}, default 0) keeps polling inside this call until the task ends or the \
-wait runs out; it is capped so one call stays inside common MCP client timeouts, so call again to wait \
-longer. Statuses: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id, or older than 24 h).
+wait_seconds (default 0) keeps polling inside this call until the task ends or the wait runs out; it is \
+capped at {MAX_WAIT_SECONDS} s so one call stays inside common MCP client timeouts: call again to wait longer.
+Statuses: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id, or older than 24 h).
 On SUCCEEDED the MP4 is already saved: video_path is its absolute path (video_url expires after 24 h). \
 On FAILED: code and message. Free to call."""
 
@@ -24,12 +25,15 @@ def build() -> list[Tool]:
     async def task_status(
         task_id: Annotated[TaskId, Field(description="task_id returned by emo_generate or emoji_generate.")],
         ctx: Context[Any, Any],
-        wait_seconds: Annotated[WaitSeconds, Field(description="Seconds to wait for the task to end.")] = 0,
+        wait_seconds: Annotated[
+            WaitSeconds, Field(description=f"Seconds to wait for the task to end (capped at {MAX_WAIT_SECONDS}).")
+        ] = 0,
     ) -> Annotated[CallToolResult, TaskStatus]:
         async def progress(done: float, total: float, message: str) -> None:
             await ctx.report_progress(done, total, message)
 
-        return await run(ctx, lambda service: service.task_status(task_id, wait_seconds, progress))
+        wait = min(wait_seconds, schemas.MAX_WAIT_SECONDS)
+        return await run(ctx, lambda service: service.task_status(task_id, wait, progress))
 
     return [
         harden(
