@@ -79,6 +79,22 @@ async def detect_emo(client: Client, image_url: str = PORTRAIT, ratio: str = "1:
     return result
 
 
+async def submit_emo(client: Client, audio_url: str = SPEECH) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Detect PORTRAIT and submit an emo-v1 task with its boxes; returns (detection, submitted)."""
+    detection = await detect_emo(client)
+    submitted = await call_ok(
+        client,
+        "emo_generate",
+        {
+            "image_url": PORTRAIT,
+            "audio_url": audio_url,
+            "face_bbox": detection["face_bbox"],
+            "ext_bbox": detection["ext_bbox"],
+        },
+    )
+    return detection, submitted
+
+
 async def detect_emoji(client: Client, image_url: str = PORTRAIT) -> dict[str, Any]:
     result = await call_ok(client, "emoji_detect", {"image_url": image_url})
     assert result["check_pass"] is True

@@ -11,7 +11,7 @@ from mcp import Client
 
 from server.config import Settings
 from server.fake_dashscope import FakeDashScope
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, detect_emoji, read_json
+from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, detect_emoji, read_json, submit_emo
 
 pytestmark = pytest.mark.anyio
 
@@ -109,17 +109,7 @@ async def test_emoji_chain_maps_tool_names_to_wire_names(client: Client, fake: F
 async def test_evidence_holds_requests_boxes_polls_and_video(
     client: Client, fake: FakeDashScope, settings: Settings
 ) -> None:
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    detection, submitted = await submit_emo(client)
     await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 5})
 
     detect_dir = Path(detection["evidence_dir"])
@@ -156,17 +146,7 @@ async def test_finished_task_is_answered_from_the_ledger(client: Client, fake: F
 
 
 async def test_wait_sends_progress_notifications(client: Client, fake: FakeDashScope) -> None:
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    _, submitted = await submit_emo(client)
     seen: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -181,17 +161,7 @@ async def test_wait_sends_progress_notifications(client: Client, fake: FakeDashS
 
 
 async def test_without_wait_one_poll_reports_progress_state(client: Client, fake: FakeDashScope) -> None:
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    _, submitted = await submit_emo(client)
     status = await call_ok(client, "task_status", {"task_id": submitted["task_id"]})
     assert status["task_status"] == "PENDING"
     assert status["finished"] is False
@@ -206,17 +176,7 @@ async def test_long_waits_are_capped_not_refused(
 
     monkeypatch.setattr(schemas, "MAX_WAIT_SECONDS", 0.3)
     fake.polls_to_finish = 10_000
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    _, submitted = await submit_emo(client)
     with anyio.fail_after(10):
         status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 3600})
     assert status["finished"] is False

@@ -19,6 +19,7 @@ from tests.conftest import (
     call_ok,
     detect_emo,
     make_env,
+    submit_emo,
 )
 
 pytestmark = pytest.mark.anyio
@@ -99,17 +100,7 @@ async def test_missing_key_lists_both_ways_and_tools_still_list(fake: FakeDashSc
 
 
 async def test_throttled_task_query_is_retried_after_retry_after(client: Client, fake: FakeDashScope) -> None:
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    _, submitted = await submit_emo(client)
     fake.inject("GET", "/tasks/", status=429, headers={"Retry-After": "0.2"}, times=1)
     fake.inject("GET", "/tasks/", status=503, times=1)
     status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 5})
@@ -146,17 +137,7 @@ async def test_submit_without_answer_is_not_retried_and_says_it_may_be_billed(
 
 
 async def test_the_api_key_never_reaches_evidence(client: Client, fake: FakeDashScope, settings: Settings) -> None:
-    detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    _, submitted = await submit_emo(client)
     await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 5})
     await call_ok(client, "emo_detect", {"image_url": "https://img.example.com/noface.jpg"})
     text = all_files_text(settings.output_dir)
