@@ -88,6 +88,9 @@ class Submitted(_Result):
     dry_run: bool = False
     payload: dict[str, Any] | None = Field(default=None, description="Dry run only: the request that would be sent.")
     warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
+    inputs: dict[str, str] | None = Field(
+        default=None, description="The media as given: local paths (sent as oss:// uploads) or URLs."
+    )
 
     def summary(self) -> str:
         cost = f" Estimated cost {self.estimated_cost_cny:.4f} CNY." if self.estimated_cost_cny is not None else ""

@@ -92,6 +92,7 @@ class Service:
         folder = self.evidence.new_detection_dir("emo")
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
         self.evidence.write_json(folder / "request.json", request)
+        self._note_local(folder, image)
         body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
@@ -139,6 +140,7 @@ class Service:
         # The contract's emoji-detect example sends ratio 1:1; emoji output is always square.
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": "1:1"}}
         self.evidence.write_json(folder / "request.json", request)
+        self._note_local(folder, image)
         body, failure = await self._detect_call(folder, wire_model, wire_url, "1:1")
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
@@ -291,11 +293,15 @@ class Service:
         submitted = await self._submit(plan.family, {**plan.payload, "input": wire_input}, plan.ratio, plan.output_size)
         assert submitted.task_id is not None
         record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
+        local = {name: str(ref.path) for name, ref in plan.media().items() if ref.path is not None}
+        if local:  # the evidence names the files behind the opaque oss:// keys
+            self.evidence.write_json(Path(submitted.evidence_dir) / "local-files.json", local)
         return submitted.model_copy(
             update={
                 "estimated_cost_cny": plan.estimate.cny,
                 "estimate_basis": plan.estimate.basis,
                 "warnings": plan.warnings,
+                "inputs": plan.inputs(),
             }
         )
 
@@ -325,6 +331,7 @@ class Service:
             estimated_cost_cny=plan.estimate.cny,
             estimate_basis=plan.estimate.basis,
             warnings=plan.warnings,
+            inputs=plan.inputs(),
         )
 
     # media ------------------------------------------------------------------
@@ -338,6 +345,12 @@ class Service:
         checked = Checked()
         await self.preflight.image(image, family, "image_url", checked)
         return image, checked
+
+    def _note_local(self, folder: Path, image: MediaRef) -> None:
+        if image.path is not None:
+            self.evidence.write_json(
+                folder / "local-files.json", {"image_url": str(image.path), "sha256": image.sha256}
+            )
 
     async def wire_url(self, ref: MediaRef, model: str) -> str:
         """What DashScope receives: the URL itself, or the local file's oss:// upload for `model`."""
@@ -430,6 +443,13 @@ class Plan:
     output_size: str
     estimate: Estimate
     warnings: list[str] = field(default_factory=list)
+
+    def media(self) -> dict[str, MediaRef]:
+        return {name: v for name, v in self.payload["input"].items() if isinstance(v, MediaRef)}
+
+    def inputs(self) -> dict[str, str]:
+        """The media as the caller knows them: local paths (never only an oss:// key) or URLs."""
+        return {name: ref.shown for name, ref in self.media().items()}
 
     def shown_payload(self) -> dict[str, Any]:
         """The payload as it would be sent, local files shown as file:// URIs (uploaded at submit)."""

@@ -137,6 +137,18 @@ async def test_dry_run_of_local_files_uploads_nothing(client: Client, fake: Fake
     assert "uploaded" in result["next_step"]
 
 
+async def test_the_confirmation_parameter_is_not_an_argument(client: Client, fake: FakeDashScope) -> None:
+    tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    for name in ("emo_generate", "emoji_generate"):
+        schema = tools[name].input_schema
+        assert "confirmation" not in schema["properties"] and schema["additionalProperties"] is False
+        assert schema["properties"]["dry_run"]["type"] == "boolean"
+    args = await emo_args(client)
+    message = await call_error(client, "emo_generate", {**args, "confirmation": {"action": "accept"}})
+    assert "confirmation" in message
+    assert fake.submits() == []
+
+
 async def test_the_ceiling_refuses_an_estimate_above_it(fake: FakeDashScope, tmp_path: Path) -> None:
     speech = media_files.wav(tmp_path / "short.wav", seconds=5)
     async with session(fake, tmp_path, EMO_MCP_MAX_COST_CNY="1") as client:

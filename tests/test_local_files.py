@@ -17,7 +17,7 @@ from server.app import create_app
 from server.config import load_settings
 from server.fake_dashscope import FakeDashScope, RecordedRequest
 from tests import media_files
-from tests.conftest import TEST_KEY, call_error, call_ok, make_env
+from tests.conftest import TEST_KEY, call_error, call_ok, make_env, read_json
 
 pytestmark = pytest.mark.anyio
 
@@ -87,6 +87,10 @@ async def test_emo_chain_with_local_image_and_audio(client: Client, fake: FakeDa
     assert_uploaded(fake, submit.body["input"]["image_url"], "emo-v1", portrait)
     assert_uploaded(fake, submit.body["input"]["audio_url"], "emo-v1", speech)
     assert [r.query["model"] for r in policy_calls(fake)] == ["emo-detect-v1", "emo-v1", "emo-v1"]
+    assert submitted["inputs"] == {"image_url": str(portrait), "audio_url": str(speech)}
+    local = read_json(Path(submitted["evidence_dir"]) / "local-files.json")
+    assert local == {"image_url": str(portrait), "audio_url": str(speech)}
+    assert read_json(Path(detection["evidence_dir"]) / "local-files.json")["sha256"] == sha256(portrait)
 
     status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 5})
     assert status["task_status"] == "SUCCEEDED"

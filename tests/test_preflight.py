@@ -144,3 +144,17 @@ def test_an_mp3_is_read_by_content(tmp_path: Path) -> None:
     path = media_files.mp3(tmp_path / "voice.bin", seconds=12)
     info = check_audio(path, path.stat().st_size, "audio_url", str(path))
     assert info.format == "MP3" and info.seconds == pytest.approx(12, abs=0.05)
+
+
+def test_server_start_up_does_not_import_pillow_or_mutagen(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from server.app import create_app; from server.config import "
+        f"load_settings; create_app(load_settings({{'OUTPUT_DIR': {str(tmp_path)!r}}}, cwd=Path({str(tmp_path)!r}))); "
+        "print(sorted(m for m in ('PIL', 'mutagen') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
