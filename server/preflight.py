@@ -259,9 +259,7 @@ class Preflight:
         data = await self._fetch(ref, name, REMOTE_IMAGE_BYTES, checked)
         if data is None:
             return
-        body, size = data
-        if family != "emoji" and size > len(body):
-            size = len(body)  # EMO has no byte limit on images: the header is all that is needed
+        body, size = data  # a truncated body still holds the header, which is all the checks read
         checked.image = await anyio.to_thread.run_sync(lambda: check_image(body, size, family, name, ref.shown))
 
     async def audio(self, ref: MediaRef, name: str, checked: Checked) -> None:

@@ -34,9 +34,13 @@ def answering(action: str, confirm: bool | None = None) -> tuple[ElicitationFnT,
     return callback, asked
 
 
-def session(fake: FakeDashScope, tmp_path: Path, elicitation: ElicitationFnT | None = None, **env: str) -> Client:
+def session(
+    fake: FakeDashScope, tmp_path: Path, elicitation: ElicitationFnT | None = None, mode: str = "auto", **env: str
+) -> Client:
+    """mode "auto" negotiates the 2026-07-28 protocol (questions ride InputRequiredResult); "legacy" the 2025
+    one (a server-to-client elicitation request mid-call). Confirmation must work on both."""
     settings = load_settings(make_env(fake, tmp_path, **env), cwd=tmp_path)
-    return Client(create_app(settings), elicitation_callback=elicitation)
+    return Client(create_app(settings), elicitation_callback=elicitation, mode=mode)
 
 
 async def emo_args(client: Client, audio_url: str = SPEECH, ratio: str = "1:1") -> dict[str, Any]:
@@ -49,10 +53,16 @@ async def emo_args(client: Client, audio_url: str = SPEECH, ratio: str = "1:1") 
     }
 
 
-@pytest.fixture
-async def confirming(fake: FakeDashScope, tmp_path: Path) -> AsyncIterator[tuple[Client, list[str]]]:
+PROTOCOLS = pytest.mark.parametrize("mode", ["auto", "legacy"])
+
+
+@pytest.fixture(params=["auto", "legacy"])
+async def confirming(
+    fake: FakeDashScope, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Client, list[str]]]:
     callback, asked = answering("accept", True)
-    async with session(fake, tmp_path, callback, EMO_MCP_CONFIRM_ABOVE_CNY="1") as client:
+    async with session(fake, tmp_path, callback, request.param, EMO_MCP_CONFIRM_ABOVE_CNY="1") as client:
+        assert (client.protocol_version >= "2026-07-28") == (request.param == "auto")
         yield client, asked
 
 
@@ -183,15 +193,16 @@ async def test_below_the_threshold_nobody_is_asked(
     assert len(fake.submits()) == 1
 
 
+@PROTOCOLS
 @pytest.mark.parametrize(
     ("action", "confirm", "said"),
     [("decline", None, "declined"), ("cancel", None, "cancelled"), ("accept", False, "declined")],
 )
 async def test_confirmation_refused_submits_nothing(
-    fake: FakeDashScope, tmp_path: Path, action: str, confirm: bool | None, said: str
+    fake: FakeDashScope, tmp_path: Path, action: str, confirm: bool | None, said: str, mode: str
 ) -> None:
     callback, asked = answering(action, confirm)
-    async with session(fake, tmp_path, callback, EMO_MCP_CONFIRM_ABOVE_CNY="0.1") as client:
+    async with session(fake, tmp_path, callback, mode, EMO_MCP_CONFIRM_ABOVE_CNY="0.1") as client:
         detection = await detect_emoji(client)
         message = await call_error(
             client,
@@ -208,10 +219,11 @@ async def test_confirmation_refused_submits_nothing(
     assert fake.submits() == []
 
 
+@PROTOCOLS
 async def test_a_client_without_elicitation_gets_a_refusal_naming_the_setting(
-    fake: FakeDashScope, tmp_path: Path
+    fake: FakeDashScope, tmp_path: Path, mode: str
 ) -> None:
-    async with session(fake, tmp_path, None, EMO_MCP_CONFIRM_ABOVE_CNY="1") as client:
+    async with session(fake, tmp_path, None, mode, EMO_MCP_CONFIRM_ABOVE_CNY="1") as client:
         message = await call_error(client, "emo_generate", await emo_args(client))
     assert "cannot ask the user" in message and "EMO_MCP_CONFIRM_ABOVE_CNY" in message
     assert fake.submits() == []

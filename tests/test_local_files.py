@@ -7,6 +7,7 @@ tests check what it received and that provenance follows a local file's content.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from mcp import Client
 
 from server.app import create_app
 from server.config import load_settings
+from server.errors import ConfigError
 from server.fake_dashscope import FakeDashScope, RecordedRequest
 from tests import media_files
 from tests.conftest import TEST_KEY, call_error, call_ok, make_env, read_json
@@ -245,3 +247,25 @@ async def test_uploads_are_cached_across_restarts(fake: FakeDashScope, tmp_path:
             await call_ok(session, "emoji_detect", {"image_url": str(portrait)})
     assert len(uploads(fake)) == 1
     assert len(fake.detections) == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EMO_MCP_ALLOWED_ROOTS", "/no/such/folder"),
+        ("EMO_MCP_MAX_COST_CNY", "lots"),
+        ("EMO_MCP_CONFIRM_ABOVE_CNY", "-1"),
+        ("EMO_MCP_PRICE_EMO_1_1", "cheap"),
+    ],
+)
+def test_bad_settings_stop_the_server_naming_the_variable(tmp_path: Path, variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({"OUTPUT_DIR": str(tmp_path), variable: value}, cwd=tmp_path)
+
+
+def test_allowed_roots_are_a_path_list(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {"OUTPUT_DIR": str(tmp_path), "EMO_MCP_ALLOWED_ROOTS": os.pathsep.join(["a", "b"])}
+    assert load_settings(env, cwd=tmp_path).allowed_roots == (tmp_path / "a", tmp_path / "b")
+    assert load_settings({"OUTPUT_DIR": str(tmp_path)}, cwd=tmp_path).allowed_roots == (tmp_path,)
