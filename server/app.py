@@ -11,6 +11,7 @@ from mcp.server.mcpserver import MCPServer
 
 from server.config import Settings
 from server.runtime import open_service
+from server.spend import register_spend_resource
 from tools import build_tools
 from tools.context import AppContext
 
@@ -36,7 +37,7 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         async with open_service(settings, http) as service:
             yield AppContext(service=service)
 
-    return MCPServer(
+    app = MCPServer[AppContext](
         name="dashscope-emo-mcp",
         title="DashScope portrait animation (EMO, Emoji)",
         instructions=INSTRUCTIONS,
@@ -44,3 +45,5 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         tools=build_tools(settings),
         lifespan=lifespan,
     )
+    register_spend_resource(app, settings)
+    return app

@@ -11,9 +11,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from server.errors import ConfigError
+from server.pricing import PriceTable
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
@@ -35,6 +36,12 @@ class Settings:
     sandbox: bool = False
     # Extra deployment names allowed for the optional `model` argument, per official model.
     model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Local media (server/media.py), pre-flight checks (server/preflight.py), money (server/pricing.py).
+    allowed_roots: tuple[Path, ...] = ()
+    preflight_remote: bool = False
+    prices: PriceTable = field(default_factory=PriceTable)
+    max_cost_cny: float | None = None
+    confirm_above_cny: float | None = None
 
     @property
     def is_beijing(self) -> bool:
@@ -154,4 +161,20 @@ def load_settings(
         ),
         sandbox=sandbox,
         model_aliases=_parse_aliases(env.get("EMO_MCP_MODEL_ALIASES", "")),
+        **_media_and_money(env, cwd),
     )
+
+
+def _media_and_money(env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
+    """Settings of local files, pre-flight and cost control (issue 5), parsed by their own modules."""
+    from server.media import parse_roots
+    from server.preflight import parse_preflight_mode
+    from server.pricing import load_prices, parse_cny
+
+    return {
+        "allowed_roots": parse_roots(env, cwd),
+        "preflight_remote": parse_preflight_mode(env),
+        "prices": load_prices(env),
+        "max_cost_cny": parse_cny(env, "EMO_MCP_MAX_COST_CNY"),
+        "confirm_above_cny": parse_cny(env, "EMO_MCP_CONFIRM_ABOVE_CNY"),
+    }

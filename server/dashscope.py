@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 DETECT_PATH = "/services/aigc/image2video/face-detect"
 SUBMIT_PATH = "/services/aigc/image2video/video-synthesis"
 
+UPLOADS_PATH = "/uploads"
+
 DEFAULT_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
+UPLOAD_TIMEOUT = httpx2.Timeout(120.0, connect=10.0)
 DETECT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 DOWNLOAD_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 MAX_READ_RETRIES = 4
@@ -234,6 +237,47 @@ class DashScopeClient:
             f"The video could not be downloaded ({type(last).__name__}); the task is recorded and "
             "task_status will try again (the URL stays valid for 24 h after the task ends)."
         ) from last
+
+    @property
+    def http(self) -> httpx2.AsyncClient:
+        """The shared HTTP client (pre-flight fetches reuse its connection pool)."""
+        return self._http
+
+    async def upload_policy(self, model: str) -> dict[str, Any]:
+        """GET /uploads?action=getPolicy: a form policy for `model`'s temporary storage (free)."""
+        headers = {"Authorization": self._headers()["Authorization"]}
+        params = {"action": "getPolicy", "model": model}
+        try:
+            response = await self._http.get(
+                self._base_url + UPLOADS_PATH, params=params, headers=headers, timeout=DEFAULT_TIMEOUT
+            )
+        except httpx2.TransportError as exc:
+            raise UpstreamUnavailableError(
+                f"DashScope could not be reached for an upload policy ({type(exc).__name__}); nothing was "
+                "submitted. Check the network, then call again."
+            ) from exc
+        if response.status_code >= 400:
+            raise _error_from_response(response)
+        data = _json_body(response).get("data")
+        if not isinstance(data, dict):
+            raise ServiceError(response.status_code, "BadResponse", "The upload policy answer has no data object")
+        return data
+
+    async def upload_form(self, host: str, fields: dict[str, str], filename: str, content: bytes) -> None:
+        """Multipart POST to the storage host; the policy authorises it, so the API key is not sent."""
+        try:
+            response = await self._http.post(
+                host, data=fields, files={"file": (filename, content)}, timeout=UPLOAD_TIMEOUT
+            )
+        except httpx2.TransportError as exc:
+            raise UpstreamUnavailableError(
+                f"The upload to DashScope's temporary storage failed ({type(exc).__name__}); nothing was "
+                "submitted. Call again."
+            ) from exc
+        if response.status_code != 200:
+            raise upstream_error(
+                response.status_code, "UploadFailed", f"temporary storage answered: {response.text[:200]}", None
+            )
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = destination.with_name(destination.name + ".part")

@@ -35,6 +35,14 @@ class ProvenanceError(RefusedInputError):
     """Boxes (or an image) that did not come from a passing detection of that same image."""
 
 
+class PreflightError(RefusedInputError):
+    """A local (or fetched) file broke one of the service's input limits: refused for free, here."""
+
+
+class CostRefusedError(RefusedInputError):
+    """The job's estimate is above the configured ceiling, or its confirmation was not given."""
+
+
 class TaskNotFoundError(RefusedInputError):
     """A task id this server never saw and DashScope does not know either."""
 

@@ -139,6 +139,15 @@ class Ledger:
             raise
         self._db.execute("COMMIT")
 
+    def ensure_schema(self, script: str) -> None:
+        """Let a module keep its own small tables in this file (upload cache, spend estimates)."""
+        self._db.executescript(script)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One statement in its own transaction, for those modules' tables."""
+        with self._tx() as db:
+            return db.execute(sql, tuple(params)).fetchall()
+
     # detections -------------------------------------------------------------
 
     def add_detection(

@@ -36,6 +36,7 @@ class EmoDetection(_Result):
     request_id: str | None = None
     model: str
     evidence_dir: str = Field(description="Folder holding the request and response of this detection.")
+    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
 
     def summary(self) -> str:
         if self.check_pass:
@@ -60,6 +61,7 @@ class EmojiDetection(_Result):
     request_id: str | None = None
     model: str
     evidence_dir: str
+    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
 
     def summary(self) -> str:
         if self.check_pass:
@@ -74,16 +76,31 @@ class EmojiDetection(_Result):
 
 
 class Submitted(_Result):
-    task_id: str
-    task_status: str
+    task_id: str | None = Field(description="The task to follow with task_status; null for a dry run.")
+    task_status: str = Field(description="PENDING after a submit; DRY_RUN when nothing was submitted.")
     model: str
     request_id: str | None = None
     output_size: str
     evidence_dir: str
     next_step: str
+    estimated_cost_cny: float | None = Field(default=None, description="Estimated cost in CNY (see estimate_basis).")
+    estimate_basis: str | None = Field(default=None, description="Seconds x rate behind the estimate, and its caveats.")
+    dry_run: bool = False
+    payload: dict[str, Any] | None = Field(default=None, description="Dry run only: the request that would be sent.")
+    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
+    inputs: dict[str, str] | None = Field(
+        default=None, description="The media as given: local paths (sent as oss:// uploads) or URLs."
+    )
 
     def summary(self) -> str:
-        return f"{self._prefix()}Submitted {self.model} task {self.task_id} ({self.task_status}). {self.next_step}"
+        cost = f" Estimated cost {self.estimated_cost_cny:.4f} CNY." if self.estimated_cost_cny is not None else ""
+        if self.dry_run:
+            return (
+                f"{self._prefix()}Dry run of {self.model}: request saved in {self.evidence_dir}.{cost} {self.next_step}"
+            )
+        return (
+            f"{self._prefix()}Submitted {self.model} task {self.task_id} ({self.task_status}).{cost} {self.next_step}"
+        )
 
 
 class TaskStatus(_Result):
@@ -105,11 +122,14 @@ class TaskStatus(_Result):
     message: str | None = None
     download_error: str | None = None
     evidence_dir: str | None = None
+    actual_cost_cny: float | None = Field(default=None, description="Billed cost in CNY from usage.video_duration.")
+    estimated_cost_cny: float | None = Field(default=None, description="The estimate made at submit, when known.")
 
     def summary(self) -> str:
         head = f"{self._prefix()}Task {self.task_id}: {self.task_status}"
         if self.task_status == "SUCCEEDED" and self.video_path:
-            return f"{head}. Video saved to {self.video_path} ({self.video_bytes} bytes)."
+            cost = f" Cost {self.actual_cost_cny:.4f} CNY." if self.actual_cost_cny is not None else ""
+            return f"{head}. Video saved to {self.video_path} ({self.video_bytes} bytes).{cost}"
         if self.task_status == "SUCCEEDED":
             return f"{head}, but the download failed: {self.download_error} Call task_status again to retry."
         if self.task_status in {"FAILED", "CANCELED", "UNKNOWN"}:

@@ -7,14 +7,27 @@ provenance, wire mapping, evidence, ledger — lives here or below.
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from server.budget import Approval, check_budget, over_ceiling
 from server.config import Settings
 from server.dashscope import DashScopeClient
-from server.errors import InvalidInputError, MissingApiKeyError, RefusedInputError, SubmitOutcomeUnknownError
+from server.errors import (
+    InvalidInputError,
+    MissingApiKeyError,
+    ProvenanceError,
+    RefusedInputError,
+    SubmitOutcomeUnknownError,
+)
 from server.evidence import Evidence
-from server.ledger import Ledger
+from server.ledger import Detection, Ledger
+from server.media import MediaRef, resolve_media
 from server.models import (
     EMO_DETECT,
     EMO_GENERATE,
@@ -24,10 +37,15 @@ from server.models import (
     OUTPUT_SIZE,
     Family,
     template_ids,
+    template_max_seconds,
 )
+from server.preflight import Checked, Preflight
+from server.pricing import Estimate, actual_cost, estimate_emo, estimate_emoji
 from server.provenance import require_detection
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
+from server.spend import estimate_of, record_estimate
 from server.tasks import Progress, TaskTracker
+from server.uploads import Uploads
 
 NEXT_STEP = (
     "Call task_status with this task_id (wait_seconds up to 50 to wait in one call); "
@@ -48,6 +66,8 @@ class Service:
         self.ledger = ledger
         self.evidence = evidence
         self.tasks = TaskTracker(settings, client, ledger, evidence)
+        self.uploads = Uploads(client, ledger)
+        self.preflight = Preflight(client.http, remote=settings.preflight_remote)
 
     def resolve_model(self, official: str, requested: str | None) -> str:
         """The wire model name: the official one, or a deployment name configured for it.
@@ -67,10 +87,13 @@ class Service:
 
     async def emo_detect(self, image_url: str, ratio: str = "1:1", model: str | None = None) -> EmoDetection:
         wire_model = self.resolve_model(EMO_DETECT, model)
+        image, checked = await self._checked_image(image_url, "emo")
+        wire_url = await self.wire_url(image, wire_model)
         folder = self.evidence.new_detection_dir("emo")
-        request = {"model": wire_model, "input": {"image_url": image_url}, "parameters": {"ratio": ratio}}
+        request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
         self.evidence.write_json(folder / "request.json", request)
-        body, failure = await self._detect_call(folder, wire_model, image_url, ratio)
+        self._note_local(folder, image)
+        body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
         face, ext = _box(output.get("face_bbox")), _box(output.get("ext_bbox"))
@@ -81,7 +104,7 @@ class Service:
         self.ledger.add_detection(
             family="emo",
             model=wire_model,
-            image_url=image_url,
+            image_url=image.identity,
             ratio=ratio,
             check_pass=check_pass,
             face_bbox=face if check_pass else None,
@@ -95,7 +118,7 @@ class Service:
         return EmoDetection(
             sandbox=self.settings.sandbox,
             check_pass=check_pass,
-            image_url=image_url,
+            image_url=image.shown,
             ratio=ratio,
             output_size=OUTPUT_SIZE[ratio],
             face_bbox=face if check_pass else None,
@@ -106,15 +129,19 @@ class Service:
             request_id=str(request_id) if request_id else None,
             model=wire_model,
             evidence_dir=str(folder),
+            warnings=checked.warnings,
         )
 
     async def emoji_detect(self, image_url: str, model: str | None = None) -> EmojiDetection:
         wire_model = self.resolve_model(EMOJI_DETECT, model)
+        image, checked = await self._checked_image(image_url, "emoji")
+        wire_url = await self.wire_url(image, wire_model)
         folder = self.evidence.new_detection_dir("emoji")
         # The contract's emoji-detect example sends ratio 1:1; emoji output is always square.
-        request = {"model": wire_model, "input": {"image_url": image_url}, "parameters": {"ratio": "1:1"}}
+        request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": "1:1"}}
         self.evidence.write_json(folder / "request.json", request)
-        body, failure = await self._detect_call(folder, wire_model, image_url, "1:1")
+        self._note_local(folder, image)
+        body, failure = await self._detect_call(folder, wire_model, wire_url, "1:1")
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
         face, ext = _box(output.get("bbox_face")), _box(output.get("ext_bbox_face"))
@@ -125,7 +152,7 @@ class Service:
         self.ledger.add_detection(
             family="emoji",
             model=wire_model,
-            image_url=image_url,
+            image_url=image.identity,
             ratio="1:1",
             check_pass=check_pass,
             face_bbox=face if check_pass else None,
@@ -138,7 +165,7 @@ class Service:
         return EmojiDetection(
             sandbox=self.settings.sandbox,
             check_pass=check_pass,
-            image_url=image_url,
+            image_url=image.shown,
             output_size=EMOJI_OUTPUT_SIZE,
             face_bbox=face if check_pass else None,
             ext_bbox_face=ext if check_pass else None,
@@ -147,6 +174,7 @@ class Service:
             request_id=str(request_id) if request_id else None,
             model=wire_model,
             evidence_dir=str(folder),
+            warnings=checked.warnings,
         )
 
     async def _detect_call(
@@ -173,6 +201,56 @@ class Service:
 
     # generation -------------------------------------------------------------
 
+    async def plan_emo(
+        self,
+        image_url: str,
+        audio_url: str,
+        face_bbox: list[int],
+        ext_bbox: list[int],
+        style_level: str = "normal",
+        model: str | None = None,
+    ) -> Plan:
+        """Everything checkable before money is involved: model, files, provenance, audio, estimate."""
+        wire_model = self.resolve_model(EMO_GENERATE, model)
+        image = await self._media("image_url", image_url)
+        detection = self._provenance("emo", image, face_bbox, ext_bbox)
+        ratio = detection.ratio or "1:1"
+        audio = await self._media("audio_url", audio_url)
+        checked = Checked()
+        await self.preflight.audio(audio, "audio_url", checked)
+        seconds = checked.audio.seconds if checked.audio is not None else None
+        payload = {
+            "model": wire_model,
+            "input": {"image_url": image, "audio_url": audio, "face_bbox": face_bbox, "ext_bbox": ext_bbox},
+            "parameters": {"style_level": style_level},
+        }
+        estimate = estimate_emo(self.settings.prices, ratio, seconds)
+        return Plan("emo", payload, ratio, OUTPUT_SIZE.get(ratio, "512x512"), estimate, checked.warnings)
+
+    async def plan_emoji(
+        self,
+        image_url: str,
+        face_bbox: list[int],
+        ext_bbox_face: list[int],
+        template_id: str,
+        model: str | None = None,
+    ) -> Plan:
+        wire_model = self.resolve_model(EMOJI_GENERATE, model)
+        if template_id not in template_ids():
+            raise RefusedInputError(
+                f"template_id {template_id!r} is not an official Emoji template; "
+                f"use one of: {', '.join(template_ids())}."
+            )
+        image = await self._media("image_url", image_url)
+        self._provenance("emoji", image, face_bbox, ext_bbox_face)
+        # Wire names differ from the tool's: driven_id, ext_bbox, and no parameters object.
+        payload = {
+            "model": wire_model,
+            "input": {"image_url": image, "driven_id": template_id, "face_bbox": face_bbox, "ext_bbox": ext_bbox_face},
+        }
+        estimate = estimate_emoji(self.settings.prices, float(template_max_seconds()))
+        return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate)
+
     async def emo_generate(
         self,
         image_url: str,
@@ -181,16 +259,12 @@ class Service:
         ext_bbox: list[int],
         style_level: str = "normal",
         model: str | None = None,
+        *,
+        dry_run: bool = False,
+        approval: Approval = "not-asked",
     ) -> Submitted:
-        wire_model = self.resolve_model(EMO_GENERATE, model)
-        detection = require_detection(self.ledger, "emo", image_url, face_bbox, ext_bbox)
-        ratio = detection.ratio or "1:1"
-        payload = {
-            "model": wire_model,
-            "input": {"image_url": image_url, "audio_url": audio_url, "face_bbox": face_bbox, "ext_bbox": ext_bbox},
-            "parameters": {"style_level": style_level},
-        }
-        return await self._submit("emo", payload, ratio, OUTPUT_SIZE.get(ratio, "512x512"))
+        plan = await self.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval)
 
     async def emoji_generate(
         self,
@@ -199,25 +273,101 @@ class Service:
         ext_bbox_face: list[int],
         template_id: str,
         model: str | None = None,
+        *,
+        dry_run: bool = False,
+        approval: Approval = "not-asked",
     ) -> Submitted:
-        wire_model = self.resolve_model(EMOJI_GENERATE, model)
-        if template_id not in template_ids():
-            raise RefusedInputError(
-                f"template_id {template_id!r} is not an official Emoji template; "
-                f"use one of: {', '.join(template_ids())}."
-            )
-        require_detection(self.ledger, "emoji", image_url, face_bbox, ext_bbox_face)
-        # Wire names differ from the tool's: driven_id, ext_bbox, and no parameters object.
-        payload = {
-            "model": wire_model,
-            "input": {
-                "image_url": image_url,
-                "driven_id": template_id,
-                "face_bbox": face_bbox,
-                "ext_bbox": ext_bbox_face,
-            },
+        plan = await self.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval)
+
+    async def carry_out(self, plan: Plan, *, dry_run: bool, approval: Approval) -> Submitted:
+        """A dry run writes the request and stops; a real run passes the budget, uploads, then submits."""
+        if dry_run:
+            return self._dry_run(plan)
+        check_budget(self.settings, plan.estimate, approval)
+        model = str(plan.payload["model"])
+        wire_input = {
+            name: await self.wire_url(value, model) if isinstance(value, MediaRef) else value
+            for name, value in plan.payload["input"].items()
         }
-        return await self._submit("emoji", payload, "standard", EMOJI_OUTPUT_SIZE)
+        submitted = await self._submit(plan.family, {**plan.payload, "input": wire_input}, plan.ratio, plan.output_size)
+        assert submitted.task_id is not None
+        record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
+        local = {name: str(ref.path) for name, ref in plan.media().items() if ref.path is not None}
+        if local:  # the evidence names the files behind the opaque oss:// keys
+            self.evidence.write_json(Path(submitted.evidence_dir) / "local-files.json", local)
+        return submitted.model_copy(
+            update={
+                "estimated_cost_cny": plan.estimate.cny,
+                "estimate_basis": plan.estimate.basis,
+                "warnings": plan.warnings,
+                "inputs": plan.inputs(),
+            }
+        )
+
+    def _dry_run(self, plan: Plan) -> Submitted:
+        payload = plan.shown_payload()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder = self.evidence.family_dir(plan.family) / "dry-runs" / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        self.evidence.write_json(folder / "request.json", payload)
+        estimate = {"estimated_cost_cny": plan.estimate.cny, "basis": plan.estimate.basis}
+        self.evidence.write_json(folder / "estimate.json", estimate)
+        notes = ["Dry run: nothing was uploaded or submitted."]
+        if any(isinstance(v, MediaRef) and v.is_local for v in plan.payload["input"].values()):
+            notes.append("Local files (file:// here) are uploaded to DashScope temporary storage at submit.")
+        if over_ceiling(self.settings, plan.estimate):
+            notes.append(f"A real submit would be refused: above EMO_MCP_MAX_COST_CNY={self.settings.max_cost_cny:g}.")
+        notes.append("Call again without dry_run to submit.")
+        return Submitted(
+            sandbox=self.settings.sandbox,
+            task_id=None,
+            task_status="DRY_RUN",
+            model=str(plan.payload["model"]),
+            output_size=plan.output_size,
+            evidence_dir=str(folder),
+            next_step=" ".join(notes),
+            dry_run=True,
+            payload=payload,
+            estimated_cost_cny=plan.estimate.cny,
+            estimate_basis=plan.estimate.basis,
+            warnings=plan.warnings,
+            inputs=plan.inputs(),
+        )
+
+    # media ------------------------------------------------------------------
+
+    async def _media(self, name: str, value: str) -> MediaRef:
+        roots = self.settings.allowed_roots
+        return await anyio.to_thread.run_sync(lambda: resolve_media(name, value, roots))
+
+    async def _checked_image(self, image_url: str, family: Family) -> tuple[MediaRef, Checked]:
+        image = await self._media("image_url", image_url)
+        checked = Checked()
+        await self.preflight.image(image, family, "image_url", checked)
+        return image, checked
+
+    def _note_local(self, folder: Path, image: MediaRef) -> None:
+        if image.path is not None:
+            self.evidence.write_json(
+                folder / "local-files.json", {"image_url": str(image.path), "sha256": image.sha256}
+            )
+
+    async def wire_url(self, ref: MediaRef, model: str) -> str:
+        """What DashScope receives: the URL itself, or the local file's oss:// upload for `model`."""
+        if ref.url is not None:
+            return ref.url
+        return await self.uploads.url_for(ref, model)
+
+    def _provenance(self, family: Family, image: MediaRef, face: list[int], ext: list[int]) -> Detection:
+        try:
+            return require_detection(self.ledger, family, image.identity, face, ext)
+        except ProvenanceError as exc:
+            if not image.is_local:
+                raise
+            raise ProvenanceError(
+                f"{exc} (The local file {image.shown} is matched by its content: if it changed since it was "
+                "detected, detect it again.)"
+            ) from exc
 
     async def _submit(self, family: Family, payload: dict[str, Any], ratio: str, output_size: str) -> Submitted:
         pending = self.evidence.pending_submit_dir(family)
@@ -272,4 +422,42 @@ class Service:
     async def task_status(self, task_id: str, wait_seconds: float = 0, progress: Progress | None = None) -> TaskStatus:
         if not self.settings.api_key:
             raise MissingApiKeyError()
-        return await self.tasks.status(task_id, wait_seconds, progress)
+        result = await self.tasks.status(task_id, wait_seconds, progress)
+        record = self.ledger.get_task(task_id)
+        family = record.family if record is not None else "emo"
+        return result.model_copy(
+            update={
+                "actual_cost_cny": actual_cost(self.settings.prices, family, result.usage),
+                "estimated_cost_cny": estimate_of(self.ledger, task_id),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked generate request: the payload (media still as references), its estimate, warnings."""
+
+    family: Family
+    payload: dict[str, Any]
+    ratio: str
+    output_size: str
+    estimate: Estimate
+    warnings: list[str] = field(default_factory=list)
+
+    def media(self) -> dict[str, MediaRef]:
+        return {name: v for name, v in self.payload["input"].items() if isinstance(v, MediaRef)}
+
+    def inputs(self) -> dict[str, str]:
+        """The media as the caller knows them: local paths (never only an oss:// key) or URLs."""
+        return {name: ref.shown for name, ref in self.media().items()}
+
+    def shown_payload(self) -> dict[str, Any]:
+        """The payload as it would be sent, local files shown as file:// URIs (uploaded at submit)."""
+        shown = {name: _shown(v) if isinstance(v, MediaRef) else v for name, v in self.payload["input"].items()}
+        return {**self.payload, "input": shown}
+
+
+def _shown(ref: MediaRef) -> str:
+    if ref.url is not None:
+        return ref.url
+    return ref.path.as_uri() if ref.path is not None else ref.original

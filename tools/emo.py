@@ -2,7 +2,9 @@
 
 from typing import Annotated, Any
 
+from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
@@ -10,23 +12,28 @@ from pydantic import Field
 from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
 from server.results import EmoDetection, Submitted
+from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
-from tools.schemas import Box, HttpUrl, Ratio, StyleLevel, choice
+from tools.schemas import Box, MediaSource, Ratio, StyleLevel, choice
 from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for EMO (emo-detect-v1) and get the boxes emo_generate needs.
 Call this first: emo_generate only accepts face_bbox/ext_bbox returned by a passing emo_detect of the \
 same image_url. ratio "1:1" (head shot) gives a 512x512 video, "3:4" (half body) 512x704.
-Image: public http(s) URL, JPG/PNG/BMP/WEBP, each side 400-7000 px, one clear front-facing person.
+Image: public http(s) URL or a local file (path or file:// URI inside the server's allowed roots; uploaded \
+to DashScope temporary storage), JPG/PNG/BMP/WEBP, each side 400-7000 px, one clear front-facing person.
 Cost: about 0.004 CNY per call, billed even when the check fails.
 Returns check_pass, face_bbox, ext_bbox, ratio, output_size, request_id; on a failed check code and message."""
 
 GENERATE_DESCRIPTION = """Start an EMO talking-head video (emo-v1) from a portrait and speech audio. Paid.
 Requires a passing emo_detect of the same image_url: pass its face_bbox and ext_bbox unchanged \
 (invented or foreign boxes are refused before anything is sent).
-Audio: public http(s) URL, WAV or MP3, under 15 MB and under 60 s, a clear voice.
+Audio: public http(s) URL or local file, WAV or MP3, under 15 MB and under 60 s, a clear voice (local files \
+are checked here first, for free).
 style_level: normal (default), calm or active.
-Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (output length = audio length).
+Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (output length = audio length); the result carries \
+estimated_cost_cny. dry_run=true returns the exact request and the estimate and submits nothing. The server \
+may refuse a job above its cost ceiling, or ask the user to confirm it.
 Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
 
 
@@ -35,25 +42,46 @@ def build(settings: Settings) -> list[Tool]:
     generate_models = choice((EMO_GENERATE, *settings.model_aliases.get(EMO_GENERATE, ())))
 
     async def emo_detect(
-        image_url: Annotated[HttpUrl, Field(description="Public http(s) URL of the portrait.")],
+        image_url: Annotated[MediaSource, Field(description="Public http(s) URL or local path of the portrait.")],
         ctx: Context[Any, Any],
         ratio: Annotated[Ratio, Field(description='"1:1" head shot (512x512) or "3:4" half body (512x704).')] = "1:1",
         model: Annotated[detect_models | None, Field(description="Defaults to emo-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmoDetection]:
         return await run(ctx, lambda service: service.emo_detect(image_url, ratio, model))
 
+    async def confirm_emo(
+        ctx: Context[Any, Any],
+        image_url: str,
+        audio_url: str,
+        face_bbox: list[int],
+        ext_bbox: list[int],
+        style_level: str,
+        model: str | None,
+        dry_run: bool,
+    ) -> NoQuestion | Elicit[ConfirmSpend]:
+        return await ask_if_needed(
+            ctx,
+            dry_run,
+            lambda service: service.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model),
+        )
+
     async def emo_generate(
-        image_url: Annotated[HttpUrl, Field(description="The same image_url given to emo_detect.")],
-        audio_url: Annotated[HttpUrl, Field(description="Public http(s) URL of WAV/MP3 speech, < 60 s, < 15 MB.")],
+        image_url: Annotated[MediaSource, Field(description="The same image_url given to emo_detect.")],
+        audio_url: Annotated[MediaSource, Field(description="http(s) URL or local path of WAV/MP3 speech, < 60 s.")],
         face_bbox: Annotated[Box, Field(description="face_bbox from emo_detect, unchanged.")],
         ext_bbox: Annotated[Box, Field(description="ext_bbox from emo_detect, unchanged.")],
         ctx: Context[Any, Any],
+        confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emo)],
         style_level: Annotated[StyleLevel, Field(description="Motion style.")] = "normal",
         model: Annotated[generate_models | None, Field(description="Defaults to emo-v1.")] = None,  # type: ignore[valid-type]
+        dry_run: Annotated[bool, Field(description="Return the request and estimate; submit nothing.")] = False,
     ) -> Annotated[CallToolResult, Submitted]:
+        approval = approval_of(confirmation)
         return await run(
             ctx,
-            lambda service: service.emo_generate(image_url, audio_url, face_bbox, ext_bbox, style_level, model),
+            lambda service: service.emo_generate(
+                image_url, audio_url, face_bbox, ext_bbox, style_level, model, dry_run=dry_run, approval=approval
+            ),
         )
 
     return [

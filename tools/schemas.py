@@ -1,6 +1,7 @@
 """Input types of the tools: strict at every level, so an agent cannot pass what it invented.
 
-- URLs are http(s) only and of sane length;
+- URLs are http(s) only and of sane length; media arguments also take a local path or file:// URI
+  (confined to the allowed roots by the service);
 - a box is exactly four non-negative integers with x1 < x2 and y1 < y2 (no "1" → 1 coercion);
 - enums (ratio, style_level, template_id) are published inline so clients see the choices.
 """
@@ -43,6 +44,36 @@ HttpUrl = Annotated[
         json_schema_extra={"format": "uri", "pattern": "^https?://"},
     ),
     AfterValidator(_check_url),
+]
+
+
+def _check_media(value: str) -> str:
+    """A media argument: an http(s) URL with a host, a file:// URI, or a local path (checked later).
+
+    Only the form is checked here; whether a local file exists inside the allowed roots, and
+    whether its content qualifies, is the service's job (server/media.py, server/preflight.py).
+    """
+    if value != value.strip() or not value or "\x00" in value:
+        raise ValueError("must be a non-empty URL or path without surrounding spaces")
+    parts = urlsplit(value)
+    # One-letter "schemes" are Windows drive letters (C:\...), i.e. paths.
+    scheme = parts.scheme.lower() if len(parts.scheme) > 1 else ""
+    if scheme in {"http", "https"}:
+        return _check_url(value)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise ValueError("a file:// URI must name a local file, like file:///home/me/portrait.jpg")
+        return value
+    if scheme or value.startswith("//"):
+        shown = f"scheme {parts.scheme!r}" if parts.scheme else "a network path"
+        raise ValueError(f"must be a public http:// or https:// URL, a file:// URI or a local file path (got {shown})")
+    return value
+
+
+MediaSource = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_URL_LENGTH),
+    AfterValidator(_check_media),
 ]
 
 Box = Annotated[

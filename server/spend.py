@@ -1,0 +1,131 @@
+"""What was spent today: estimated and actual cost of detections and tasks, from the ledger.
+
+Estimates are recorded at submit (this module's own table in the ledger file); actual costs come
+from each finished task's `usage.video_duration`. "Today" is the server's local calendar day.
+Served as the `spend://today` resource; `spend_today(ledger)` is there for the `doctor` command.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from server.config import Settings
+from server.ledger import Ledger
+from server.pricing import PriceTable, actual_cost
+
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
+SPEND_URI = "spend://today"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend_estimates (
+    task_id TEXT PRIMARY KEY,
+    family TEXT NOT NULL,
+    estimated_cny REAL NOT NULL,
+    basis TEXT,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def record_estimate(ledger: Ledger, task_id: str, family: str, estimated_cny: float, basis: str) -> None:
+    ledger.ensure_schema(_SCHEMA)
+    ledger.execute(
+        "INSERT OR REPLACE INTO spend_estimates (task_id, family, estimated_cny, basis, created_at) VALUES (?,?,?,?,?)",
+        (task_id, family, estimated_cny, basis, time.time()),
+    )
+
+
+def estimate_of(ledger: Ledger, task_id: str) -> float | None:
+    ledger.ensure_schema(_SCHEMA)
+    rows = ledger.execute("SELECT estimated_cny FROM spend_estimates WHERE task_id = ?", (task_id,))
+    return float(rows[0]["estimated_cny"]) if rows else None
+
+
+@dataclass(frozen=True)
+class SpendToday:
+    day: str
+    detections: int
+    detect_cny: float
+    tasks: int
+    estimated_cny: float  # sum of the estimates of tasks submitted today
+    actual_cny: float  # sum of the billed durations of today's tasks that finished
+    unfinished_tasks: int
+    total_cny: float  # detections + actual where known, else the estimate
+
+    def line(self) -> str:
+        return (
+            f"spend {self.day}: {self.total_cny:.4f} CNY (detections {self.detections} = {self.detect_cny:.4f}, "
+            f"tasks {self.tasks}: estimated {self.estimated_cny:.4f}, actual {self.actual_cny:.4f}, "
+            f"{self.unfinished_tasks} unfinished)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | None = None) -> SpendToday:
+    """Sum today's detections (per-image price) and tasks (estimate at submit, actual when finished)."""
+    prices = prices or PriceTable()
+    ledger.ensure_schema(_SCHEMA)
+    moment = datetime.fromtimestamp(time.time() if now is None else now)
+    start = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    end = start + 86400
+    detect_rows = ledger.execute(
+        "SELECT family, COUNT(*) AS n FROM detections WHERE created_at >= ? AND created_at < ? GROUP BY family",
+        (start, end),
+    )
+    detections = sum(int(row["n"]) for row in detect_rows)
+    detect_cny = sum(int(row["n"]) * prices.detect(str(row["family"])).cny for row in detect_rows)
+    task_rows = ledger.execute(
+        "SELECT t.task_id, t.family, t.status, t.usage, e.estimated_cny FROM tasks t"
+        " LEFT JOIN spend_estimates e ON e.task_id = t.task_id WHERE t.created_at >= ? AND t.created_at < ?",
+        (start, end),
+    )
+    estimated = actual = total = 0.0
+    unfinished = 0
+    for row in task_rows:
+        estimate = float(row["estimated_cny"]) if row["estimated_cny"] is not None else 0.0
+        usage = json.loads(row["usage"]) if row["usage"] else None
+        cost = actual_cost(prices, str(row["family"]), usage)
+        estimated += estimate
+        if cost is not None:
+            actual += cost
+            total += cost
+        elif row["status"] not in {"FAILED", "CANCELED", "UNKNOWN"}:
+            unfinished += 1
+            total += estimate
+    return SpendToday(
+        day=moment.strftime("%Y-%m-%d"),
+        detections=detections,
+        detect_cny=round(detect_cny, 4),
+        tasks=len(task_rows),
+        estimated_cny=round(estimated, 4),
+        actual_cny=round(actual, 4),
+        unfinished_tasks=unfinished,
+        total_cny=round(total + detect_cny, 4),
+    )
+
+
+def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
+    """`spend://today`: read from the ledger file at each read, so it sees other processes' work too."""
+
+    @app.resource(
+        SPEND_URI,
+        name="spend-today",
+        title="Spend today (CNY)",
+        description="Today's estimated and actual DashScope spend of this server's ledger, in CNY.",
+        mime_type="application/json",
+    )
+    def spend() -> str:
+        ledger = Ledger(settings.state_dir)
+        try:
+            summary = spend_today(ledger, settings.prices)
+        finally:
+            ledger.close()
+        return json.dumps({**summary.as_dict(), "summary": summary.line()}, indent=2)

@@ -1,0 +1,103 @@
+"""Local files to DashScope's temporary storage (`oss://`), as the contract describes.
+
+1. `GET /uploads?action=getPolicy&model=<model>` gives a form policy for that model;
+2. a multipart POST to its `upload_host` stores the file under `upload_dir/<unique name>`;
+3. `oss://<key>` is usable for 48 h, only with that model and the resolve header (sent by
+   `server/dashscope.py`). So an image is uploaded once for the detect model and once for the
+   generate model. Uploads are cached by (content sha256, model) in the ledger file until
+   shortly before they expire, so repeated calls do not upload again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+from server.dashscope import DashScopeClient
+from server.errors import RefusedInputError, ServiceError
+from server.ledger import Ledger
+from server.media import MediaRef
+
+logger = logging.getLogger(__name__)
+
+OSS_LIFETIME_SECONDS = 48 * 3600
+# Reuse an upload only while it has this much life left: a queued task may fetch it hours later.
+REUSE_MARGIN_SECONDS = 4 * 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    oss_url TEXT NOT NULL,
+    local_path TEXT,
+    uploaded_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (sha256, model)
+);
+"""
+
+_POLICY_FIELDS = ("policy", "signature", "upload_dir", "upload_host", "oss_access_key_id")
+
+
+def object_name(path: Path) -> str:
+    """A unique name (overwrite is forbidden upstream) that keeps a tidy extension."""
+    suffix = path.suffix.lower()
+    suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
+    return f"{uuid.uuid4().hex}{suffix}"
+
+
+class Uploads:
+    def __init__(self, client: DashScopeClient, ledger: Ledger) -> None:
+        self._client = client
+        self._ledger = ledger
+        ledger.ensure_schema(_SCHEMA)
+
+    def cached(self, sha256: str, model: str, now: float | None = None) -> str | None:
+        """The oss:// URL of an earlier upload of this content for this model, while still fresh."""
+        now = time.time() if now is None else now
+        rows = self._ledger.execute(
+            "SELECT oss_url FROM uploads WHERE sha256 = ? AND model = ? AND expires_at > ?",
+            (sha256, model, now + REUSE_MARGIN_SECONDS),
+        )
+        return str(rows[0]["oss_url"]) if rows else None
+
+    async def url_for(self, ref: MediaRef, model: str) -> str:
+        """The oss:// URL of a local file for `model`: cached, or uploaded now."""
+        assert ref.path is not None and ref.sha256 is not None
+        cached = self.cached(ref.sha256, model)
+        if cached:
+            return cached
+        policy = await self._client.upload_policy(model)
+        missing = [name for name in _POLICY_FIELDS if not isinstance(policy.get(name), str) or not policy[name]]
+        if missing:
+            raise ServiceError(200, "BadResponse", f"The upload policy lacks {', '.join(missing)}")
+        key = f"{str(policy['upload_dir']).rstrip('/')}/{object_name(ref.path)}"
+        fields = {
+            "OSSAccessKeyId": str(policy["oss_access_key_id"]),
+            "Signature": str(policy["signature"]),
+            "policy": str(policy["policy"]),
+            "key": key,
+            "x-oss-object-acl": str(policy.get("x_oss_object_acl") or "private"),
+            "x-oss-forbid-overwrite": str(policy.get("x_oss_forbid_overwrite") or "true"),
+            "success_action_status": "200",
+        }
+        path = ref.path
+        content = await anyio.to_thread.run_sync(path.read_bytes)
+        if hashlib.sha256(content).hexdigest() != ref.sha256:
+            raise RefusedInputError(f"{path} changed while it was being read; call again once it is stable.")
+        uploaded_at = time.time()
+        await self._client.upload_form(str(policy["upload_host"]), fields, path.name, content)
+        url = "oss://" + key
+        self._ledger.execute(
+            "INSERT OR REPLACE INTO uploads (sha256, model, oss_url, local_path, uploaded_at, expires_at)"
+            " VALUES (?,?,?,?,?,?)",
+            (ref.sha256, model, url, str(path), uploaded_at, uploaded_at + OSS_LIFETIME_SECONDS),
+        )
+        logger.info("uploaded %s for %s (%d bytes)", path, model, len(content))
+        return url

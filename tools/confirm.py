@@ -1,0 +1,73 @@
+"""Asking the user before a costly submit: the MCP elicitation resolver of the generate tools.
+
+The resolver runs before the tool body (SDK `Resolve` pattern). It plans the job, and only when
+the estimate is above `EMO_MCP_CONFIRM_ABOVE_CNY` (and under the ceiling, and not a dry run) does
+it return an `Elicit` question. A client without elicitation is not asked (the SDK would answer
+with a protocol error the model never reads); the body then refuses with a message naming the
+setting. Any planning failure is left to the body, which reports it as a normal tool error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.resolve import Elicit
+from pydantic import BaseModel, Field
+
+from server.budget import Approval, confirmation_question, needs_confirmation, over_ceiling
+from server.errors import EmoMcpError
+from server.service import Plan, Service
+from tools.context import service_of
+
+
+class ConfirmSpend(BaseModel):
+    """The form the user sees."""
+
+    confirm: bool = Field(description="Spend this amount and submit the job?")
+
+
+class NoQuestion(BaseModel):
+    """What the resolver returns when it did not ask (the reason becomes the body's approval)."""
+
+    approval: Approval
+
+
+def can_elicit(ctx: Context[Any, Any]) -> bool:
+    """Form elicitation declared by the client (the SDK's own rule: bare `elicitation: {}` counts)."""
+    capabilities = ctx.client_capabilities
+    elicitation = capabilities.elicitation if capabilities is not None else None
+    return elicitation is not None and (elicitation.form is not None or elicitation.url is None)
+
+
+async def ask_if_needed(
+    ctx: Context[Any, Any], dry_run: bool, plan: Callable[[Service], Awaitable[Plan]]
+) -> NoQuestion | Elicit[ConfirmSpend]:
+    service = service_of(ctx)
+    settings = service.settings
+    if dry_run or settings.confirm_above_cny is None:
+        return NoQuestion(approval="not-asked")
+    try:
+        planned = await plan(service)
+    except EmoMcpError:
+        return NoQuestion(approval="not-asked")  # the body raises the same error, as a tool error
+    estimate = planned.estimate
+    if over_ceiling(settings, estimate) or not needs_confirmation(settings, estimate):
+        return NoQuestion(approval="not-asked")
+    if not can_elicit(ctx):
+        return NoQuestion(approval="no-elicitation")
+    return Elicit(confirmation_question(str(planned.payload["model"]), estimate, settings), ConfirmSpend)
+
+
+def approval_of(outcome: ElicitationResult[ConfirmSpend]) -> Approval:
+    """Fold the resolver's outcome into the service's `Approval`."""
+    if isinstance(outcome, AcceptedElicitation):
+        data: Any = outcome.data
+        if isinstance(data, NoQuestion):
+            return data.approval
+        if isinstance(data, ConfirmSpend):
+            return "confirmed" if data.confirm else "declined"
+        return "not-asked"
+    return "declined" if outcome.action == "decline" else "cancelled"
