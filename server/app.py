@@ -11,6 +11,7 @@ from mcp.server.mcpserver import MCPServer
 
 from server.config import Settings
 from server.runtime import open_service
+from server.viewer import install_viewer, viewer_extension
 from tools import build_tools
 from tools.context import AppContext
 
@@ -36,11 +37,14 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         async with open_service(settings, http) as service:
             yield AppContext(service=service)
 
-    return MCPServer(
+    app = MCPServer(
         name="dashscope-emo-mcp",
         title="DashScope portrait animation (EMO, Emoji)",
         instructions=INSTRUCTIONS,
         version=package_version(),
         tools=build_tools(settings),
+        extensions=[viewer_extension()],
         lifespan=lifespan,
     )
+    install_viewer(app)
+    return app

@@ -10,6 +10,7 @@ from pydantic import Field
 from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
 from server.results import EmoDetection, Submitted
+from server.viewer import viewer_meta
 from tools.context import run
 from tools.schemas import Box, HttpUrl, Ratio, StyleLevel, choice
 from tools.strict import harden
@@ -63,6 +64,7 @@ def build(settings: Settings) -> list[Tool]:
                 title="Detect a portrait for EMO",
                 description=DETECT_DESCRIPTION,
                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
+                meta=viewer_meta(),
             )
         ),
         harden(

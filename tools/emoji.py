@@ -10,6 +10,7 @@ from pydantic import Field
 from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
 from server.results import EmojiDetection, Submitted
+from server.viewer import viewer_meta
 from tools.context import run
 from tools.schemas import Box, HttpUrl, choice
 from tools.strict import harden
@@ -62,6 +63,7 @@ def build(settings: Settings) -> list[Tool]:
                 title="Detect a portrait for Emoji",
                 description=DETECT_DESCRIPTION,
                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
+                meta=viewer_meta(),
             )
         ),
         harden(
