@@ -115,7 +115,9 @@ async def read_video(path: Path, root: Path, *, limit: int = MAX_VIDEO_BYTES) ->
     resolved = await anyio.Path(path).resolve()
     inside = resolved.is_relative_to(await anyio.Path(root).resolve())
     if not inside or not await resolved.is_file():
-        raise PreviewUnavailableError(f"The video file {path} is missing (or outside OUTPUT_DIR); call task_status to download it again.")
+        raise PreviewUnavailableError(
+            f"The video file {path} is missing (or outside OUTPUT_DIR); call task_status to download it again."
+        )
     size = (await resolved.stat()).st_size
     if size > limit:
         raise PreviewUnavailableError(

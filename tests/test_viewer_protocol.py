@@ -85,8 +85,8 @@ async def test_viewer_resource_reads_back_as_a_self_contained_mcp_app(settings: 
 
 
 def _volatile(data: dict[str, Any]) -> set[str]:
-    keys = ("request_id", "evidence_dir", "task_id", "submit_time", "scheduled_time", "end_time")
-    keys += ("video_url", "video_path", "video_sha256")
+    keys: tuple[str, ...] = ("request_id", "evidence_dir", "task_id", "submit_time", "scheduled_time")
+    keys += ("end_time", "video_url", "video_path", "video_sha256")
     return {str(data[key]) for key in keys if data.get(key)}
 
 
@@ -187,8 +187,8 @@ async def test_video_resource_is_the_downloaded_file(settings: Settings, fake: F
     [content] = read.contents
     assert isinstance(content, BlobResourceContents)
     assert content.mime_type == "video/mp4"
-    assert base64.b64decode(content.blob) == Path(status["video_path"]).read_bytes() == fake.video_bytes(
-        status["task_id"]
+    assert (
+        base64.b64decode(content.blob) == Path(status["video_path"]).read_bytes() == fake.video_bytes(status["task_id"])
     )
 
 
@@ -202,7 +202,7 @@ async def test_video_resource_of_an_unfinished_task_says_to_call_task_status(tmp
             arguments = {"image_url": image, "audio_url": SPEECH}
             arguments |= {"face_bbox": detection["face_bbox"], "ext_bbox": detection["ext_bbox"]}
             submitted = await call_ok(client, "emo_generate", arguments)
-            with pytest.raises(MCPError, match="PENDING.*call task_status"):
+            with pytest.raises(MCPError, match=r"PENDING.*call task_status"):
                 await client.read_resource(video_uri(submitted["task_id"]))
 
 
