@@ -3,7 +3,8 @@
 It backs the test-suite and the product's ``--sandbox`` mode, so it is strict about the wire
 format (headers, field names, box provenance) and deterministic (boxes come from hashes, videos
 from the task id). Scenario keywords in URLs select failure paths: ``noface``, ``multiface`` and
-``unreachable`` at detect time, ``failtask`` at generate time. Nothing here writes to stdout:
+``unreachable`` at detect time, ``failtask`` at generate time. ``/images/<name>.png`` serves a drawn
+portrait whose face sits in the face box detected for that URL. Nothing here writes to stdout:
 the product speaks MCP over stdio.
 """
 
