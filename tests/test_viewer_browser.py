@@ -114,10 +114,10 @@ class Host:
             while not await self.frame.evaluate(f"() => Boolean({expression})"):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
 
-    async def screenshot(self, name: str, tmp_path: Path) -> bytes:
+    async def screenshot(self, name: str, tmp_path: Path, *, docs: bool = True) -> bytes:
         shot = await self.page.locator("#app").screenshot()
         (tmp_path / name).write_bytes(shot)
-        if os.environ.get("EMO_MCP_UPDATE_DOCS") == "1":
+        if docs and os.environ.get("EMO_MCP_UPDATE_DOCS") == "1":
             (ROOT / "docs").mkdir(exist_ok=True)
             (ROOT / "docs" / name).write_bytes(shot)
         return shot
@@ -244,7 +244,7 @@ async def test_failed_detection_shows_the_reason(browser: Browser, settings: Set
 
 @pytest.mark.parametrize(("width", "theme"), [(400, "dark"), (1200, "light")])
 async def test_readable_at_400_and_1200_px_in_both_schemes(
-    browser: Browser, settings: Settings, fake: FakeDashScope, width: int, theme: str
+    browser: Browser, settings: Settings, fake: FakeDashScope, tmp_path: Path, width: int, theme: str
 ) -> None:
     arguments = {"image_url": fake.image_url("bob")}
     async with apps_client(settings) as client:
@@ -261,6 +261,7 @@ async def test_readable_at_400_and_1200_px_in_both_schemes(
                              listLeft: list.left, background: style.backgroundColor, color: style.color };
                 }"""
             )
+            await host.screenshot(f"viewer-{width}-{theme}.png", tmp_path, docs=False)
     assert layout["scroll"] <= layout["client"] == width  # nothing sticks out sideways
     assert layout["canvasRight"] <= width
     side_by_side = layout["listLeft"] >= layout["canvasRight"]
