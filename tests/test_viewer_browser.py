@@ -226,20 +226,30 @@ async def test_detection_view_draws_the_boxes_where_the_coordinates_say(
     assert ("resources/read", {"uri": image_uri(arguments["image_url"])}) in host.forwarded
 
 
-async def test_failed_detection_shows_the_reason(browser: Browser, settings: Settings, fake: FakeDashScope) -> None:
-    arguments = {"image_url": "https://img.example.com/noface.jpg"}
+async def test_failed_detection_shows_the_reason_and_the_boxes_survive_a_missing_portrait(
+    browser: Browser, settings: Settings, fake: FakeDashScope
+) -> None:
+    failed = {"image_url": fake.image_url("noface-carl")}
+    passed = {"image_url": fake.image_url("dana")}
     async with apps_client(settings) as client:
-        result = await client.call_tool("emoji_detect", arguments)
-        async with hosted(browser, client, arguments, result) as host:
-            await host.wait("document.querySelector('#portrait').dataset.state === 'blank'")
-            await host.wait("document.querySelector('#portrait-note').textContent.includes('unavailable')")
+        result = await client.call_tool("emoji_detect", failed)
+        async with hosted(browser, client, failed, result) as host:
+            await host.wait("document.querySelector('#portrait').dataset.state === 'image'")
             header = await host.frame.locator("#detection-title").inner_text()
             reason = await host.frame.locator("#detection-reason").inner_text()
+            boxes = await host.frame.locator("#box-list").inner_text()
+        result = await client.call_tool("emo_detect", passed)
+        fake.inject("GET", "/images/", status=404, times=5)  # the portrait is gone by the time the viewer asks
+        async with hosted(browser, client, passed, result) as host:
+            await host.wait("document.querySelector('#portrait').dataset.state === 'blank'")
+            await host.wait("document.querySelector('#portrait-note').textContent.includes('unavailable')")
             note = await host.frame.locator("#portrait-note").inner_text()
+            listed = await host.frame.locator("#box-list").inner_text()
     assert "emoji_detect" in header and "did not pass" in header
     assert "InvalidFile.FacePose" in reason
-    assert "No detection of this image_url" not in note  # a failed check is still a recorded detection
-    assert "http(s)" not in note and "could not be fetched" in note  # img.example.com is not reachable here
+    assert "No boxes" in boxes
+    assert "HTTP 404" in note
+    assert "face_bbox" in listed and "ext_bbox" in listed
 
 
 @pytest.mark.parametrize(("width", "theme"), [(400, "dark"), (1200, "light")])
