@@ -12,6 +12,7 @@ from mcp.server.mcpserver import MCPServer
 from server.config import Settings
 from server.runtime import open_service
 from server.spend import register_spend_resource
+from server.viewer import install_viewer, viewer_extension
 from tools import build_tools
 from tools.context import AppContext
 
@@ -43,7 +44,9 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         instructions=INSTRUCTIONS,
         version=package_version(),
         tools=build_tools(settings),
+        extensions=[viewer_extension()],
         lifespan=lifespan,
     )
     register_spend_resource(app, settings)
+    install_viewer(app)
     return app

@@ -12,6 +12,7 @@ from pydantic import Field
 from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
 from server.results import EmojiDetection, Submitted
+from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
 from tools.schemas import Box, MediaSource, choice
@@ -85,6 +86,7 @@ def build(settings: Settings) -> list[Tool]:
                 title="Detect a portrait for Emoji",
                 description=DETECT_DESCRIPTION,
                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
+                meta=viewer_meta(),
             )
         ),
         harden(

@@ -8,6 +8,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from server.results import TaskStatus
+from server.viewer import viewer_meta
 from tools import schemas
 from tools.context import run
 from tools.schemas import MAX_WAIT_SECONDS, TaskId, WaitSeconds
@@ -42,6 +43,7 @@ def build() -> list[Tool]:
                 title="Task status and video download",
                 description=DESCRIPTION,
                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
+                meta=viewer_meta(),
             )
         )
     ]

@@ -1,0 +1,127 @@
+"""Bounded media for the viewer: the portrait fetched by the server, the finished video read from disk.
+
+A host renders the viewer in a sandboxed frame with no network, so the server hands it the bytes
+through the MCP bridge. Both paths are bounded, because every byte travels base64-encoded inside
+JSON-RPC messages between the server, the host and the frame:
+- a portrait: http(s) only, at most `MAX_IMAGE_BYTES` (DashScope's own limit for a portrait),
+  `IMAGE_DEADLINE` seconds in all, and only bytes that start like a PNG, JPEG, BMP or WEBP file;
+- a video: a file inside OUTPUT_DIR of at most `MAX_VIDEO_BYTES`; a larger one is refused with
+  its path, and the viewer shows that path instead of a player.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import httpx2
+
+from server.errors import EmoMcpError
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_VIDEO_BYTES = 16 * 1024 * 1024
+IMAGE_TIMEOUT = httpx2.Timeout(10.0, connect=5.0)
+IMAGE_DEADLINE = 20.0
+IMAGE_MAX_REDIRECTS = 3
+_CHUNK = 64 * 1024
+
+
+class PreviewUnavailableError(EmoMcpError):
+    """The viewer cannot get this media; the message says why and where the original is."""
+
+
+@dataclass(frozen=True)
+class Media:
+    data: bytes
+    mime_type: str
+
+
+def image_mime_type(head: bytes) -> str | None:
+    """The portrait formats DashScope accepts, recognised by their first bytes (never by headers)."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"BM"):
+        return "image/bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+async def fetch_image(
+    url: str,
+    *,
+    limit: int = MAX_IMAGE_BYTES,
+    deadline: float = IMAGE_DEADLINE,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> Media:
+    """GET a portrait for the viewer, refusing anything that is not a bounded image over http(s)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PreviewUnavailableError(
+            "The viewer can only show portraits given as http(s) URLs; this image_url is not one."
+        )
+    received = bytearray()
+    try:
+        with anyio.fail_after(deadline):
+            async with (
+                httpx2.AsyncClient(
+                    timeout=IMAGE_TIMEOUT,
+                    follow_redirects=True,
+                    max_redirects=IMAGE_MAX_REDIRECTS,
+                    transport=transport,
+                ) as http,
+                http.stream("GET", url) as response,
+            ):
+                if response.status_code >= 400:
+                    raise PreviewUnavailableError(
+                        f"The portrait could not be fetched for the viewer (HTTP {response.status_code})."
+                    )
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise PreviewUnavailableError(_too_large(int(declared), limit))
+                async for chunk in response.aiter_bytes(_CHUNK):
+                    received += chunk
+                    if len(received) > limit:
+                        raise PreviewUnavailableError(_too_large(len(received), limit, at_least=True))
+    except TimeoutError as exc:
+        raise PreviewUnavailableError(
+            f"The portrait took longer than {deadline:.0f} s to fetch for the viewer."
+        ) from exc
+    except httpx2.HTTPError as exc:
+        raise PreviewUnavailableError(
+            f"The portrait could not be fetched for the viewer ({type(exc).__name__})."
+        ) from exc
+    mime_type = image_mime_type(bytes(received[:12]))
+    if mime_type is None:
+        raise PreviewUnavailableError("The image_url did not return a PNG, JPEG, BMP or WEBP image.")
+    return Media(bytes(received), mime_type)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+    amount = f"more than {_megabytes(limit)}" if at_least else _megabytes(size)
+    return f"The portrait is {amount}, over the viewer's {_megabytes(limit)} limit."
+
+
+async def read_video(path: Path, root: Path, *, limit: int = MAX_VIDEO_BYTES) -> Media:
+    """The downloaded MP4 of a task, if it lies inside `root` and is small enough to send whole."""
+    resolved = await anyio.Path(path).resolve()
+    inside = resolved.is_relative_to(await anyio.Path(root).resolve())
+    if not inside or not await resolved.is_file():
+        raise PreviewUnavailableError(
+            f"The video file {path} is missing (or outside OUTPUT_DIR); call task_status to download it again."
+        )
+    size = (await resolved.stat()).st_size
+    if size > limit:
+        raise PreviewUnavailableError(
+            f"The video is {_megabytes(size)}, over the {_megabytes(limit)} the viewer sends through the chat "
+            f"host; open it from {path}."
+        )
+    return Media(await resolved.read_bytes(), "video/mp4")

@@ -1,0 +1,124 @@
+"""The MCP Apps viewer: one `ui://` HTML app, bound to the detect tools and `task_status`.
+
+A host that negotiated MCP Apps (`io.modelcontextprotocol/ui`) renders `VIEWER_URI` beside the
+result of a bound tool and hands the app that result. The app then asks the host, through the
+bridge, for two bounded resources this module serves: the portrait (fetched by the server, so
+the sandboxed frame needs no network) and the finished video. Tool results themselves do not
+change, so a client without Apps gets exactly what it got before, and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mcp.server.apps import Apps, client_supports_apps
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+
+from server.preview import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, PreviewUnavailableError, fetch_image, read_video
+from server.service import Service
+
+VIEWER_URI = "ui://dashscope-emo/viewer.html"
+IMAGE_TEMPLATE = "dashscope-emo://viewer/image{?url}"
+VIDEO_TEMPLATE = "dashscope-emo://viewer/video/{task_id}"
+VIEWER_HTML = "viewer.html"
+
+# Shown next to a finished task (CNY per billed output second); emoji-v1's is a reseller's figure.
+PRICES: dict[str, dict[str, float]] = {"emo-v1": {"1:1": 0.08, "3:4": 0.16}, "emoji-v1": {"standard": 0.08}}
+
+
+def viewer_meta() -> dict[str, Any]:
+    """The `_meta` that binds a tool to the viewer (a fresh dict per tool)."""
+    return {"ui": {"resourceUri": VIEWER_URI}}
+
+
+def viewer_html() -> str:
+    """The app, with the server's limits and prices filled in (it makes no requests of its own)."""
+    html = resources.files("server").joinpath(VIEWER_HTML).read_text(encoding="utf-8")
+    config = {
+        "imageTemplate": IMAGE_TEMPLATE,
+        "videoTemplate": VIDEO_TEMPLATE,
+        "maxImageBytes": MAX_IMAGE_BYTES,
+        "maxVideoBytes": MAX_VIDEO_BYTES,
+        "prices": PRICES,
+    }
+    # "<" is escaped so the JSON can never close the <script> element that holds it.
+    return html.replace("__VIEWER_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
+
+
+def viewer_extension() -> Apps:
+    """The Apps extension for `MCPServer(extensions=...)`: advertises the capability, serves the app."""
+    apps = Apps()
+    apps.add_html_resource(
+        VIEWER_URI,
+        viewer_html(),
+        name="viewer",
+        title="Portrait, boxes, task progress and video",
+        description="Shows a detection's boxes over the portrait, a task's progress and the finished video.",
+        prefers_border=True,
+    )
+    return apps
+
+
+def _service(ctx: Context[Any, Any]) -> Service:
+    service = getattr(ctx.request_context.lifespan_context, "service", None)
+    assert isinstance(service, Service)
+    return service
+
+
+def _require_apps(ctx: Context[Any, Any]) -> None:
+    """These resources exist for the app; other clients have no use for a server-side fetch."""
+    if not client_supports_apps(ctx):
+        raise ResourceError(
+            "Viewer resources are served only to clients that negotiated MCP Apps (io.modelcontextprotocol/ui)."
+        )
+
+
+def install_viewer(app: MCPServer[Any]) -> None:
+    """Register the portrait and video resources the app reads through the host."""
+
+    @app.resource(
+        IMAGE_TEMPLATE,
+        name="viewer_image",
+        title="Portrait of a detection",
+        description="The bytes of a portrait that emo_detect or emoji_detect checked, for the viewer.",
+        mime_type="application/octet-stream",
+    )
+    async def viewer_image(ctx: Context[Any, Any], url: str = "") -> bytes:
+        _require_apps(ctx)
+        if not url or not _service(ctx).ledger.detections_of(url):
+            raise ResourceNotFoundError(
+                "No detection of this image_url is recorded; the viewer shows only portraits that "
+                "emo_detect or emoji_detect checked."
+            )
+        try:
+            media = await fetch_image(url)
+        except PreviewUnavailableError as exc:
+            raise ResourceError(str(exc)) from exc
+        return media.data
+
+    @app.resource(
+        VIDEO_TEMPLATE,
+        name="viewer_video",
+        title="Video of a finished task",
+        description=f"The downloaded MP4 of a SUCCEEDED task, up to {MAX_VIDEO_BYTES // (1024 * 1024)} MB.",
+        mime_type="video/mp4",
+    )
+    async def viewer_video(task_id: str, ctx: Context[Any, Any]) -> bytes:
+        _require_apps(ctx)
+        service = _service(ctx)
+        record = service.ledger.get_task(task_id)
+        if record is None:
+            raise ResourceNotFoundError(f"Task {task_id} is not in this server's ledger.")
+        if record.status != "SUCCEEDED" or not record.video_path:
+            raise ResourceError(
+                f"Task {task_id} has no downloaded video ({record.status}); call task_status until it succeeds."
+            )
+        try:
+            media = await read_video(Path(record.video_path), service.settings.output_dir)
+        except PreviewUnavailableError as exc:
+            raise ResourceError(str(exc)) from exc
+        return media.data
