@@ -13,6 +13,8 @@ from server.config import Settings
 from server.runtime import open_service
 from tools import build_tools
 from tools.context import AppContext
+from tools.prompts import register_prompts
+from tools.resources import register_resources
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
@@ -36,7 +38,7 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         async with open_service(settings, http) as service:
             yield AppContext(service=service)
 
-    return MCPServer(
+    app = MCPServer(
         name="dashscope-emo-mcp",
         title="DashScope portrait animation (EMO, Emoji)",
         instructions=INSTRUCTIONS,
@@ -44,3 +46,6 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         tools=build_tools(settings),
         lifespan=lifespan,
     )
+    register_resources(app, settings)
+    register_prompts(app)
+    return app
