@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 from pydantic import Field
 
 from server.models import template_catalogue, template_ids
@@ -23,13 +25,18 @@ _FOLLOW = (
 )
 
 
+def _invalid(message: str) -> MCPError:
+    # The SDK hides any other exception's text behind "Error rendering prompt"; MCPError reaches the client.
+    return MCPError(INVALID_PARAMS, message)
+
+
 def talking_head(
     image_url: Annotated[str, Field(description="Public http(s) URL of the portrait.")],
     audio_url: Annotated[str, Field(description="Public http(s) URL of WAV/MP3 speech (< 60 s, < 15 MB).")],
     style_level: Annotated[str, Field(description="normal (default), calm or active.")] = "normal",
 ) -> str:
     if style_level not in STYLE_LEVELS:
-        raise ValueError(f"style_level must be one of {', '.join(STYLE_LEVELS)} (got {style_level!r})")
+        raise _invalid(f"style_level must be one of {', '.join(STYLE_LEVELS)} (got {style_level!r})")
     return (
         "Make a talking-head video with EMO from this portrait and speech.\n"
         f"- portrait: {image_url}\n- speech: {audio_url}\n- style_level: {style_level}\n\n"
@@ -48,7 +55,7 @@ def emoji_clip(
     template_id: Annotated[str, Field(description="An official template id; see the emoji://templates resource.")],
 ) -> str:
     if template_id not in template_ids():
-        raise ValueError(f"template_id must be an official template: {', '.join(template_ids())} (got {template_id!r})")
+        raise _invalid(f"template_id must be an official template: {', '.join(template_ids())} (got {template_id!r})")
     meaning = next(f"{t['series_meaning']}, {t['meaning']}" for t in template_catalogue() if t["id"] == template_id)
     return (
         f"Make a short Emoji expression clip from this portrait with template {template_id} ({meaning}).\n\n"
