@@ -23,8 +23,6 @@ import pytest
 from server.fake_dashscope import FakeDashScope
 from tests.conftest import PORTRAIT, SPEECH, make_env
 
-pytestmark = pytest.mark.anyio
-
 ROOT = Path(__file__).resolve().parent.parent
 INSPECTOR = ROOT / "node_modules" / ".bin" / "mcp-inspector"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "dashscope-emo-mcp"
