@@ -6,17 +6,13 @@ served on 127.0.0.1 here: the tests never bind anything but loopback.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -25,52 +21,14 @@ from server.cli import main
 from server.config import Settings
 from server.errors import ConfigError
 from server.fake_dashscope import FakeDashScope
-from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, HttpSecurity, build_http_app, http_security
+from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
 from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo
+from tests.serving import serving
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = "test-http-token-0123456789abcdef"
 PUBLIC_ENV = {TOKEN_ENV: TOKEN, HOSTS_ENV: "127.0.0.1:*,mcp.example.com"}
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that leaves signals to pytest and reports when it is up (or gave up)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = anyio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.ready.set()
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings, security: HttpSecurity) -> AsyncIterator[str]:
-    """Serve the real ASGI app on a free loopback port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(build_http_app(settings, security), log_config=None, access_log=False, ws="none")
-    server = _Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        with anyio.fail_after(10):
-            await server.ready.wait()
-        assert server.started, "the HTTP server failed to start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        with anyio.CancelScope(shield=True):
-            await task
-        sock.close()
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 import anyio
 import pytest
 
+from server.config import Settings
 from server.fake_dashscope import FakeDashScope
+from server.http import HOSTS_ENV, TOKEN_ENV, http_security
 from tests.conftest import PORTRAIT, SPEECH, make_env
+from tests.serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 INSPECTOR = ROOT / "node_modules" / ".bin" / "mcp-inspector"
@@ -66,6 +70,19 @@ class Inspector:
         envelope = json.loads(done.stdout)
         assert isinstance(envelope, dict)
         return envelope, stderr
+
+    async def run_raw(self, *arguments: str) -> subprocess.CompletedProcess[bytes]:
+        with anyio.fail_after(60):
+            return await anyio.run_process(
+                [str(INSPECTOR), "--cli", *arguments, "--format", "json"], env=self.env, cwd=self.cwd, check=False
+            )
+
+    async def remote(self, url: str, method: str, *options: str) -> dict[str, Any]:
+        done = await self.run_raw(url, "--method", method, *options)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+        envelope = json.loads(done.stdout)
+        assert isinstance(envelope, dict)
+        return envelope
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
         envelope, _ = await self.run("tools/call", "--tool-name", tool, "--tool-args-json", json.dumps(arguments))
@@ -134,42 +151,64 @@ async def test_full_chain_through_tools_call(inspector: Inspector, fake: FakeDas
     assert b"emo_detect" in command_result.stdout + command_result.stderr
 
 
-async def test_resources_and_prompts_read(inspector: Inspector) -> None:
-    listed, _ = await inspector.run("resources/list")
-    uris = {resource["uri"] for resource in listed["result"]["resources"]}
-    assert uris == {"emoji://templates", "tasks://recent"}
-    templates, _ = await inspector.run("resources/templates/list")
-    assert [t["uriTemplate"] for t in templates["result"]["resourceTemplates"]] == ["tasks://{task_id}"]
+async def test_resources_and_prompts_over_http_with_a_token(
+    inspector: Inspector, settings: Settings, fake: FakeDashScope
+) -> None:
+    """The Inspector as a remote client: Streamable HTTP, bearer token, resources and prompts."""
+    token = "inspector-token-0123456789abcdef"
+    security = http_security("0.0.0.0", {TOKEN_ENV: token, HOSTS_ENV: "127.0.0.1:*"})  # noqa: S104 (served on loopback)
+    async with serving(settings, security) as base:
+        url = f"{base}/mcp"
+        header = ("--header", f"Authorization: Bearer {token}")
+        refused = await inspector.run_raw(url, "--method", "tools/list", "--stored-auth-only")
+        assert refused.returncode != 0 and b"auth_required" in refused.stderr
+        assert token.encode() not in refused.stdout + refused.stderr
 
-    catalogue, _ = await inspector.run("resources/read", "--uri", "emoji://templates")
-    content = catalogue["result"]["contents"][0]
-    assert content["mimeType"] == "application/json"
-    assert len(json.loads(content["text"])["templates"]) == 20
+        listed = await inspector.remote(url, "resources/list", *header)
+        assert {r["uri"] for r in listed["result"]["resources"]} == {"emoji://templates", "tasks://recent"}
+        templates = await inspector.remote(url, "resources/templates/list", *header)
+        assert [t["uriTemplate"] for t in templates["result"]["resourceTemplates"]] == ["tasks://{task_id}"]
+        catalogue = await inspector.remote(url, "resources/read", "--uri", "emoji://templates", *header)
+        content = catalogue["result"]["contents"][0]
+        assert content["mimeType"] == "application/json"
+        assert len(json.loads(content["text"])["templates"]) == 20
 
-    detection = await inspector.call("emoji_detect", {"image_url": PORTRAIT})
-    submitted = await inspector.call(
-        "emoji_generate",
-        {
+        detection = await inspector.remote(
+            url,
+            "tools/call",
+            "--tool-name",
+            "emoji_detect",
+            "--tool-args-json",
+            json.dumps({"image_url": PORTRAIT}),
+            *header,
+        )
+        boxes = detection["result"]["structuredContent"]
+        arguments = {
             "image_url": PORTRAIT,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox_face": detection["ext_bbox_face"],
+            "face_bbox": boxes["face_bbox"],
+            "ext_bbox_face": boxes["ext_bbox_face"],
             "template_id": "jingdian_tiaopi",
-        },
-    )
-    task, _ = await inspector.run("resources/read", "--uri", f"tasks://{submitted['task_id']}")
-    view = json.loads(task["result"]["contents"][0]["text"])
-    assert view["task_id"] == submitted["task_id"] and view["model"] == "emoji-v1"
+        }
+        submitted = await inspector.remote(
+            url, "tools/call", "--tool-name", "emoji_generate", "--tool-args-json", json.dumps(arguments), *header
+        )
+        task_id = submitted["result"]["structuredContent"]["task_id"]
+        task = await inspector.remote(url, "resources/read", "--uri", f"tasks://{task_id}", *header)
+        view = json.loads(task["result"]["contents"][0]["text"])
+        assert view["task_id"] == task_id and view["model"] == "emoji-v1" and view["status"] == "PENDING"
 
-    prompts, _ = await inspector.run("prompts/list")
-    assert {p["name"] for p in prompts["result"]["prompts"]} == {"talking_head", "emoji_clip"}
-    prompt, _ = await inspector.run(
-        "prompts/get",
-        "--prompt-name",
-        "talking_head",
-        "--prompt-args",
-        f"image_url={PORTRAIT}",
-        f"audio_url={SPEECH}",
-        "style_level=calm",
-    )
-    text = prompt["result"]["messages"][0]["content"]["text"]
-    assert "emo_detect" in text and SPEECH in text
+        prompts = await inspector.remote(url, "prompts/list", *header)
+        assert {p["name"] for p in prompts["result"]["prompts"]} == {"talking_head", "emoji_clip"}
+        prompt = await inspector.remote(
+            url,
+            "prompts/get",
+            "--prompt-name",
+            "talking_head",
+            "--prompt-args",
+            f"image_url={PORTRAIT}",
+            f"audio_url={SPEECH}",
+            "style_level=calm",
+            *header,
+        )
+        text = prompt["result"]["messages"][0]["content"]["text"]
+        assert "emo_detect" in text and SPEECH in text
