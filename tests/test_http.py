@@ -7,10 +7,16 @@ served on 127.0.0.1 here: the tests never bind anything but loopback.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from mcp import Client
@@ -22,10 +28,12 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.fake_dashscope import FakeDashScope
 from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo
+from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, make_env
 from tests.serving import serving
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKEN = "test-http-token-0123456789abcdef"
 PUBLIC_ENV = {TOKEN_ENV: TOKEN, HOSTS_ENV: "127.0.0.1:*,mcp.example.com"}
@@ -165,3 +173,39 @@ def test_cli_refuses_an_unsafe_bind_before_serving(
     assert TEST_KEY not in err
     assert main(["--host", "127.0.0.1"]) == 2
     assert "--transport http" in capsys.readouterr().err
+
+
+async def test_console_script_serves_http_until_stopped(fake: FakeDashScope, tmp_path: Path) -> None:
+    """The real command line: `--transport http` on loopback, health check, a tool call, a clean stop."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **make_env(fake, tmp_path)}
+    command = [sys.executable, "-m", "server", "--transport", "http", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with anyio.fail_after(60):
+        async with await anyio.open_process(
+            command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ) as process:
+            try:
+                async with httpx2.AsyncClient() as raw:
+                    for _ in range(200):
+                        try:
+                            health = await raw.get(f"{base}/healthz")
+                            break
+                        except httpx2.TransportError:
+                            await anyio.sleep(0.05)
+                    else:
+                        pytest.fail("the HTTP server did not come up")
+                assert health.json() == {"status": "ok"}
+                async with http_client(base) as client:
+                    detection = await detect_emo(client)
+                assert detection["model"] == "emo-detect-v1"
+            finally:
+                process.send_signal(signal.SIGINT)
+            assert await process.wait() == 0
+            assert process.stderr is not None
+            stderr = b"".join([chunk async for chunk in process.stderr]).decode()
+    assert f"serving Streamable HTTP at http://127.0.0.1:{port}/mcp" in stderr
+    assert TEST_KEY not in stderr
