@@ -89,10 +89,14 @@ def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
             'characters, for example the output of: python -c "import secrets; print(secrets.token_urlsafe(32))"'
         )
     if is_loopback(host):
+        bound = host.strip("[]")
+        # The bound address itself too, e.g. 127.0.0.2, which the usual loopback names do not cover.
+        own_host = f"[{bound}]:*" if ":" in bound else f"{bound}:*"
+        own_origin = f"http://{own_host}"
         return HttpSecurity(
             token=token,
-            allowed_hosts=hosts or LOOPBACK_ALLOWED_HOSTS,
-            allowed_origins=origins or LOOPBACK_ALLOWED_ORIGINS,
+            allowed_hosts=hosts or tuple(dict.fromkeys((*LOOPBACK_ALLOWED_HOSTS, own_host))),
+            allowed_origins=origins or tuple(dict.fromkeys((*LOOPBACK_ALLOWED_ORIGINS, own_origin))),
         )
     missing = []
     if token is None:

@@ -87,10 +87,20 @@ async def test_loopback_serves_the_chain_without_a_token(settings: Settings, fak
                     "ext_bbox": detection["ext_bbox"],
                 },
             )
-        # Stateless: a brand-new connection finishes the task the first one submitted.
+        # Stateless: a brand-new connection finishes the task the first one submitted, with progress.
+        seen: list[str | None] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            seen.append(message)
+
         async with http_client(base) as client:
-            status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 10})
+            result = await client.call_tool(
+                "task_status", {"task_id": submitted["task_id"], "wait_seconds": 10}, progress_callback=on_progress
+            )
+    assert not result.is_error and result.structured_content is not None
+    status = result.structured_content
     assert status["task_status"] == "SUCCEEDED"
+    assert seen and "waited" in (seen[0] or "")
     assert Path(status["video_path"]).read_bytes() == fake.video_bytes(submitted["task_id"])
 
 
@@ -155,6 +165,8 @@ def test_public_bind_without_token_or_hosts_is_refused() -> None:
         http_security("0.0.0.0", {TOKEN_ENV: TOKEN, HOSTS_ENV: "*"})  # noqa: S104
     # Loopback needs neither; an explicit Origin list is optional everywhere.
     assert http_security("::1", {}).token is None
+    assert http_security("127.0.0.2", {}).allowed_hosts == ("127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.2:*")
+    assert http_security("localhost", {HOSTS_ENV: "dev.local:*"}).allowed_hosts == ("dev.local:*",)
     public = http_security("0.0.0.0", {**PUBLIC_ENV, ORIGINS_ENV: "https://app.example.com"})  # noqa: S104
     assert public.allowed_origins == ("https://app.example.com",)
 
