@@ -31,6 +31,7 @@ from server.commands import (
 from server.config import Settings, load_settings
 from server.errors import ConfigError, EmoMcpError
 from server.http import DEFAULT_HOST, DEFAULT_PORT
+from server.models import template_ids
 
 EXIT_CONFIG = EXIT_USAGE  # kept for callers of the first version
 
@@ -98,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("family", choices=("emo", "emoji"))
     generate.add_argument("image_url", type=url_arg, help="public http(s) URL of the portrait")
     generate.add_argument("--audio-url", type=url_arg, help="EMO: public URL of WAV/MP3 speech (< 60 s, < 15 MB)")
-    generate.add_argument("--template-id", help="Emoji: an official template (see `templates`)")
+    generate.add_argument(
+        "--template-id",
+        choices=template_ids(),
+        metavar="TEMPLATE_ID",
+        help="Emoji: an official template (see `templates`); checked before anything is billed",
+    )
     generate.add_argument("--style-level", choices=("normal", "calm", "active"), default="normal", help="EMO only")
     generate.add_argument("--ratio", choices=("1:1", "3:4"), default="1:1", help="EMO, when detecting first")
     generate.add_argument("--face-bbox", type=box_arg, metavar="X1,Y1,X2,Y2", help="from detect (else detect first)")

@@ -99,6 +99,10 @@ def test_refusals_exit_2_before_anything_is_sent(
     )
     assert code == 2 and "emo_detect" in err
     assert upstream.submits() == []
+    with pytest.raises(SystemExit):
+        main(["generate", "emoji", PORTRAIT, "--template-id", "made_up"])
+    assert "invalid choice: 'made_up'" in capsys.readouterr().err
+    assert upstream.requests == []  # refused before the automatic detection
     with pytest.raises(SystemExit) as bad_box:
         main(["generate", "emo", PORTRAIT, "--face-bbox", "9,9,1,1"])
     assert bad_box.value.code == 2
