@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     serve = sub.add_parser("serve", help="serve MCP (the default; stdio unless --transport http)")
     _transport_options(serve)
+    serve.add_argument("--sandbox", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub.add_parser("demo", help="run both chains through an MCP client against the sandbox and print each step")
 
     detect = sub.add_parser("detect", parents=[common], help="check a portrait and print the boxes generate needs")

@@ -186,3 +186,19 @@ def test_sandbox_runs_a_whole_job_in_one_command(capsys: pytest.CaptureFixture[s
     code, data = run_json(capsys, "--sandbox", "generate", "emoji", PORTRAIT, "--template-id", "mengwa_kun_1", "--wait")
     assert code == 0
     assert data["detection"]["sandbox"] is True and data["status"]["task_status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], (None, False, "stdio", None)),
+        (["serve", "--sandbox", "--transport", "http", "--port", "9000"], ("serve", True, "http", 9000)),
+        (["--sandbox", "--transport", "http"], (None, True, "http", None)),
+        (["detect", "emo", PORTRAIT, "--sandbox"], ("detect", True, "stdio", None)),
+    ],
+)
+def test_options_land_before_or_after_the_command(argv: list[str], expected: tuple[Any, ...]) -> None:
+    from server.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.command, args.sandbox, args.transport, args.port) == expected
