@@ -104,7 +104,7 @@ async def test_loopback_serves_the_chain_without_a_token(settings: Settings, fak
     assert Path(status["video_path"]).read_bytes() == fake.video_bytes(submitted["task_id"])
 
 
-async def test_public_configuration_requires_the_bearer_token(settings: Settings) -> None:
+async def test_public_configuration_requires_the_bearer_token(settings: Settings, fake: FakeDashScope) -> None:
     security = http_security("0.0.0.0", PUBLIC_ENV)  # noqa: S104 (policy only; served on loopback below)
     async with serving(settings, security) as base:
         missing = await raw_initialize(base, {})
@@ -121,7 +121,11 @@ async def test_public_configuration_requires_the_bearer_token(settings: Settings
 
         async with http_client(base, {"Authorization": f"Bearer {TOKEN}"}) as client:
             tools = (await client.list_tools()).tools
+            await detect_emo(client)
         assert len(tools) == 5
+        # The client's token stops at this server: DashScope only ever sees the server's own key.
+        (upstream_call,) = fake.requests
+        assert upstream_call.headers["authorization"] == f"Bearer {TEST_KEY}"
 
         # The health check needs no token and says nothing about the configuration.
         async with httpx2.AsyncClient() as raw:
