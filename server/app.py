@@ -15,6 +15,8 @@ from server.spend import register_spend_resource
 from server.viewer import install_viewer, viewer_extension
 from tools import build_tools
 from tools.context import AppContext
+from tools.prompts import register_prompts
+from tools.resources import register_resources
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
@@ -49,4 +51,6 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
     )
     register_spend_resource(app, settings)
     install_viewer(app)
+    register_resources(app, settings)
+    register_prompts(app)
     return app

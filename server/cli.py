@@ -1,24 +1,68 @@
-"""The `dashscope-emo-mcp` console script.
+"""The `dashscope-emo-mcp` console script: the parser and dispatcher.
 
 With no arguments it serves MCP over stdio (stdout carries only protocol messages; logs go to
-stderr). `--sandbox` serves against the built-in loopback fake of DashScope; `demo` runs both
-chains through a real MCP client session against that sandbox and prints each step.
+stderr); `--transport http` serves Streamable HTTP instead (see `server/http.py`). `--sandbox`
+runs everything against the built-in loopback fake of DashScope. The subcommands (`detect`,
+`generate`, `status`, `templates`, `doctor`, `demo`) are implemented in `server/commands.py`,
+`server/doctor.py` and `server/demo.py` on the same domain layer as the tools.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from server.config import load_settings
-from server.errors import ConfigError
+from server.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    FOREVER_SECONDS,
+    box_arg,
+    exit_code_for,
+    url_arg,
+)
+from server.config import Settings, load_settings
+from server.errors import ConfigError, EmoMcpError
+from server.http import DEFAULT_HOST, DEFAULT_PORT
+from server.models import template_ids
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_CONFIG = EXIT_USAGE  # kept for callers of the first version
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "main"]
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand also accepts after its name (SUPPRESS keeps the top-level value)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sandbox", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout (for scripts)")
+    return common
+
+
+def _wait_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=FOREVER_SECONDS,
+        default=None,
+        metavar="SECONDS",
+        help="wait for the task to end (optionally at most SECONDS), with a progress bar on stderr",
+    )
+
+
+def _transport_options(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given before or after `serve`, the option lands once; defaults come from set_defaults.
+    parser.add_argument("--transport", choices=("stdio", "http"), default=argparse.SUPPRESS, help="default: stdio")
+    parser.add_argument("--host", default=argparse.SUPPRESS, help=f"HTTP bind address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"HTTP port (default {DEFAULT_PORT})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,56 +70,142 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dashscope-emo-mcp",
-        description="MCP server for DashScope portrait animation (EMO talking heads, Emoji clips).",
+        description="MCP server and command line for DashScope portrait animation (EMO talking heads, Emoji clips).",
+        epilog="Exit codes: 0 done, 1 negative answer (check failed, task failed, doctor problem), "
+        "2 usage/configuration/refused input, 3 DashScope error or unreachable, 4 task not finished yet.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument(
         "--sandbox",
         action="store_true",
-        help="serve against a built-in loopback fake of DashScope (no key, no network, nothing billed)",
+        help="use a built-in loopback fake of DashScope (no key, no network, nothing billed)",
     )
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve MCP over stdio (the default)")
+    _transport_options(parser)
+    parser.set_defaults(transport="stdio", host=None, port=None, json=False)
+
+    common = _common()
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    serve = sub.add_parser("serve", help="serve MCP (the default; stdio unless --transport http)")
+    _transport_options(serve)
+    serve.add_argument("--sandbox", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub.add_parser("demo", help="run both chains through an MCP client against the sandbox and print each step")
+
+    detect = sub.add_parser("detect", parents=[common], help="check a portrait and print the boxes generate needs")
+    detect.add_argument("family", choices=("emo", "emoji"))
+    detect.add_argument("image_url", type=url_arg, help="public http(s) URL of the portrait")
+    detect.add_argument("--ratio", choices=("1:1", "3:4"), default="1:1", help="EMO only: 1:1 head, 3:4 half body")
+    detect.add_argument("--model", default=None, help="official model name or a configured deployment name")
+
+    generate = sub.add_parser("generate", parents=[common], help="start a (paid) video task; --wait to follow it")
+    generate.add_argument("family", choices=("emo", "emoji"))
+    generate.add_argument("image_url", type=url_arg, help="public http(s) URL of the portrait")
+    generate.add_argument("--audio-url", type=url_arg, help="EMO: public URL of WAV/MP3 speech (< 60 s, < 15 MB)")
+    generate.add_argument(
+        "--template-id",
+        choices=template_ids(),
+        metavar="TEMPLATE_ID",
+        help="Emoji: an official template (see `templates`); checked before anything is billed",
+    )
+    generate.add_argument("--style-level", choices=("normal", "calm", "active"), default="normal", help="EMO only")
+    generate.add_argument("--ratio", choices=("1:1", "3:4"), default="1:1", help="EMO, when detecting first")
+    generate.add_argument("--face-bbox", type=box_arg, metavar="X1,Y1,X2,Y2", help="from detect (else detect first)")
+    generate.add_argument("--ext-bbox", type=box_arg, metavar="X1,Y1,X2,Y2", help="from detect (else detect first)")
+    generate.add_argument("--model", default=None, help="official model name or a configured deployment name")
+    _wait_option(generate)
+
+    status = sub.add_parser("status", parents=[common], help="a task's status (downloads a finished video)")
+    status.add_argument("task_id", nargs="?", help="omit to list the ledger's recent tasks")
+    status.add_argument("--limit", type=int, default=20, help="how many recent tasks to list")
+    _wait_option(status)
+
+    sub.add_parser("templates", parents=[common], help="the official Emoji templates")
+    sub.add_parser("doctor", parents=[common], help="check key, endpoint, folders and versions")
     return parser
 
 
-def _configure_logging() -> None:
+def _configure_logging(command: str | None) -> None:
     # httpx2 logs every request URL at INFO; signed result URLs do not belong in logs.
-    level = os.environ.get("EMO_MCP_LOG_LEVEL", "INFO").upper()
+    # The command line keeps its own output readable: warnings only, unless asked otherwise.
+    default = "INFO" if command in (None, "serve") else "WARNING"
+    level = os.environ.get("EMO_MCP_LOG_LEVEL", default).upper()
     logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        level=level if level in logging.getLevelNamesMapping() else default,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
-async def _serve(sandbox: bool) -> None:
-    from server.app import create_app
-
+async def _with_settings(sandbox: bool, job: Callable[[Settings], Awaitable[int]]) -> int:
+    """Run `job` with the environment's settings, or against a sandbox that lives as long as the job."""
     if not sandbox:
-        await create_app(load_settings()).run_stdio_async()
-        return
+        return await job(load_settings())
     from server.fake_dashscope import FakeDashScope
 
     async with FakeDashScope().serve() as base_url:
-        settings = load_settings(sandbox=True, sandbox_base_url=base_url)
+        return await job(load_settings(sandbox=True, sandbox_base_url=base_url))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from server.app import create_app
+
+    if args.transport == "http":
+        from server.http import http_security, serve_http
+
+        host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
+        security = http_security(host, os.environ)  # refuses an unsafe bind before anything starts
+
+        async def run_http(settings: Settings) -> int:
+            await serve_http(settings, host, port, security)
+            return EXIT_OK
+
+        return await _with_settings(args.sandbox, run_http)
+    if args.host is not None or args.port is not None:
+        raise ConfigError("--host and --port apply to --transport http only.")
+
+    async def run_stdio(settings: Settings) -> int:
         await create_app(settings).run_stdio_async()
+        return EXIT_OK
+
+    return await _with_settings(args.sandbox, run_stdio)
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    from server import commands
+
+    if args.command in (None, "serve"):
+        return await _serve(args)
+    if args.command == "demo":
+        from server.demo import run_demo
+
+        return await run_demo()
+    if args.command == "templates":
+        return commands.templates(args)
+    if args.command == "doctor":
+        from server.doctor import doctor
+
+        if not args.sandbox:
+            return await doctor(args)
+        from server.fake_dashscope import FakeDashScope
+
+        async with FakeDashScope().serve() as base_url:
+            return await doctor(args, sandbox_base_url=base_url)
+    job = {"detect": commands.detect, "generate": commands.generate, "status": commands.status}[args.command]
+    return await _with_settings(args.sandbox, lambda settings: job(settings, args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging()
+    _configure_logging(args.command)
     try:
-        if args.command == "demo":
-            from server.demo import run_demo
-
-            return anyio.run(run_demo)
-        anyio.run(_serve, bool(args.sandbox))
-    except ConfigError as exc:
+        return anyio.run(_dispatch, args)
+    except EmoMcpError as exc:
         sys.stderr.write(f"dashscope-emo-mcp: {exc}\n")
-        return EXIT_CONFIG
+        if args.json:
+            sys.stdout.write(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}) + "\n")
+        return exit_code_for(exc)
     except KeyboardInterrupt:
-        return EXIT_OK
-    return EXIT_OK
+        if args.command in (None, "serve"):
+            return EXIT_OK  # Ctrl+C is how a server is stopped
+        sys.stderr.write("dashscope-emo-mcp: interrupted (a submitted task keeps running upstream)\n")
+        return EXIT_INTERRUPTED

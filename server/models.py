@@ -56,3 +56,18 @@ def template_max_seconds() -> int:
 
 def template_ids() -> tuple[str, ...]:
     return tuple(t.id for t in templates())
+
+
+def template_catalogue() -> list[dict[str, str | int]]:
+    """The catalogue as people and clients read it (resource `emoji://templates`, `templates` command)."""
+    seconds = template_max_seconds()
+    return [
+        {
+            "id": t.id,
+            "series": t.series,
+            "series_meaning": t.series_meaning,
+            "meaning": t.meaning,
+            "typical_max_seconds": seconds,
+        }
+        for t in templates()
+    ]

@@ -149,7 +149,9 @@ async def test_a_client_without_apps_gets_exactly_todays_results(fake: FakeDashS
 
 def ui_meta_in_result(result: CallToolResult) -> bool:
     meta = result.meta or {}
-    return "ui" in meta or EXTENSION_ID in meta or any(block.type != "text" for block in result.content)
+    # A resource_link to a downloaded video is part of every client's result (issue 4); UI is anything else.
+    extra = [block for block in result.content if block.type not in {"text", "resource_link"}]
+    return "ui" in meta or EXTENSION_ID in meta or bool(extra)
 
 
 async def test_viewer_resources_are_refused_to_clients_without_apps(client: Client, fake: FakeDashScope) -> None:

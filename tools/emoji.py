@@ -85,7 +85,8 @@ def build(settings: Settings) -> list[Tool]:
                 emoji_detect,
                 title="Detect a portrait for Emoji",
                 description=DETECT_DESCRIPTION,
-                annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
+                # Read-only (nothing created upstream), but each call is billed: not idempotent.
+                annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=True),
                 meta=viewer_meta(),
             )
         ),

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, ContentBlock, ResourceLink, TextContent
 
 from server.errors import EmoMcpError
 from server.results import _Result
 
 
 def structured(result: _Result) -> CallToolResult:
-    """One summary line for people, then the same data as compact JSON, plus structuredContent."""
+    """One summary line for people, then the same data as compact JSON, plus structuredContent.
+
+    A downloaded video also comes as a `resource_link` (file:// on the server's disk), so clients
+    can offer to open it.
+    """
     data = result.model_dump(mode="json")
     text = f"{result.summary()}\n{result.model_dump_json(exclude_none=True)}"
-    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
+    content: list[ContentBlock] = [TextContent(type="text", text=text)]
+    link = video_link(result)
+    if link is not None:
+        content.append(link)
+    return CallToolResult(content=content, structured_content=data)
+
+
+def video_link(result: _Result) -> ResourceLink | None:
+    video_path = getattr(result, "video_path", None)
+    if not isinstance(video_path, str) or not video_path:
+        return None
+    path = Path(video_path)
+    size = getattr(result, "video_bytes", None)
+    return ResourceLink(
+        type="resource_link",
+        uri=path.as_uri(),
+        name=path.name,
+        title=f"Video of task {getattr(result, 'task_id', path.stem)}",
+        mime_type="video/mp4",
+        size=size if isinstance(size, int) else None,
+    )
 
 
 def error_result(message: str, data: dict[str, Any] | None = None) -> CallToolResult:

@@ -1,0 +1,194 @@
+"""Streamable HTTP transport, served safely.
+
+The SDK turns DNS-rebinding protection on only for a loopback bind and silently off for anything
+else, and has no notion of "this server is now reachable from the network". So the rules live
+here: loopback by default; any other bind needs an access token (`EMO_MCP_HTTP_TOKEN`, checked as
+`Authorization: Bearer`) and an explicit Host allowlist, or the server refuses to start. The
+DashScope key stays the server's own: nothing from a client's request reaches DashScope's headers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import httpx2
+import uvicorn
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.config import Settings
+from server.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "EMO_MCP_HTTP_TOKEN"  # noqa: S105 (a variable name, not a secret)
+HOSTS_ENV = "EMO_MCP_ALLOWED_HOSTS"
+ORIGINS_ENV = "EMO_MCP_ALLOWED_ORIGINS"
+MCP_PATH = "/mcp"
+HEALTH_PATH = "/healthz"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+MIN_TOKEN_LENGTH = 16
+REALM = "dashscope-emo-mcp"
+
+LOOPBACK_ALLOWED_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
+LOOPBACK_ALLOWED_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+
+
+@dataclass(frozen=True)
+class HttpSecurity:
+    """What guards the HTTP endpoint: an optional bearer token and the Host/Origin allowlists."""
+
+    token: str | None = field(repr=False)
+    allowed_hosts: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
+
+    def transport_security(self) -> TransportSecuritySettings:
+        return TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=list(self.allowed_hosts),
+            allowed_origins=list(self.allowed_origins),
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split(raw: str | None, variable: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in (raw or "").split(",") if item.strip())
+    if "*" in items:
+        raise ConfigError(
+            f"{variable} may not contain '*': list the exact names clients use, such as "
+            "'mcp.example.com' or 'mcp.example.com:*' (any port)."
+        )
+    return items
+
+
+def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
+    """The guard for a bind address, or a `ConfigError` saying what is missing for a public bind."""
+    token = (env.get(TOKEN_ENV) or "").strip() or None
+    hosts = _split(env.get(HOSTS_ENV), HOSTS_ENV)
+    origins = _split(env.get(ORIGINS_ENV), ORIGINS_ENV)
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{TOKEN_ENV} is too short ({len(token)} characters); use at least {MIN_TOKEN_LENGTH} random "
+            'characters, for example the output of: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
+    if is_loopback(host):
+        bound = host.strip("[]")
+        # The bound address itself too, e.g. 127.0.0.2, which the usual loopback names do not cover.
+        own_host = f"[{bound}]:*" if ":" in bound else f"{bound}:*"
+        own_origin = f"http://{own_host}"
+        return HttpSecurity(
+            token=token,
+            allowed_hosts=hosts or tuple(dict.fromkeys((*LOOPBACK_ALLOWED_HOSTS, own_host))),
+            allowed_origins=origins or tuple(dict.fromkeys((*LOOPBACK_ALLOWED_ORIGINS, own_origin))),
+        )
+    missing = []
+    if token is None:
+        missing.append(f"{TOKEN_ENV} (an access token clients send as 'Authorization: Bearer <token>')")
+    if not hosts:
+        missing.append(f"{HOSTS_ENV} (the Host names clients use, e.g. 'mcp.example.com,mcp.example.com:*')")
+    if missing:
+        raise ConfigError(
+            f"Refusing to serve HTTP on {host}, which is not a loopback address: set "
+            + " and ".join(missing)
+            + f". Browsers' cross-origin requests stay refused unless {ORIGINS_ENV} lists their origins. "
+            "Or bind 127.0.0.1 (the default) and put an authenticating reverse proxy in front."
+        )
+    # Without an explicit Origin list, any request that carries an Origin header is refused.
+    return HttpSecurity(token=token, allowed_hosts=hosts, allowed_origins=origins)
+
+
+class BearerTokenMiddleware:
+    """Require `Authorization: Bearer <token>` on everything but the health check.
+
+    The SDK's `AuthSettings` route is built for OAuth (it needs an issuer URL); a shared static
+    token only needs this. Tokens are compared in constant time.
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") == HEALTH_PATH:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token):
+            await self.app(scope, receive, send)
+            return
+        # RFC 6750: no error code when no credentials were sent, invalid_token when they were wrong.
+        challenge = f'Bearer realm="{REALM}"'
+        if header:
+            challenge += ', error="invalid_token", error_description="The access token is not valid"'
+        body = json.dumps(
+            {"error": "invalid_token" if header else "unauthorized", "error_description": "Bearer token required"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", challenge.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def healthz(_: Request) -> Response:
+    """Liveness for process supervisors: no version, paths, settings or key state."""
+    return JSONResponse({"status": "ok"})
+
+
+def build_http_app(settings: Settings, security: HttpSecurity, http: httpx2.AsyncClient | None = None) -> ASGIApp:
+    """The ASGI app: stateless Streamable HTTP at /mcp (so several workers can serve), plus /healthz."""
+    from server.app import create_app
+
+    server = create_app(settings, http)
+    server.custom_route(HEALTH_PATH, methods=["GET"], include_in_schema=False)(healthz)
+    app: ASGIApp = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        stateless_http=True,
+        transport_security=security.transport_security(),
+    )
+    if security.token is not None:
+        app = BearerTokenMiddleware(app, security.token)
+    return app
+
+
+def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    # log_config=None: uvicorn logs through the root logger, so to stderr like the rest of the server.
+    return uvicorn.Config(app, host=host, port=port, log_config=None, server_header=False, ws="none")
+
+
+async def serve_http(settings: Settings, host: str, port: int, security: HttpSecurity) -> None:
+    app = build_http_app(settings, security)
+    logger.info(
+        "serving Streamable HTTP at http://%s:%s%s (token %s, allowed hosts %s)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        MCP_PATH,
+        "required" if security.token else "not required",
+        ",".join(security.allowed_hosts),
+    )
+    await uvicorn.Server(uvicorn_config(app, host, port)).serve()

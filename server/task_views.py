@@ -1,0 +1,43 @@
+"""The ledger's view of a task, as the `tasks://` resources and the `status` command show it.
+
+Read-only and local: building a view never asks DashScope. The signed `video_url` is left out
+(it is a bearer link and expires anyway); `video_path` is where the video lives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.ledger import Ledger, TaskRecord
+
+RECENT_LIMIT = 20
+
+
+def task_view(record: TaskRecord) -> dict[str, Any]:
+    usage = record.usage or {}
+    duration = usage.get("video_duration")
+    return {
+        "task_id": record.task_id,
+        "family": record.family,
+        "model": record.model,
+        "status": record.status,
+        "finished": record.finished,
+        "ratio": record.ratio,
+        "submit_time": record.submit_time,
+        "end_time": record.end_time,
+        "billed_seconds": float(duration) if isinstance(duration, int | float) else None,
+        # Not tracked by the ledger yet; kept in the shape so clients can rely on the key.
+        "cost_cny": None,
+        "video_path": record.video_path,
+        "video_bytes": record.video_bytes,
+        "video_sha256": record.video_sha256,
+        "code": record.code,
+        "message": record.message,
+        "request_id": record.request_id,
+        "evidence_dir": record.evidence_dir,
+    }
+
+
+def recent_views(ledger: Ledger, limit: int = RECENT_LIMIT) -> list[dict[str, Any]]:
+    """Newest first."""
+    return [task_view(record) for record in ledger.tasks(limit=limit)]

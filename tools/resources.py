@@ -1,0 +1,89 @@
+"""MCP resources: the template catalogue and the ledger's view of tasks, browsable without tools.
+
+Reading a resource never calls DashScope and never costs anything: it reads the catalogue shipped
+with the package, or the SQLite ledger under the configured state folder (its own short-lived
+connection, so it also works while tools run; the ledger is in WAL mode for exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError
+from mcp_types import Annotations
+
+from server.config import Settings
+from server.ledger import Ledger
+from server.models import EMOJI_OUTPUT_SIZE, template_catalogue
+from server.task_views import RECENT_LIMIT, recent_views, task_view
+
+JSON = "application/json"
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def templates_document() -> dict[str, Any]:
+    return {
+        "model": "emoji-v1",
+        "output_size": EMOJI_OUTPUT_SIZE,
+        "note": "template_id of emoji_generate takes exactly these ids (wire name driven_id).",
+        "templates": template_catalogue(),
+    }
+
+
+def register_resources(app: MCPServer[Any], settings: Settings) -> None:
+    @contextmanager
+    def ledger() -> Iterator[Ledger]:
+        opened = Ledger(settings.state_dir)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+    @app.resource(
+        "emoji://templates",
+        name="emoji_templates",
+        title="Official Emoji templates",
+        description="The 20 official emoji-v1 templates (id, series, meaning, typical length): the values "
+        "emoji_generate's template_id accepts.",
+        mime_type=JSON,
+        annotations=Annotations(audience=["user", "assistant"], priority=0.5),
+    )
+    def emoji_templates() -> str:
+        return _json(templates_document())
+
+    @app.resource(
+        "tasks://recent",
+        name="recent_tasks",
+        title="Recent tasks",
+        description=f"The newest {RECENT_LIMIT} tasks in this server's ledger: status, billed seconds, cost, "
+        "local video path and evidence folder. Read from the local ledger; DashScope is not asked.",
+        mime_type=JSON,
+    )
+    def recent_tasks() -> str:
+        with ledger() as opened:
+            return _json({"tasks": recent_views(opened)})
+
+    @app.resource(
+        "tasks://{task_id}",
+        name="task",
+        title="One task",
+        description="One task from this server's ledger (as in tasks://recent). Local only: call task_status "
+        "to refresh an unfinished task or download its video.",
+        mime_type=JSON,
+    )
+    def task(task_id: str) -> str:
+        with ledger() as opened:
+            record = opened.get_task(task_id)
+        if record is None:
+            raise ResourceError(
+                f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
+                "or call task_status for a task another server submitted."
+            )
+        return _json(task_view(record))
