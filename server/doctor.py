@@ -11,6 +11,7 @@ import argparse
 import os
 import platform
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -21,7 +22,9 @@ from typing import Literal
 
 from server.config import DEFAULT_BASE_URL, Settings, ensure_writable_dir, load_settings
 from server.errors import AuthenticationError, ConfigError, EmoMcpError
+from server.ledger import Ledger
 from server.runtime import open_service
+from server.spend import spend_today
 
 PACKAGES = ("dashscope-emo-mcp", "mcp", "pydantic", "httpx2", "starlette", "uvicorn")
 
@@ -105,6 +108,18 @@ def _dir_check(name: str, variable: str, path: Path) -> Check:
     return Check(name, "ok", f"{path} is writable")
 
 
+def _spend_check(settings: Settings) -> Check:
+    """Today's estimated and actual spend, from the ledger (no upstream call)."""
+    try:
+        ledger = Ledger(settings.state_dir)
+    except sqlite3.Error as exc:
+        return Check("spend", "warn", f"ledger unreadable: {exc}")
+    try:
+        return Check("spend", "ok", spend_today(ledger, settings.prices).line())
+    finally:
+        ledger.close()
+
+
 async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = None) -> tuple[list[Check], bool]:
     """All checks; when the configured folders are unusable the key is still checked from a temp folder."""
     checks: list[Check] = []
@@ -123,6 +138,7 @@ async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = N
             checks.append(_dir_check("OUTPUT_DIR", "OUTPUT_DIR", settings.output_dir))
             if settings.state_dir != settings.output_dir:
                 checks.append(_dir_check("EMO_MCP_STATE_DIR", "EMO_MCP_STATE_DIR", settings.state_dir))
+            checks.append(_spend_check(settings))
         checks.insert(0, _key_check(settings, env))
         checks.insert(1, _endpoint_check(settings))
         checks.insert(2, await _accepted_check(settings))

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from server.ledger import Ledger, TaskRecord
+from server.pricing import PriceTable, actual_cost
+from server.spend import estimate_of
 
 RECENT_LIMIT = 20
 
 
-def task_view(record: TaskRecord) -> dict[str, Any]:
+def task_view(record: TaskRecord, ledger: Ledger, prices: PriceTable) -> dict[str, Any]:
     usage = record.usage or {}
     duration = usage.get("video_duration")
     return {
@@ -26,8 +28,9 @@ def task_view(record: TaskRecord) -> dict[str, Any]:
         "submit_time": record.submit_time,
         "end_time": record.end_time,
         "billed_seconds": float(duration) if isinstance(duration, int | float) else None,
-        # Not tracked by the ledger yet; kept in the shape so clients can rely on the key.
-        "cost_cny": None,
+        "estimated_cost_cny": estimate_of(ledger, record.task_id),
+        # From usage.video_duration once the task has finished; null before.
+        "cost_cny": actual_cost(prices, record.family, record.usage),
         "video_path": record.video_path,
         "video_bytes": record.video_bytes,
         "video_sha256": record.video_sha256,
@@ -38,6 +41,6 @@ def task_view(record: TaskRecord) -> dict[str, Any]:
     }
 
 
-def recent_views(ledger: Ledger, limit: int = RECENT_LIMIT) -> list[dict[str, Any]]:
+def recent_views(ledger: Ledger, prices: PriceTable, limit: int = RECENT_LIMIT) -> list[dict[str, Any]]:
     """Newest first."""
-    return [task_view(record) for record in ledger.tasks(limit=limit)]
+    return [task_view(record, ledger, prices) for record in ledger.tasks(limit=limit)]

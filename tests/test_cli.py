@@ -144,6 +144,7 @@ def test_doctor_reports_without_revealing_the_key(
     assert "! endpoint:" in out and "not the Beijing endpoint" in out  # the fake is not Beijing: a warning
     assert f"✓ OUTPUT_DIR: {Path(env['OUTPUT_DIR']).resolve()} is writable" in out
     assert "mcp 2.3" in out
+    assert "✓ spend: spend " in out and "CNY" in out
     assert TEST_KEY not in out + err
     # The probe was one free task query, nothing billed.
     assert [r.method for r in upstream.requests] == ["GET"] and "/tasks/doctor-probe-" in upstream.requests[0].path

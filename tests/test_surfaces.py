@@ -103,7 +103,9 @@ async def test_task_resources_show_the_ledger(client: Client, fake: FakeDashScop
     assert one == recent[0]
     assert one["status"] == "SUCCEEDED" and one["video_path"] == status["video_path"]
     assert one["billed_seconds"] == status["usage"]["video_duration"]
-    assert "cost_cny" in one and "video_url" not in one  # signed URLs stay out of resources
+    assert "video_url" not in one  # signed URLs stay out of resources
+    assert one["cost_cny"] == round(status["usage"]["video_duration"] * 0.08, 4)  # 1:1 rate
+    assert one["estimated_cost_cny"] is not None
     queries = len(fake.requests)
     await read_json(client, f"tasks://{status['task_id']}")
     assert len(fake.requests) == queries  # reading a resource never asks DashScope

@@ -68,7 +68,7 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
     )
     def recent_tasks() -> str:
         with ledger() as opened:
-            return _json({"tasks": recent_views(opened)})
+            return _json({"tasks": recent_views(opened, settings.prices)})
 
     @app.resource(
         "tasks://{task_id}",
@@ -81,9 +81,9 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
     def task(task_id: str) -> str:
         with ledger() as opened:
             record = opened.get_task(task_id)
-        if record is None:
-            raise ResourceError(
-                f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
-                "or call task_status for a task another server submitted."
-            )
-        return _json(task_view(record))
+            if record is None:
+                raise ResourceError(
+                    f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
+                    "or call task_status for a task another server submitted."
+                )
+            return _json(task_view(record, opened, settings.prices))
