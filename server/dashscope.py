@@ -11,7 +11,6 @@ Rules from the contract that live here and nowhere else:
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
+from server.streaming import stream_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ MAX_READ_RETRIES = 4
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
 RETRY_AFTER_CAP = 60.0
-DOWNLOAD_CHUNK = 256 * 1024
 
 Sleep = Callable[[float], Awaitable[None]]
+# Building an httpx2 client imports its transport and a TLS context (~80 ms): too slow for start-up.
+HttpFactory = Callable[[], httpx2.AsyncClient]
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,23 @@ class DashScopeClient:
 
     def __init__(
         self,
-        http: httpx2.AsyncClient,
+        http: httpx2.AsyncClient | HttpFactory,
         base_url: str,
         api_key: str | None,
         *,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        self._http = http
+        self._http_or_factory = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._sleep = sleep
+
+    @property
+    def _http(self) -> httpx2.AsyncClient:
+        """The HTTP client, built on first use when a factory was given."""
+        if not isinstance(self._http_or_factory, httpx2.AsyncClient):
+            self._http_or_factory = self._http_or_factory()
+        return self._http_or_factory
 
     def _headers(self, *, asynchronous: bool = False, oss: bool = False) -> dict[str, str]:
         if not self._api_key:
@@ -237,23 +245,17 @@ class DashScopeClient:
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = destination.with_name(destination.name + ".part")
-        digest = hashlib.sha256()
-        size = 0
         async with self._http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
             if response.status_code >= 400:
                 await response.aread()
                 raise _error_from_response(response)
             expected = response.headers.get("content-length")
-            async with await anyio.open_file(part, "wb") as sink:
-                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    await sink.write(chunk)
+            size, sha256 = await stream_to_file(response.aiter_bytes(), part)
         if expected is not None and expected.isdigit() and int(expected) != size:
             part.unlink(missing_ok=True)
             raise _ShortDownloadError(f"expected {expected} bytes, got {size}")
         os.replace(part, destination)
-        return Downloaded(destination, size, digest.hexdigest())
+        return Downloaded(destination, size, sha256)
 
 
 class _ShortDownloadError(Exception):
