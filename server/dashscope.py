@@ -5,7 +5,8 @@ Rules from the contract that live here and nowhere else:
 - task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
   `Retry-After`; a submit is never retried once it may have reached the service;
 - the result URL is fetched without the API key (it is a signed storage URL on another host),
-  streamed to a temporary file with its sha256 computed on the way, then renamed.
+  streamed to a temporary file with its sha256 computed on the way (on a worker thread, see
+  `server/streaming.py`), then renamed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
-from server.streaming import stream_to_file
+from server.streaming import download_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -245,17 +246,15 @@ class DashScopeClient:
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = destination.with_name(destination.name + ".part")
-        async with self._http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise _error_from_response(response)
-            expected = response.headers.get("content-length")
-            size, sha256 = await stream_to_file(response.aiter_bytes(), part)
-        if expected is not None and expected.isdigit() and int(expected) != size:
+        fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
+        if fetched.response.status_code >= 400:
+            raise _error_from_response(fetched.response)
+        expected = fetched.response.headers.get("content-length")
+        if expected is not None and expected.isdigit() and int(expected) != fetched.size:
             part.unlink(missing_ok=True)
-            raise _ShortDownloadError(f"expected {expected} bytes, got {size}")
+            raise _ShortDownloadError(f"expected {expected} bytes, got {fetched.size}")
         os.replace(part, destination)
-        return Downloaded(destination, size, sha256)
+        return Downloaded(destination, fetched.size, fetched.sha256)
 
 
 class _ShortDownloadError(Exception):

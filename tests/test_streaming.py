@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
 import pytest
 from mcp import Client
 
-from server import streaming
+from server.dashscope import MAX_READ_RETRIES, DashScopeClient
+from server.errors import UpstreamUnavailableError
 from server.fake_dashscope import FakeDashScope
-from server.streaming import stream_to_file
+from server.streaming import fetch_to_file
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
 
 pytestmark = pytest.mark.anyio
@@ -22,15 +26,51 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _chunks(pieces: list[bytes], then: Exception | None = None) -> AsyncIterator[bytes]:
-    for piece in pieces:
-        yield piece
-    if then is not None:
-        raise then
+@contextmanager
+def raw_http(answer: bytes) -> Iterator[tuple[str, list[int]]]:
+    """A loopback server that sends `answer` to every connection, then closes it; yields (url, count)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served: list[int] = []
+
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+                served.append(1)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/files/t.mp4", served
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
 
 
-async def test_a_video_of_several_batches_arrives_whole_with_its_sha256(client: Client, fake: FakeDashScope) -> None:
-    fake.video_size = 3 * streaming.BATCH + 12345  # several batches and a partial one
+def _answer(body: bytes, declared: int | None = None) -> bytes:
+    length = len(body) if declared is None else declared
+    return b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: %d\r\n\r\n" % length + body
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+def _client() -> DashScopeClient:
+    return DashScopeClient(httpx2.AsyncClient, "http://127.0.0.1:9/api/v1", "sk-test", sleep=_no_sleep)
+
+
+async def test_a_video_of_several_megabytes_arrives_whole_with_its_sha256(client: Client, fake: FakeDashScope) -> None:
+    fake.video_size = 3 * 1024 * 1024 + 12345
     detection = await detect_emo(client)
     arguments = {"image_url": PORTRAIT, "audio_url": SPEECH}
     submitted = await call_ok(
@@ -44,25 +84,30 @@ async def test_a_video_of_several_batches_arrives_whole_with_its_sha256(client: 
     assert not list(video.parent.glob("*.part"))
 
 
-async def test_stream_to_file_returns_size_and_sha256(tmp_path: Path) -> None:
-    pieces = [bytes([i]) * 300_000 for i in range(9)]
-    target = tmp_path / "video.part"
-    size, sha256 = await stream_to_file(_chunks(pieces), target)
-    data = b"".join(pieces)
-    assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
-    assert target.read_bytes() == data
+async def test_a_download_cut_mid_stream_is_retried_then_reported(tmp_path: Path) -> None:
+    destination = tmp_path / "t.mp4"
+    with (
+        raw_http(_answer(b"x" * 100_000, declared=5_000_000)) as (url, served),
+        pytest.raises(UpstreamUnavailableError, match="could not be downloaded"),
+    ):
+        await _client().download(url, destination)
+    assert len(served) == MAX_READ_RETRIES + 1
+    assert not destination.exists()  # a file named .mp4 is always complete
 
 
-async def test_a_network_error_mid_stream_comes_out_unwrapped(tmp_path: Path) -> None:
-    # The download's retry loop catches httpx2.TransportError: it must not arrive inside an ExceptionGroup.
-    with pytest.raises(httpx2.ReadError):
-        await stream_to_file(_chunks([b"x" * 2_000_000], httpx2.ReadError("connection reset")), tmp_path / "v.part")
+async def test_a_download_returns_size_and_sha256_of_what_was_written(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4000
+    with raw_http(_answer(body)) as (url, _):
+        got = await _client().download(url, tmp_path / "t.mp4")
+    assert (got.size, got.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+    assert got.path.read_bytes() == body
+    assert not (tmp_path / "t.mp4.part").exists()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-async def test_a_full_disk_is_an_os_error_not_a_hang() -> None:
-    with pytest.raises(OSError, match="No space"):
-        await stream_to_file(_chunks([b"x" * streaming.BATCH] * 8), Path("/dev/full"))
+def test_a_full_disk_is_an_os_error() -> None:
+    with raw_http(_answer(b"x" * 3_000_000)) as (url, _), pytest.raises(OSError, match="No space"):
+        fetch_to_file(url, Path("/dev/full"), httpx2.Timeout(10.0), threading.Event())
 
 
 def test_listing_tools_builds_no_http_client(tmp_path: Path) -> None:
