@@ -9,6 +9,7 @@ answer: the floor any MCP server on this SDK pays per call, to tell SDK cost fro
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", default="")
     args = parser.parse_args(argv)
     server = _proxy_server(args.proxy, args.api_key) if args.proxy else _echo_server()
+    # The project's server keeps httpx2's per-request INFO line out of its logs; so does the floor.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     server.run()
 
 

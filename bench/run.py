@@ -36,8 +36,18 @@ class Plan:
     download_mb: int
 
 
-FULL = Plan(cold_rounds=15, call_rounds=300, download_rounds=3, download_mb=200)
+FULL = Plan(cold_rounds=21, call_rounds=300, download_rounds=3, download_mb=200)
 QUICK = Plan(cold_rounds=1, call_rounds=5, download_rounds=1, download_mb=2)
+
+
+NOTES = [
+    "Baselines, all measured in the same run: a minimal `MCPServer` with one tool (`bench/minimal_server.py`) for",
+    "cold start; the same POST sent directly with `httpx2` to the same loopback fake for per-call overhead, with the",
+    "minimal server forwarding that POST as the floor any server on this SDK pays (the SDK's stdio transport, JSON-RPC",
+    "dispatch and validation); `curl -o` on the same URL for downloads; the bare schemas / `structuredContent` for",
+    "sizes. The fake runs in its own process (`bench/fake_host.py`). Timings on a shared machine are noisy: compare",
+    "ratios, not absolute values, and rerun before drawing conclusions from a small difference.",
+]
 
 
 def render(rows: Sequence[Row], command: str, seconds: float, load: tuple[str, str]) -> str:
@@ -56,7 +66,7 @@ def render(rows: Sequence[Row], command: str, seconds: float, load: tuple[str, s
     for row in rows:
         cells = [row.name, row.figure, row.baseline, row.ratio, row.goal, marks[row.met], row.how]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *NOTES]) + "\n"
 
 
 def _load() -> str:
