@@ -10,6 +10,7 @@ fetches the same URL to disk in the same round; the order alternates round by ro
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -139,8 +140,7 @@ def _record(measured: tuple[float, float], times: list[float], cpu: list[float])
 
 
 def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
-    if shutil.which("curl") is None:
-        raise RuntimeError("curl is needed for the download baseline")
+    have_curl = shutil.which("curl") is not None  # without it the throughput rows say so instead of failing
     output = workdir / "output"
     server_times: list[float] = []
     curl_times: list[float] = []
@@ -155,7 +155,7 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
         for index in range(rounds):
             task_id = _submit(session)
             url = _finish_upstream(base_url, task_id)
-            if index % 2 == 1:
+            if have_curl and index % 2 == 1:
                 _record(_curl(url, workdir / "curl.mp4"), curl_times, curl_cpu)
             with PeakRss(session.pid) as rss:
                 started, cpu = now(), _cpu_seconds(session.pid)
@@ -163,13 +163,15 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
                 server_times.append(now() - started)
                 server_cpu.append(_cpu_seconds(session.pid) - cpu)
             growth.append(rss.growth_mb)
-            if index % 2 == 0:
+            if have_curl and index % 2 == 0:
                 _record(_curl(url, workdir / "curl.mp4"), curl_times, curl_cpu)
             result = status["structuredContent"]
             video = Path(result["video_path"])
             if result["video_bytes"] != size or _sha256(video) != result["video_sha256"]:
                 raise RuntimeError(f"the downloaded video of {task_id} is wrong: {result}")
             video.unlink()
+    if not have_curl:
+        curl_times, curl_cpu = [math.nan], [math.nan]
     throughput = median(curl_times) / median(server_times)  # same bytes, so the time ratio is the rate ratio
     mb = size / MB
     how = f"{rounds} round(s), {mb:.0f} MB each, order alternating; fake in its own process"
@@ -186,16 +188,16 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
         Row(
             name=f"Download {mb:.0f} MB: throughput (task_status call)",
             figure=f"{mb / median(server_times):.0f} MB/s",
-            baseline=f"{mb / median(curl_times):.0f} MB/s (curl to disk)",
+            baseline=f"{mb / median(curl_times):.0f} MB/s (curl to disk)" if have_curl else "curl not installed",
             ratio=f"{throughput:.2f}×",
             goal=f"≥ {THROUGHPUT_GOAL:.1f}×",
-            met=throughput >= THROUGHPUT_GOAL,
+            met=throughput >= THROUGHPUT_GOAL if have_curl else None,
             how=how + "; whole task_status call (one poll + download + sha256 while streaming) vs `curl -o`",
         ),
         Row(
             name=f"Download {mb:.0f} MB: CPU time per MB",
             figure=f"{median(server_cpu) * 1000 / mb:.2f} ms/MB",
-            baseline=f"{median(curl_cpu) * 1000 / mb:.2f} ms/MB (curl)",
+            baseline=f"{median(curl_cpu) * 1000 / mb:.2f} ms/MB (curl)" if have_curl else "curl not installed",
             ratio=f"{median(server_cpu) / max(median(curl_cpu), 1e-9):.1f}×",
             goal="reported",
             met=None,
