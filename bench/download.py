@@ -1,10 +1,11 @@
 """Download: a large result streamed from the loopback fake to disk by the server, against `curl`.
 
-The fake runs in its own process serving `size` bytes per video. Each round submits one EMO task;
-the fake finishes it on its first poll, so one `task_status` call polls once and downloads the
-video. The server's peak RSS growth during that call is read from /proc: VmHWM is reset first
-(`clear_refs` 5) and VmRSS is also sampled every few ms, so either way the peak is seen. `curl`
-fetches the same URL to disk in the same round; the order alternates round by round.
+The fake runs in its own process serving `size` bytes per video. Each round submits one EMO task
+and polls the fake once directly (it then finishes the task, so `curl` can go first); one
+`task_status` call then polls once and downloads the video. The server's peak RSS growth during
+that call is read from /proc: VmHWM is reset first (`clear_refs` 5) and VmRSS is also sampled
+every few ms, so either way the peak is seen. `curl` fetches the same URL to disk in the same
+round; the order alternates round by round.
 """
 
 from __future__ import annotations

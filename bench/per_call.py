@@ -1,10 +1,11 @@
 """Per-call overhead: `emo_detect` through the server over stdio against the same HTTP call made directly.
 
-The fake runs in its own process (`bench.fake_host`). Three things are timed in interleaved rounds
-(the order rotates every round): the project's server over stdio, a direct `httpx2` POST of the
-same body to the same fake (the baseline), and `bench.minimal_server --proxy` (the same SDK
-forwarding the same POST: the floor any server on this SDK pays). Ledger and evidence writes are
-timed on their own, in process, with the same data one detection writes.
+The fake runs in its own process (`bench.fake_host`). Timed in interleaved rounds (the order
+rotates every round): the project's server over stdio, a direct `httpx2` POST of the same body to
+the same fake (the baseline), `bench.minimal_server --proxy` (the same SDK forwarding the same POST:
+the floor any server on this SDK pays) and, where /dev/shm exists, a second server whose OUTPUT_DIR
+is in RAM (so the difference is what the evidence and ledger writes cost on the disk, in place).
+The writes are also timed on their own, in process, with the data one detection writes.
 """
 
 from __future__ import annotations

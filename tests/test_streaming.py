@@ -16,7 +16,7 @@ import pytest
 from mcp import Client
 
 from server.dashscope import MAX_READ_RETRIES, DashScopeClient
-from server.errors import UpstreamUnavailableError
+from server.errors import PermissionDeniedError, UpstreamUnavailableError
 from server.fake_dashscope import FakeDashScope
 from server.streaming import fetch_to_file
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
@@ -102,6 +102,16 @@ async def test_a_download_returns_size_and_sha256_of_what_was_written(tmp_path: 
     assert (got.size, got.sha256) == (len(body), hashlib.sha256(body).hexdigest())
     assert got.path.read_bytes() == body
     assert not (tmp_path / "t.mp4.part").exists()
+
+
+async def test_an_expired_result_url_is_reported_at_once_not_retried(tmp_path: Path) -> None:
+    xml = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Request has expired.</Message></Error>"
+    answer = b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n" % len(xml)
+    with raw_http(answer + xml) as (url, served), pytest.raises(PermissionDeniedError) as caught:
+        await _client().download(url, tmp_path / "t.mp4")
+    assert len(served) == 1
+    assert caught.value.status_code == 403
+    assert not (tmp_path / "t.mp4").exists()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

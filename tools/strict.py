@@ -28,7 +28,7 @@ def harden(tool: Tool) -> Tool:
 
 def untitled(schema: Any) -> Any:
     """Drop the titles pydantic derives from names ("Video Sha256"): every agent pays for them in
-    tokens on every turn and they say nothing the property name does not (about 15% of tools/list)."""
+    tokens on every turn and they say nothing the property name does not (about 12% of tools/list)."""
     if isinstance(schema, list):
         return [untitled(item) for item in schema]
     if not isinstance(schema, dict):
