@@ -5,13 +5,13 @@ Rules from the contract that live here and nowhere else:
 - task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
   `Retry-After`; a submit is never retried once it may have reached the service;
 - the result URL is fetched without the API key (it is a signed storage URL on another host),
-  streamed to a temporary file with its sha256 computed on the way, then renamed.
+  streamed to a temporary file with its sha256 computed on the way (on a worker thread, see
+  `server/streaming.py`), then renamed.
 """
 
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +33,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
+from server.streaming import download_to_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,10 @@ MAX_READ_RETRIES = 4
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
 RETRY_AFTER_CAP = 60.0
-DOWNLOAD_CHUNK = 256 * 1024
 
 Sleep = Callable[[float], Awaitable[None]]
+# Building an httpx2 client imports its transport and a TLS context (~80 ms): too slow for start-up.
+HttpFactory = Callable[[], httpx2.AsyncClient]
 
 
 @dataclass(frozen=True)
@@ -119,16 +121,23 @@ class DashScopeClient:
 
     def __init__(
         self,
-        http: httpx2.AsyncClient,
+        http: httpx2.AsyncClient | HttpFactory,
         base_url: str,
         api_key: str | None,
         *,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        self._http = http
+        self._http_or_factory = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._sleep = sleep
+
+    @property
+    def _http(self) -> httpx2.AsyncClient:
+        """The HTTP client, built on first use when a factory was given."""
+        if not isinstance(self._http_or_factory, httpx2.AsyncClient):
+            self._http_or_factory = self._http_or_factory()
+        return self._http_or_factory
 
     def _headers(self, *, asynchronous: bool = False, oss: bool = False) -> dict[str, str]:
         if not self._api_key:
@@ -281,23 +290,15 @@ class DashScopeClient:
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = destination.with_name(destination.name + ".part")
-        digest = hashlib.sha256()
-        size = 0
-        async with self._http.stream("GET", url, timeout=DOWNLOAD_TIMEOUT) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise _error_from_response(response)
-            expected = response.headers.get("content-length")
-            async with await anyio.open_file(part, "wb") as sink:
-                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    await sink.write(chunk)
-        if expected is not None and expected.isdigit() and int(expected) != size:
+        fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
+        if fetched.response.status_code >= 400:
+            raise _error_from_response(fetched.response)
+        expected = fetched.response.headers.get("content-length")
+        if expected is not None and expected.isdigit() and int(expected) != fetched.size:
             part.unlink(missing_ok=True)
-            raise _ShortDownloadError(f"expected {expected} bytes, got {size}")
+            raise _ShortDownloadError(f"expected {expected} bytes, got {fetched.size}")
         os.replace(part, destination)
-        return Downloaded(destination, size, digest.hexdigest())
+        return Downloaded(destination, fetched.size, fetched.sha256)
 
 
 class _ShortDownloadError(Exception):

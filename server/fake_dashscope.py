@@ -350,7 +350,9 @@ class FakeDashScope:
     # ----------------------------------------------------------------- serving
 
     def _make_server(self, on_ready: Callable[[], None]) -> tuple[_QuietServer, socket.socket]:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
+        # and without it every keep-alive answer waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.bind(("127.0.0.1", 0))
         except OSError:

@@ -245,8 +245,15 @@ async def fetch_bounded(
 class Preflight:
     """Runs the checks for one call; remote checks only when enabled."""
 
-    def __init__(self, http: httpx2.AsyncClient, *, remote: bool, resolve: Resolver = system_resolver) -> None:
-        self._http = http
+    def __init__(
+        self,
+        http: httpx2.AsyncClient | Callable[[], httpx2.AsyncClient],
+        *,
+        remote: bool,
+        resolve: Resolver = system_resolver,
+    ) -> None:
+        # A provider keeps start-up free of the HTTP transport (it is built on the first upstream call).
+        self._http_source = http
         self._remote = remote
         self._resolve = resolve
 
@@ -280,7 +287,8 @@ class Preflight:
             return None
         try:
             with anyio.fail_after(REMOTE_TIMEOUT_SECONDS):
-                body, declared = await fetch_bounded(self._http, ref.url, max_bytes, self._resolve)
+                http = self._http_source if isinstance(self._http_source, httpx2.AsyncClient) else self._http_source()
+                body, declared = await fetch_bounded(http, ref.url, max_bytes, self._resolve)
         except (FetchFailedError, TimeoutError) as exc:
             reason = str(exc) or "timed out"
             checked.warnings.append(

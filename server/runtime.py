@@ -23,12 +23,17 @@ logger = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def open_service(settings: Settings, http: httpx2.AsyncClient | None = None) -> AsyncIterator[Service]:
-    """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is owned and closed."""
+    """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is built lazily and closed."""
     ledger = Ledger(settings.state_dir)
-    owned = http is None
-    client_http = http or httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True)
+    owned: list[httpx2.AsyncClient] = []
+
+    def build_http() -> httpx2.AsyncClient:
+        # Built on the first upstream call, not at start-up (see dashscope.HttpFactory).
+        owned.append(httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True))
+        return owned[-1]
+
     try:
-        client = DashScopeClient(client_http, settings.base_url, settings.api_key)
+        client = DashScopeClient(http or build_http, settings.base_url, settings.api_key)
         evidence = Evidence(settings.output_dir, settings.api_key)
         logger.info(
             "service open: base_url=%s output_dir=%s key_source=%s sandbox=%s",
@@ -39,6 +44,6 @@ async def open_service(settings: Settings, http: httpx2.AsyncClient | None = Non
         )
         yield Service(settings, client, ledger, evidence)
     finally:
-        if owned:
-            await client_http.aclose()
+        for built in owned:
+            await built.aclose()
         ledger.close()

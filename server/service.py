@@ -67,7 +67,7 @@ class Service:
         self.evidence = evidence
         self.tasks = TaskTracker(settings, client, ledger, evidence)
         self.uploads = Uploads(client, ledger)
-        self.preflight = Preflight(client.http, remote=settings.preflight_remote)
+        self.preflight = Preflight(lambda: client.http, remote=settings.preflight_remote)
 
     def resolve_model(self, official: str, requested: str | None) -> str:
         """The wire model name: the official one, or a deployment name configured for it.

@@ -4,6 +4,7 @@ MCP SDK 2.3 builds the root arguments model without `extra="forbid"`, so an unkn
 argument is silently dropped and the published schema lacks `additionalProperties: false`. We
 rebuild the model as a forbidding subclass and republish the schema; a test checks that the
 published schema and the runtime behaviour agree, because this touches semi-internal fields.
+The published input and output schemas also lose their derived titles (see `untitled`).
 """
 
 from __future__ import annotations
@@ -19,5 +20,17 @@ def harden(tool: Tool) -> Tool:
     config = ConfigDict(**{**base.model_config, "extra": "forbid"})
     strict: Any = type(base.__name__, (base,), {"model_config": config, "__module__": base.__module__})
     tool.fn_metadata.arg_model = strict
-    tool.parameters = strict.model_json_schema(by_alias=True)
+    tool.parameters = untitled(strict.model_json_schema(by_alias=True))
+    if tool.fn_metadata.output_schema is not None:
+        tool.fn_metadata.output_schema = untitled(tool.fn_metadata.output_schema)
     return tool
+
+
+def untitled(schema: Any) -> Any:
+    """Drop the titles pydantic derives from names ("Video Sha256"): every agent pays for them in
+    tokens on every turn and they say nothing the property name does not (about 12% of tools/list)."""
+    if isinstance(schema, list):
+        return [untitled(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: untitled(value) for key, value in schema.items() if key != "title" or not isinstance(value, str)}

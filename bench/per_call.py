@@ -1,0 +1,219 @@
+"""Per-call overhead: `emo_detect` through the server over stdio against the same HTTP call made directly.
+
+The fake runs in its own process (`bench.fake_host`). Timed in interleaved rounds (the order
+rotates every round): the project's server over stdio, a direct `httpx2` POST of the same body to
+the same fake (the baseline), `bench.minimal_server --proxy` (the same SDK forwarding the same POST:
+the floor any server on this SDK pays) and, where /dev/shm exists, a second server whose OUTPUT_DIR
+is in RAM (so the difference is what the evidence and ledger writes cost on the disk, in place).
+The writes are also timed on their own, in process, with the data one detection writes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from bench.common import (
+    BENCH_KEY,
+    MINIMAL_COMMAND,
+    PORTRAIT,
+    ROOT,
+    SERVER_COMMAND,
+    Row,
+    child_env,
+    fake_process,
+    median,
+    now,
+    percentile,
+    server_env,
+    stdio_session,
+)
+from server.dashscope import DETECT_PATH
+from server.evidence import Evidence
+from server.ledger import Ledger
+
+GOAL_MS = 1.0
+# What the ledger and evidence writes may take of that budget: a quarter each.
+WRITE_SHARE_MS = 0.25
+WARMUP = 20
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+def _fmt(value: float) -> str:
+    return f"{value * 1000:.3f} ms"
+
+
+def _memory_dir() -> Path | None:
+    """A RAM-backed folder (tmpfs), to run a second server whose writes cost no disk time."""
+    shm = Path("/dev/shm")  # noqa: S108 (only probed; the folder inside comes from tempfile)
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str, list[float]]:
+    """Seconds per call for: our server, the direct POST, the SDK floor, and our server on tmpfs."""
+    arguments = {"image_url": PORTRAIT, "ratio": "1:1"}
+    payload = {"model": "emo-detect-v1", "input": {"image_url": PORTRAIT}, "parameters": {"ratio": "1:1"}}
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+    with ExitStack() as stack:
+        base_url = stack.enter_context(fake_process())
+        # TCP_NODELAY as anyio sets it for the server's async client: otherwise Nagle delays the body.
+        transport = httpx2.HTTPTransport(socket_options=NODELAY)
+        http = stack.enter_context(httpx2.Client(timeout=30.0, transport=transport))
+        ours = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(workdir / "output", base_url), ROOT))
+        proxy = [*MINIMAL_COMMAND, "--proxy", base_url, "--api-key", BENCH_KEY]
+        floor = stack.enter_context(stdio_session(proxy, child_env(), ROOT))
+
+        def direct() -> None:
+            response = http.post(base_url + DETECT_PATH, json=payload, headers=headers)
+            if response.status_code != 200:
+                raise RuntimeError(f"direct detect failed: {response.status_code} {response.text[:200]}")
+
+        calls: list[tuple[str, Callable[[], Any]]] = [
+            ("server", lambda: ours.call_tool("emo_detect", arguments)),
+            ("direct", direct),
+            ("sdk", lambda: floor.call_tool("emo_detect", arguments)),
+        ]
+        memory = _memory_dir()
+        if memory is not None:
+            ram = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emo-bench-", dir=memory)))
+            in_ram = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(ram, base_url), ROOT))
+            calls.append(("tmpfs", lambda: in_ram.call_tool("emo_detect", arguments)))
+        for session in (ours, floor, *([in_ram] if memory is not None else [])):
+            session.initialize()
+        times: dict[str, list[float]] = {name: [] for name, _ in calls}
+        for _ in range(warmup):
+            for _, call in calls:
+                call()
+        for index in range(rounds):
+            shift = index % len(calls)
+            for name, call in calls[shift:] + calls[:shift]:
+                started = now()
+                call()
+                times[name].append(now() - started)
+    return times
+
+
+def measure_writes(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str, list[float]]:
+    """What one emo_detect writes: a detection folder with request.json and response.json, one ledger row."""
+    request = {"model": "emo-detect-v1", "input": {"image_url": PORTRAIT}, "parameters": {"ratio": "1:1"}}
+    response = {
+        "output": {"check_pass": True, "face_bbox": [302, 280, 601, 610], "ext_bbox": [50, 30, 875, 855]},
+        "usage": {"image_count": 1},
+        "request_id": "9a1c1c66-9b3f-4b1e-9f0e-1c2d3e4f5a6b",
+    }
+    times: dict[str, list[float]] = {"evidence": [], "ledger": []}
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The same file system as the server's OUTPUT_DIR in `measure_calls`.
+    with tempfile.TemporaryDirectory(prefix="writes-", dir=workdir) as tmp:
+        evidence = Evidence(Path(tmp), BENCH_KEY)
+        ledger = Ledger(Path(tmp))
+        try:
+            for _ in range(rounds + warmup):
+                started = now()
+                folder = evidence.new_detection_dir("emo")
+                evidence.write_json(folder / "request.json", request)
+                evidence.write_json(folder / "response.json", response)
+                middle = now()
+                ledger.add_detection(
+                    family="emo",
+                    model="emo-detect-v1",
+                    image_url=PORTRAIT,
+                    ratio="1:1",
+                    check_pass=True,
+                    face_bbox=[302, 280, 601, 610],
+                    ext_bbox=[50, 30, 875, 855],
+                    code=None,
+                    message=None,
+                    request_id=str(response["request_id"]),
+                    evidence_dir=str(folder),
+                )
+                ended = now()
+                times["evidence"].append(middle - started)
+                times["ledger"].append(ended - middle)
+        finally:
+            ledger.close()
+    return {name: values[warmup:] for name, values in times.items()}
+
+
+def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
+    calls = measure_calls(rounds, workdir, warmup)
+    writes = measure_writes(rounds, workdir, warmup)
+    server, direct, sdk = calls["server"], calls["direct"], calls["sdk"]
+    added = median(server) - median(direct)
+    added_p90 = percentile(server, 0.9) - percentile(direct, 0.9)
+    floor = median(sdk) - median(direct)
+    how = f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client"
+    rows = [
+        Row(
+            name="Per-call overhead, median (emo_detect over stdio)",
+            figure=f"{_fmt(median(server))} (+{_fmt(added)})",
+            baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
+            ratio=f"{median(server) / median(direct):.2f}×",
+            goal=f"≤ +{GOAL_MS:.1f} ms",
+            met=added * 1000 <= GOAL_MS,
+            how=how,
+        ),
+        Row(
+            name="Per-call overhead, p90",
+            figure=f"{_fmt(percentile(server, 0.9))} (+{_fmt(added_p90)})",
+            baseline=_fmt(percentile(direct, 0.9)) + " (direct httpx2 POST)",
+            ratio=f"{percentile(server, 0.9) / percentile(direct, 0.9):.2f}×",
+            goal="reported",
+            met=None,
+            how="same runs as the median row (nearest-rank p90)",
+        ),
+        Row(
+            name="SDK floor: minimal MCPServer forwarding the same POST",
+            figure=f"{_fmt(median(sdk))} (+{_fmt(floor)})",
+            baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
+            ratio=f"{median(sdk) / median(direct):.2f}×",
+            goal="reported (not ours)",
+            met=None,
+            how="`python -m bench.minimal_server --proxy`, same rounds; ours minus this = what this project adds",
+        ),
+    ]
+    if "tmpfs" in calls:
+        ram = calls["tmpfs"]
+        rows.append(
+            Row(
+                name="Per-call, same server with OUTPUT_DIR on tmpfs",
+                figure=f"{_fmt(median(ram))} (+{_fmt(median(ram) - median(direct))})",
+                baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
+                ratio=f"{median(ram) / median(direct):.2f}×",
+                goal="reported",
+                met=None,
+                how=(
+                    "a second server, same rounds, evidence and ledger in RAM: the median row minus this "
+                    f"({_fmt(median(server) - median(ram))}) is what the writes cost on this disk, in place"
+                ),
+            )
+        )
+    for name, label in (("evidence", "Evidence writes per detection"), ("ledger", "Ledger row per detection")):
+        values = writes[name]
+        rows.append(
+            Row(
+                name=label,
+                figure=f"{_fmt(median(values))} (p90 {_fmt(percentile(values, 0.9))})",
+                baseline=f"{GOAL_MS:.1f} ms budget",
+                ratio=f"{median(values) / (GOAL_MS / 1000):.2f}×",
+                goal=f"≤ {WRITE_SHARE_MS:.2f} ms",
+                met=median(values) * 1000 <= WRITE_SHARE_MS,
+                how=(
+                    "in process, median of "
+                    f"{rounds}: "
+                    + (
+                        "new detect folder + request.json + response.json (atomic writes)"
+                        if name == "evidence"
+                        else "one `add_detection` transaction (WAL, synchronous=NORMAL)"
+                    )
+                ),
+            )
+        )
+    return rows
