@@ -105,6 +105,18 @@ async def fetch_image(
     return Media(bytes(received), mime_type)
 
 
+async def read_image(path: Path, *, limit: int = MAX_IMAGE_BYTES) -> Media:
+    """A local portrait (already confined to the allowed roots by `server.media`), bounded like a fetch."""
+    size = (await anyio.Path(path).stat()).st_size
+    if size > limit:
+        raise PreviewUnavailableError(_too_large(size, limit))
+    data = await anyio.Path(path).read_bytes()
+    mime_type = image_mime_type(data[:12])
+    if mime_type is None:
+        raise PreviewUnavailableError("The local portrait is not a PNG, JPEG, BMP or WEBP image.")
+    return Media(data, mime_type)
+
+
 def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
     amount = f"more than {_megabytes(limit)}" if at_least else _megabytes(size)
     return f"The portrait is {amount}, over the viewer's {_megabytes(limit)} limit."

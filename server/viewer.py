@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from mcp.server.apps import Apps, client_supports_apps
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, MCPServer, ResourceSecurity
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
-from server.preview import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES, PreviewUnavailableError, fetch_image, read_video
+from server.errors import EmoMcpError
+from server.media import resolve_media
+from server.preview import (
+    MAX_IMAGE_BYTES,
+    MAX_VIDEO_BYTES,
+    PreviewUnavailableError,
+    fetch_image,
+    read_image,
+    read_video,
+)
 from server.service import Service
 
 VIEWER_URI = "ui://dashscope-emo/viewer.html"
@@ -86,16 +95,24 @@ def install_viewer(app: MCPServer[Any]) -> None:
         title="Portrait of a detection",
         description="The bytes of a portrait that emo_detect or emoji_detect checked, for the viewer.",
         mime_type="application/octet-stream",
+        # A local portrait is an absolute path; server.media confines it to the allowed roots.
+        security=ResourceSecurity(reject_absolute_paths=False),
     )
     async def viewer_image(ctx: Context[Any, Any], url: str = "") -> bytes:
         _require_apps(ctx)
-        if not url or not _service(ctx).ledger.detections_of(url):
+        service = _service(ctx)
+        try:
+            # A local portrait is confined to the allowed roots and keyed by its content, as in provenance.
+            ref = resolve_media("image_url", url, service.settings.allowed_roots) if url else None
+        except EmoMcpError as exc:
+            raise ResourceError(str(exc)) from exc
+        if ref is None or not service.ledger.detections_of(ref.identity):
             raise ResourceNotFoundError(
                 "No detection of this image_url is recorded; the viewer shows only portraits that "
                 "emo_detect or emoji_detect checked."
             )
         try:
-            media = await fetch_image(url)
+            media = await (read_image(ref.path) if ref.path is not None else fetch_image(url))
         except PreviewUnavailableError as exc:
             raise ResourceError(str(exc)) from exc
         return media.data

@@ -255,3 +255,22 @@ async def test_read_video_is_bounded_and_stays_inside_the_output_folder(tmp_path
     outside.write_bytes(b"\x00")
     with pytest.raises(PreviewUnavailableError, match="missing"):
         await read_video(outside, root)
+
+
+async def test_local_portrait_is_served_from_disk_and_a_changed_file_is_not(
+    settings: Settings, fake: FakeDashScope, tmp_path: Path
+) -> None:
+    from tests.media_files import image as make_image
+
+    portrait = make_image(tmp_path / "me.png", (600, 700))
+    async with apps_client(settings) as client:
+        detection = await call_ok(client, "emo_detect", {"image_url": str(portrait)})
+        read = await client.read_resource(image_uri(detection["image_url"]))
+        [content] = read.contents
+        assert isinstance(content, BlobResourceContents)
+        assert base64.b64decode(content.blob) == portrait.read_bytes()
+        make_image(portrait, (600, 700), color="#204080")  # same path, other content: no detection of it
+        with pytest.raises(MCPError, match="No detection of this image_url"):
+            await client.read_resource(image_uri(str(portrait)))
+        with pytest.raises(MCPError, match="EMO_MCP_ALLOWED_ROOTS"):
+            await client.read_resource(image_uri("/etc/hostname"))
