@@ -18,6 +18,9 @@ from server.errors import ConfigError
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
 SANDBOX_POLL_INTERVAL = 0.5
+DEFAULT_MAX_QUERY_QPS = 20.0
+# How long after an unanswered submit the task list is searched before concluding nothing was created.
+DEFAULT_RECONCILE_WINDOW = 600.0
 
 KeySource = Literal["env", "credentials-file", "sandbox", "none"]
 
@@ -35,6 +38,9 @@ class Settings:
     sandbox: bool = False
     # Extra deployment names allowed for the optional `model` argument, per official model.
     model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Upstream task queries per second across all tasks (the documented account limit is 20).
+    max_query_qps: float = DEFAULT_MAX_QUERY_QPS
+    reconcile_window: float = DEFAULT_RECONCILE_WINDOW
 
     @property
     def is_beijing(self) -> bool:
@@ -69,7 +75,7 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from exc
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from exc
     if value <= 0:
         raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
     return value
@@ -154,4 +160,6 @@ def load_settings(
         ),
         sandbox=sandbox,
         model_aliases=_parse_aliases(env.get("EMO_MCP_MODEL_ALIASES", "")),
+        max_query_qps=_positive_float(env, "EMO_MCP_MAX_QUERY_QPS", DEFAULT_MAX_QUERY_QPS),
+        reconcile_window=_positive_float(env, "EMO_MCP_RECONCILE_WINDOW", DEFAULT_RECONCILE_WINDOW),
     )

@@ -90,7 +90,7 @@ async def test_missing_key_lists_both_ways_and_tools_still_list(fake: FakeDashSc
     settings = load_settings(env, cwd=tmp_path)
     assert settings.key_source == "none"
     async with Client(create_app(settings)) as client:
-        assert len((await client.list_tools()).tools) == 5
+        assert len((await client.list_tools()).tools) == 6
         message = await call_error(client, "emoji_detect", {"image_url": PORTRAIT})
         assert "DASHSCOPE_API_KEY" in message and "~/.alibabacloud/credentials" in message
         message = await call_error(client, "task_status", {"task_id": "abc"})

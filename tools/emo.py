@@ -5,13 +5,13 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
 from server.results import EmoDetection, Submitted
 from tools.context import run
-from tools.schemas import Box, HttpUrl, Ratio, StyleLevel, choice
+from tools.schemas import ALLOW_DUPLICATE, Box, HttpUrl, Ratio, StyleLevel, choice
 from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for EMO (emo-detect-v1) and get the boxes emo_generate needs.
@@ -27,6 +27,8 @@ Requires a passing emo_detect of the same image_url: pass its face_bbox and ext_
 Audio: public http(s) URL, WAV or MP3, under 15 MB and under 60 s, a clear voice.
 style_level: normal (default), calm or active.
 Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (output length = audio length).
+An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
+instead of billing a new one; allow_duplicate: true forces a new task.
 Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
 
 
@@ -50,10 +52,13 @@ def build(settings: Settings) -> list[Tool]:
         ctx: Context[Any, Any],
         style_level: Annotated[StyleLevel, Field(description="Motion style.")] = "normal",
         model: Annotated[generate_models | None, Field(description="Defaults to emo-v1.")] = None,  # type: ignore[valid-type]
+        allow_duplicate: Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)] = False,
     ) -> Annotated[CallToolResult, Submitted]:
         return await run(
             ctx,
-            lambda service: service.emo_generate(image_url, audio_url, face_bbox, ext_bbox, style_level, model),
+            lambda service: service.emo_generate(
+                image_url, audio_url, face_bbox, ext_bbox, style_level, model, allow_duplicate
+            ),
         )
 
     return [

@@ -5,13 +5,13 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
 from server.results import EmojiDetection, Submitted
 from tools.context import run
-from tools.schemas import Box, HttpUrl, choice
+from tools.schemas import ALLOW_DUPLICATE, Box, HttpUrl, choice
 from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for Emoji (emoji-detect-v1) and get the boxes emoji_generate needs.
@@ -26,6 +26,8 @@ Requires a passing emoji_detect of the same image_url: pass its face_bbox and ex
 template_id must be one of the official templates (the enum); series: mengwa (cute kid), \
 dagong (office worker), jingdian (classic).
 Cost: about 0.08 CNY per output second (unconfirmed). Runs 1-5 minutes.
+An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
+instead of billing a new one; allow_duplicate: true forces a new task.
 Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
 
 
@@ -49,10 +51,13 @@ def build(settings: Settings) -> list[Tool]:
         template_id: Annotated[template_ids, Field(description=f"Official template: {template_help}.")],  # type: ignore[valid-type]
         ctx: Context[Any, Any],
         model: Annotated[generate_models | None, Field(description="Defaults to emoji-v1.")] = None,  # type: ignore[valid-type]
+        allow_duplicate: Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)] = False,
     ) -> Annotated[CallToolResult, Submitted]:
         return await run(
             ctx,
-            lambda service: service.emoji_generate(image_url, face_bbox, ext_bbox_face, template_id, model),
+            lambda service: service.emoji_generate(
+                image_url, face_bbox, ext_bbox_face, template_id, model, allow_duplicate
+            ),
         )
 
     return [
