@@ -325,6 +325,31 @@ class Ledger:
                 (task_id, status, request_id, evidence_dir, time.time(), local_id),
             )
 
+    def merge_submit(self, local_id: str, task_id: str) -> None:
+        """The task was adopted (by id, from task_status) before reconciliation matched it to this submit:
+        the adopted row keeps its progress and takes the submit's identity; the local row goes."""
+        with self._tx() as db:
+            local = db.execute(
+                "SELECT * FROM tasks WHERE local_id = ? AND task_id = ?", (local_id, local_id)
+            ).fetchone()
+            if local is None:
+                return
+            db.execute(
+                "UPDATE tasks SET family = ?, model = ?, payload = ?, ratio = ?, fingerprint = ?, local_id = ?,"
+                " updated_at = ? WHERE task_id = ?",
+                (
+                    local["family"],
+                    local["model"],
+                    local["payload"],
+                    local["ratio"],
+                    local["fingerprint"],
+                    local_id,
+                    time.time(),
+                    task_id,
+                ),
+            )
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (local_id,))
+
     def delete_task(self, task_id: str) -> None:
         """Only for a submit refused outright: nothing exists upstream, nothing is billed."""
         with self._tx() as db:
@@ -362,15 +387,16 @@ class Ledger:
         ).fetchone()
         return int(row[0])
 
-    def known_task_ids(self, task_ids: Sequence[str]) -> set[str]:
+    def submitted_task_ids(self, task_ids: Sequence[str]) -> dict[str, bool]:
+        """Which of `task_ids` this ledger knows: True if submitted through it, False if only adopted by id."""
         if not task_ids:
-            return set()
+            return {}
         marks = ",".join("?" * len(task_ids))
         rows = self._db.execute(
-            f"SELECT task_id FROM tasks WHERE task_id IN ({marks})",  # noqa: S608 (no user text)
+            f"SELECT task_id, fingerprint FROM tasks WHERE task_id IN ({marks})",  # noqa: S608 (no user text)
             tuple(task_ids),
         ).fetchall()
-        return {str(row[0]) for row in rows}
+        return {str(row[0]): row[1] is not None for row in rows}
 
     _TASK_COLUMNS = frozenset(
         {

@@ -137,18 +137,20 @@ class Reconciler:
         data = body.get("data")
         items = [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
         ids = [str(item.get("task_id")) for item in items if item.get("task_id")]
-        known = self._ledger.known_task_ids(ids)
+        # A task some other submit of this ledger already owns is not a candidate; one only adopted by id
+        # (someone called task_status with it before this pass) still is.
+        known = self._ledger.submitted_task_ids(ids)
         candidates = [
             item
             for item in items
-            if item.get("task_id") and str(item["task_id"]) not in known and _created(item) is not None
+            if item.get("task_id") and not known.get(str(item["task_id"])) and _created(item) is not None
         ]
         for row in sorted(rows, key=lambda r: r.created_at):
             window = [c for c in candidates if abs((_created(c) or 0.0) - row.created_at) <= MATCH_SKEW]
             if window:
                 chosen = min(window, key=lambda c: abs((_created(c) or 0.0) - row.created_at))
                 candidates.remove(chosen)
-                self._adopt(row, chosen, len(window))
+                self._adopt(row, chosen, len(window), adopted=str(chosen["task_id"]) in known)
             elif now - row.created_at > self._settings.reconcile_window:
                 self._ledger.update_task(
                     row.task_id,
@@ -161,7 +163,7 @@ class Reconciler:
                 )
                 self._notify(row.task_id)
 
-    def _adopt(self, row: TaskRecord, item: dict[str, Any], choices: int) -> None:
+    def _adopt(self, row: TaskRecord, item: dict[str, Any], choices: int, *, adopted: bool) -> None:
         assert row.local_id is not None
         task_id = str(item["task_id"])
         family: Family = "emoji" if row.family == "emoji" else "emo"
@@ -183,8 +185,11 @@ class Reconciler:
         # (which also brings the video URL or the failure's code and message).
         listed = str(item.get("status") or "")
         status = listed if listed in {"PENDING", "RUNNING"} else "PENDING"
-        self._ledger.resolve_submit(
-            row.local_id, task_id=task_id, status=status, request_id=None, evidence_dir=str(task_dir)
-        )
+        if adopted:
+            self._ledger.merge_submit(row.local_id, task_id)
+        else:
+            self._ledger.resolve_submit(
+                row.local_id, task_id=task_id, status=status, request_id=None, evidence_dir=str(task_dir)
+            )
         logger.info("submit %s reconciled as task %s (%d candidate(s))", row.local_id, task_id, choices)
         self._notify(row.local_id, task_id)

@@ -38,7 +38,7 @@ def slow_settings(fake: FakeDashScope, tmp_path: Path, interval: str = "60") -> 
 
 
 async def wait_for_file(path: Path) -> None:
-    while not path.is_file():
+    while not path.is_file():  # noqa: ASYNC110 - written by the server's background watcher
         await anyio.sleep(0.02)
 
 
@@ -239,7 +239,7 @@ async def test_a_throttled_account_pauses_every_query(fake: FakeDashScope, tmp_p
                 ]
                 for n in range(3)
             ]
-            while not all(len(fake.queries(task_id)) >= 2 for task_id in ids):
+            while not all(len(fake.queries(task_id)) >= 2 for task_id in ids):  # noqa: ASYNC110 - fake's log
                 await anyio.sleep(0.05)
     queries = fake.queries()
     throttled_at = queries[0].at
