@@ -295,6 +295,11 @@ class FakeDashScope:
                 _Injection(method.upper(), path_prefix, status, body, headers, times, delay, passthrough)
             )
 
+    def clear_injections(self) -> None:
+        """Drop every injected answer not yet used."""
+        with self._lock:
+            self._injections.clear()
+
     def complete(self, task_id: str) -> None:
         with self._lock:
             self._transition(self.tasks[task_id], "SUCCEEDED")

@@ -8,13 +8,15 @@
 - a 429 pauses the whole limiter (not just the request that got it) for `Retry-After`, so
   concurrent callers do not hammer a throttled account.
 
-Each limiter hands out start slots at least `1/rate` apart (a token bucket of size one), so no
-window of one second ever holds more than `rate` starts (half-open windows).
+Each limiter spaces starts `1/rate` apart and also counts the starts of the last second, so no
+window of one second ever holds more than `rate` starts.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
@@ -25,37 +27,52 @@ DEFAULT_QUERY_QPS = 20.0
 # Per-model call rates (calls per second); unknown models get the most conservative one.
 MODEL_RATES: dict[str, float] = {EMO_GENERATE: 5.0, EMO_DETECT: 5.0, EMOJI_GENERATE: 1.0, EMOJI_DETECT: 1.0}
 FALLBACK_MODEL_RATE = 1.0
+# The counting window: one second plus a margin for the time between a start and its arrival upstream.
+WINDOW = 1.05
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
 class RateLimiter:
-    """Hands out start slots `1/rate` apart; `pause()` pushes every later slot past a deadline."""
+    """At most `rate` starts in any window of one second, and starts at least `1/rate` apart.
+
+    Callers queue in arrival order (a FIFO lock); the window is checked against the moments starts
+    really happened, with a small margin, so a caller woken late by a busy event loop cannot bunch
+    up with the next ones.
+    """
 
     def __init__(self, rate: float, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
         self._interval = 1.0 / rate
+        self._burst = max(1, math.floor(rate))
         self._clock = clock
         self._sleep = sleep
         self._next = 0.0
         self._paused_until = 0.0
+        self._starts: deque[float] = deque(maxlen=self._burst)
+        self._lock = anyio.Lock()
 
     async def acquire(self) -> None:
-        """Wait for this caller's slot. Slots are reserved in arrival order, so waiting is fair."""
-        now = self._clock()
-        slot = max(now, self._next, self._paused_until)
-        self._next = slot + self._interval
-        if slot > now:
-            await self._sleep(slot - now)
+        """Wait for this caller's turn."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                slot = max(now, self._next, self._paused_until)
+                if len(self._starts) == self._burst:
+                    slot = max(slot, self._starts[0] + WINDOW)
+                if slot <= now:
+                    break
+                await self._sleep(slot - now)
+            self._starts.append(now)
+            self._next = now + self._interval
 
     def pause(self, seconds: float) -> None:
         """Nobody starts before `seconds` from now (a 429's Retry-After, or our own backoff)."""
         until = self._clock() + max(0.0, seconds)
         self._paused_until = max(self._paused_until, until)
-        self._next = max(self._next, until)
 
 
 class Limits:

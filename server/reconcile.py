@@ -7,7 +7,7 @@ this module lists that model's recent tasks (`GET /tasks?model_name=&start_time=
 How good the match is, honestly: the list shows a task's id, model, status and creation time,
 but not its inputs, so a listed task is matched to an unanswered submit by model and time only
 (created within `MATCH_SKEW` of when the submit was sent) and by not already being a task of this
-ledger. Several unanswered submits of one model are paired with candidates oldest first. A task
+ledger. Several unanswered submits of one model are paired with candidates closest in time first. A task
 created in that window by another client of the same account (not through this ledger) could be
 taken for ours; the match is recorded in `reconciled.json` beside the request so a person can
 check it. If nothing matches for `EMO_MCP_RECONCILE_WINDOW` seconds after the submit, the row
@@ -145,12 +145,22 @@ class Reconciler:
             for item in items
             if item.get("task_id") and not known.get(str(item["task_id"])) and _created(item) is not None
         ]
-        for row in sorted(rows, key=lambda r: r.created_at):
-            window = [c for c in candidates if abs((_created(c) or 0.0) - row.created_at) <= MATCH_SKEW]
-            if window:
-                chosen = min(window, key=lambda c: abs((_created(c) or 0.0) - row.created_at))
-                candidates.remove(chosen)
-                self._adopt(row, chosen, len(window), adopted=str(chosen["task_id"]) in known)
+        # Closest pairs first: a submit that never reached DashScope must not take the task of a later one.
+        pairs = sorted(
+            (abs((_created(c) or 0.0) - row.created_at), index, c_index)
+            for index, row in enumerate(rows)
+            for c_index, c in enumerate(candidates)
+            if abs((_created(c) or 0.0) - row.created_at) <= MATCH_SKEW
+        )
+        matched: dict[int, int] = {}
+        for _, index, c_index in pairs:
+            if index not in matched and c_index not in matched.values():
+                matched[index] = c_index
+        for index, row in enumerate(rows):
+            if index in matched:
+                chosen = candidates[matched[index]]
+                choices = sum(1 for _, i, _c in pairs if i == index)
+                self._adopt(row, chosen, choices, adopted=str(chosen["task_id"]) in known)
             elif now - row.created_at > self._settings.reconcile_window:
                 self._ledger.update_task(
                     row.task_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -252,18 +253,21 @@ async def test_a_throttled_account_pauses_every_query(fake: FakeDashScope, tmp_p
 
 async def test_rate_limiter_spaces_slots_and_pauses_everyone() -> None:
     now = [100.0]
-    slept: list[float] = []
+    starts: list[float] = []
 
     async def sleep(seconds: float) -> None:
-        slept.append(seconds)
+        now[0] += seconds
 
     limiter = RateLimiter(4.0, clock=lambda: now[0], sleep=sleep)
-    for _ in range(3):
+    for _ in range(9):
         await limiter.acquire()
-    assert slept == [0.25, 0.5]
+        starts.append(now[0])
+    assert all(b - a >= 0.25 - 1e-9 for a, b in itertools.pairwise(starts))
+    assert all(sum(1 for s in starts if t <= s < t + 1.0) <= 4 for t in starts)
+    before = now[0]
     limiter.pause(2.0)
     await limiter.acquire()
-    assert slept[-1] == pytest.approx(2.0)
+    assert now[0] == pytest.approx(before + 2.0)
 
 
 def test_limits_follow_the_contract_and_aliases_share_a_limiter() -> None:
