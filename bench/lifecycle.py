@@ -333,7 +333,7 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
                             outcome[audio] = task_id
                             pending.remove(audio)
                     await anyio.sleep(0.2)
-            lost, duplicates, downloaded, failed = audit(fake, Path(folder) / "output", jobs, outcome)
+            lost, duplicates, reruns, downloaded, failed = audit(fake, Path(folder) / "output", jobs, outcome)
     elapsed = time.monotonic() - started
     out(
         f"{done} cycles in {elapsed:.0f} s (of {cycles} asked; the run stops starting cycles after {budget:.0f} s). "
@@ -349,9 +349,19 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
     for point, count in sorted(points.items()):
         out(f"- {point}: {count}")
     out()
-    out("| jobs | upstream tasks | downloaded + checksum ok | recorded FAILED | lost | duplicate submits |")
-    out("|---:|---:|---:|---:|---:|---:|")
-    out(f"| {len(jobs)} | {len(fake.tasks)} | {downloaded} | {failed} | {len(lost)} | {duplicates} |")
+    out(
+        "| jobs | upstream tasks | downloaded + checksum ok | recorded FAILED | lost | duplicate submits "
+        "| re-runs after a FAILED task |"
+    )
+    out("|---:|---:|---:|---:|---:|---:|---:|")
+    out(f"| {len(jobs)} | {len(fake.tasks)} | {downloaded} | {failed} | {len(lost)} | {duplicates} | {reruns} |")
+    out()
+    out(
+        "A job's agent that was killed before it saw its task FAIL calls `emo_generate` again; a FAILED task "
+        "does not block an identical request (it is not billed, and a re-run is what the agent asks for), so "
+        "that creates a new task. Those are counted apart from duplicates, which are second tasks while an "
+        "earlier one was alive, succeeded or unresolved."
+    )
     if lost:
         out()
         out(f"Lost: {', '.join(lost)}")
@@ -360,14 +370,22 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
 
 def audit(
     fake: FakeDashScope, output: Path, jobs: list[str], outcome: dict[str, str]
-) -> tuple[list[str], int, int, int]:
+) -> tuple[list[str], int, int, int, int]:
     """Every upstream task must be in the ledger and end downloaded (checksum ok) or recorded FAILED."""
     ledger = Ledger(output)
     lost: list[str] = []
-    duplicates = downloaded = failed = 0
+    duplicates = downloaded = failed = reruns = 0
     for audio in jobs:
-        upstream = [t for t in fake.tasks.values() if t.input.get("audio_url") == audio]
-        duplicates += max(0, len(upstream) - 1)
+        upstream = sorted(
+            (t for t in fake.tasks.values() if t.input.get("audio_url") == audio), key=lambda t: t.submit_wall
+        )
+        # A later task of the same job is a duplicate unless every earlier one had FAILED (a failed task is
+        # not billed and does not block an identical generate: that is a re-run, counted apart).
+        for index in range(1, len(upstream)):
+            if all(earlier.status == "FAILED" for earlier in upstream[:index]):
+                reruns += 1
+            else:
+                duplicates += 1
         for task in upstream:
             record = ledger.get_task(task.task_id)
             if record is None:
@@ -386,7 +404,7 @@ def audit(
         if audio not in outcome:
             lost.append(audio)
     ledger.close()
-    return lost, duplicates, downloaded, failed
+    return lost, duplicates, reruns, downloaded, failed
 
 
 def lifecycle_point(fake: FakeDashScope) -> str:

@@ -58,7 +58,8 @@ def beijing_stamp(epoch: float) -> str:
 
 def _owner_dead(owner: str | None, created_at: float, started_at: float) -> bool:
     host, _, pid = (owner or "").rpartition(":")
-    if host != HOST or not pid.isdigit():
+    if host != HOST or not pid.isdigit() or time.time() - created_at > STALE_SUBMIT:
+        # Another host's process cannot be checked; and no submit takes this long (a reused pid).
         return time.time() - created_at > STALE_SUBMIT
     if int(pid) == os.getpid():
         return created_at < started_at  # an earlier process that had our pid

@@ -237,6 +237,9 @@ class Watcher:
         try:
             record = self._ledger.get_task(task_id)
             if record is None or not record.finished or (record.status == "SUCCEEDED" and not record.video_url):
+                # The schedule counts from when a query starts, so one lands every interval, not every
+                # interval plus a round trip.
+                began = time.monotonic()
                 try:
                     record = await self._poll(task_id, record)
                     state.error = None
@@ -246,8 +249,8 @@ class Watcher:
                         logger.warning("task %s: query failed: %s", task_id, exc)
                     return
                 finally:
-                    state.last_query = time.monotonic()
-                    state.next_due = state.last_query + self.interval
+                    state.last_query = began
+                    state.next_due = began + self.interval
             if needs_download(record) and record.video_url:
                 await self._download(record, state)
         finally:
