@@ -334,6 +334,8 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
                             pending.remove(audio)
                     await anyio.sleep(0.2)
             lost, duplicates, reruns, downloaded, failed = audit(fake, Path(folder) / "output", jobs, outcome)
+            reconciled = len(list((Path(folder) / "output").rglob("reconciled.json")))
+            unknown_dirs = len(list((Path(folder) / "output").rglob("submits/*")))
     elapsed = time.monotonic() - started
     out(
         f"{done} cycles in {elapsed:.0f} s (of {cycles} asked; the run stops starting cycles after {budget:.0f} s). "
@@ -344,7 +346,7 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
         "without kills waits for every job. Poll interval 0.1 s, reconcile window 3 s."
     )
     out()
-    out("Where the kills landed (state of the fake at the kill):")
+    out("Where the kills landed (the fake's last request before each kill):")
     out()
     for point, count in sorted(points.items()):
         out(f"- {point}: {count}")
@@ -355,6 +357,12 @@ async def kill_restart_cycles(cycles: int, budget: float) -> None:
     )
     out("|---:|---:|---:|---:|---:|---:|---:|")
     out(f"| {len(jobs)} | {len(fake.tasks)} | {downloaded} | {failed} | {len(lost)} | {duplicates} | {reruns} |")
+    out()
+    out(
+        f"Submits whose answer never reached the ledger (the process died after sending): {reconciled} found again "
+        f"by reconciliation with the task list; {unknown_dirs} submit folder(s) were left under `submits/` "
+        "(every submit that was cut off, including those that never reached the fake)."
+    )
     out()
     out(
         "A job's agent that was killed before it saw its task FAIL calls `emo_generate` again; a FAILED task "
