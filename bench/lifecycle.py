@@ -95,9 +95,9 @@ async def waiters_share_queries(interval: float, intervals: int) -> None:
     out("## 1. Upstream queries per poll interval, N agents waiting on one task (goal: 1, 1, 1)")
     out()
     out(
-        f"One open task that never finishes; N concurrent MCP clients-in-process call `task_status` in a loop "
-        f"(half with `wait_seconds=1`, half with `wait_seconds=0` every 50 ms) for {intervals} poll intervals of "
-        f"{interval} s; the fake counts `GET /tasks/{{id}}`."
+        "One open task that never finishes; N concurrent agents (tasks sharing one in-memory MCP session) call "
+        "`task_status` in a loop (half with `wait_seconds=1`, half with `wait_seconds=0` every 50 ms) for "
+        f"{intervals} poll intervals of {interval} s; the fake counts `GET /tasks/{{id}}`."
     )
     out()
     out("| agents | queries | intervals | queries per interval |")

@@ -137,7 +137,8 @@ class Watcher:
             if record.video_path and Path(record.video_path).is_file():
                 if record.video_bytes is not None and Path(record.video_path).stat().st_size != record.video_bytes:
                     logger.warning("task %s: video on disk has the wrong size; downloading again", record.task_id)
-                    Path(record.video_path).unlink()
+                    # Kept aside, not deleted: if the URL has expired it is all there is.
+                    Path(record.video_path).replace(record.video_path + ".wrong-size")
                     self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
             elif destination.is_file():
                 # Renamed only after verification, so it is complete: the crash came before the ledger write.

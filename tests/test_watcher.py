@@ -289,3 +289,20 @@ def test_query_rate_is_configurable(tmp_path: Path) -> None:
     env = {"DASHSCOPE_API_KEY": "sk-x", "OUTPUT_DIR": str(tmp_path / "out"), "HOME": str(tmp_path)}
     assert load_settings(env, cwd=tmp_path).max_query_qps == 20.0
     assert load_settings({**env, "EMO_MCP_MAX_QUERY_QPS": "5"}, cwd=tmp_path).max_query_qps == 5.0
+
+
+async def test_a_damaged_video_is_set_aside_and_downloaded_again_on_restart(
+    fake: FakeDashScope, tmp_path: Path
+) -> None:
+    settings = slow_settings(fake, tmp_path, "0.05")
+    with anyio.fail_after(30):
+        async with Client(create_app(settings)) as client:
+            submitted = await call_ok(client, "emo_generate", emo_args(await detect_emo(client)))
+            first = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 10})
+        video = Path(first["video_path"])
+        video.write_bytes(video.read_bytes()[:1000])  # damaged behind the server's back
+        async with Client(create_app(settings)) as client:
+            again = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 10})
+    assert again["video_path"] == first["video_path"]
+    assert video.read_bytes() == fake.video_bytes(submitted["task_id"])
+    assert Path(first["video_path"] + ".wrong-size").stat().st_size == 1000
