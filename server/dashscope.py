@@ -44,6 +44,8 @@ DETECT_PATH = "/services/aigc/image2video/face-detect"
 SUBMIT_PATH = "/services/aigc/image2video/video-synthesis"
 
 DEFAULT_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
+# A submit that outlives this is "outcome unknown" (kept apart so tests can shorten it alone).
+SUBMIT_TIMEOUT = DEFAULT_TIMEOUT
 DETECT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 DOWNLOAD_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 MAX_READ_RETRIES = 4
@@ -178,7 +180,7 @@ class DashScopeClient:
         await limiter.acquire()
         try:
             response = await self._http.post(
-                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=DEFAULT_TIMEOUT
+                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=SUBMIT_TIMEOUT
             )
         except httpx2.ConnectError as exc:
             # The connection was never made, so nothing reached the service.

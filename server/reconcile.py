@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from server.config import Settings
-from server.dashscope import DEFAULT_TIMEOUT, DashScopeClient
+from server.dashscope import SUBMIT_TIMEOUT, DashScopeClient
 from server.evidence import Evidence
 from server.ledger import NOT_FOUND, SUBMIT_UNKNOWN, SUBMITTING, Ledger, TaskRecord
 from server.models import Family
@@ -41,7 +41,7 @@ _BEIJING = timezone(timedelta(hours=8))
 # A listed task counts as ours if created this close to the moment the submit was sent.
 MATCH_SKEW = 120.0
 # A SUBMITTING row of a process on another host is considered dead after this long.
-STALE_SUBMIT = max(120.0, (DEFAULT_TIMEOUT.read or 30.0) * 4)
+STALE_SUBMIT = max(120.0, (SUBMIT_TIMEOUT.read or 30.0) * 4)
 HOST = socket.gethostname()
 
 Notify = Callable[..., None]

@@ -125,7 +125,7 @@ async def test_submit_without_answer_is_not_retried_and_says_it_may_be_billed(
 
     from server import dashscope
 
-    monkeypatch.setattr(dashscope, "DEFAULT_TIMEOUT", httpx2.Timeout(0.5, connect=5.0))
+    monkeypatch.setattr(dashscope, "SUBMIT_TIMEOUT", httpx2.Timeout(0.5, connect=5.0))
     async with Client(create_app(settings)) as client:
         detection = await detect_emo(client)
         fake.inject("POST", "/services/aigc/image2video/video-synthesis", delay=2.0, passthrough=True)

@@ -141,11 +141,13 @@ async def test_failed_task_does_not_block_an_identical_generate(client: Client, 
 async def test_submit_timeout_is_outcome_unknown_then_reconciled_without_a_second_task(
     fake: FakeDashScope, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dashscope, "DEFAULT_TIMEOUT", httpx2.Timeout(0.3, connect=5.0))
+    monkeypatch.setattr(dashscope, "SUBMIT_TIMEOUT", httpx2.Timeout(0.3, connect=5.0))
     with anyio.fail_after(30):
         async with Client(create_app(settings)) as client:
             args = emo_args(await detect_emo(client))
             fake.inject("POST", "/services/aigc/image2video/video-synthesis", delay=1.0, passthrough=True)
+            # The first task-list answer is held back, so the identical generate below meets an unresolved submit.
+            fake.inject("GET", "/tasks", delay=3.0, passthrough=True)
             message = await call_error(client, "emo_generate", args)
             assert "may have been created" in message and "billed" in message and "NOT" in message
             match = re.search(r"submit-[0-9a-f]{16}", message)
