@@ -19,6 +19,9 @@ from server.pricing import PriceTable
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
 SANDBOX_POLL_INTERVAL = 0.5
+DEFAULT_MAX_QUERY_QPS = 20.0
+# How long after an unanswered submit the task list is searched before concluding nothing was created.
+DEFAULT_RECONCILE_WINDOW = 600.0
 
 KeySource = Literal["env", "credentials-file", "sandbox", "none"]
 
@@ -42,6 +45,9 @@ class Settings:
     prices: PriceTable = field(default_factory=PriceTable)
     max_cost_cny: float | None = None
     confirm_above_cny: float | None = None
+    # Upstream task queries per second across all tasks (the documented account limit is 20).
+    max_query_qps: float = DEFAULT_MAX_QUERY_QPS
+    reconcile_window: float = DEFAULT_RECONCILE_WINDOW
 
     @property
     def is_beijing(self) -> bool:
@@ -76,7 +82,7 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from exc
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}") from exc
     if value <= 0:
         raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
     return value
@@ -161,6 +167,8 @@ def load_settings(
         ),
         sandbox=sandbox,
         model_aliases=_parse_aliases(env.get("EMO_MCP_MODEL_ALIASES", "")),
+        max_query_qps=_positive_float(env, "EMO_MCP_MAX_QUERY_QPS", DEFAULT_MAX_QUERY_QPS),
+        reconcile_window=_positive_float(env, "EMO_MCP_RECONCILE_WINDOW", DEFAULT_RECONCILE_WINDOW),
         **_media_and_money(env, cwd),
     )
 

@@ -4,14 +4,18 @@ Rules from the contract that live here and nowhere else:
 - detect is synchronous and never sends `X-DashScope-Async`; a submit always does;
 - task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
   `Retry-After`; a submit is never retried once it may have reached the service;
+- every call waits for its slot in `server.limits` (task queries per process, detect/submit per
+  model), and a 429 pauses that whole limiter, not just the one request;
 - the result URL is fetched without the API key (it is a signed storage URL on another host),
-  streamed to a temporary file with its sha256 computed on the way (on a worker thread, see
-  `server/streaming.py`), then renamed.
+  streamed (on a worker thread, see `server/streaming.py`) to a per-process temporary file with its
+  sha256 computed on the way, checked against Content-Length and flushed to disk, then renamed: a
+  `.mp4` is always complete.
 """
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +37,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
+from server.limits import Limits, RateLimiter
 from server.streaming import download_to_file
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,8 @@ UPLOADS_PATH = "/uploads"
 
 DEFAULT_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
 UPLOAD_TIMEOUT = httpx2.Timeout(120.0, connect=10.0)
+# A submit that outlives this is "outcome unknown" (kept apart so tests can shorten it alone).
+SUBMIT_TIMEOUT = DEFAULT_TIMEOUT
 DETECT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 DOWNLOAD_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
 MAX_READ_RETRIES = 4
@@ -126,11 +133,13 @@ class DashScopeClient:
         api_key: str | None,
         *,
         sleep: Sleep = anyio.sleep,
+        limits: Limits | None = None,
     ) -> None:
         self._http_or_factory = http
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._sleep = sleep
+        self.limits = limits or Limits()
 
     @property
     def _http(self) -> httpx2.AsyncClient:
@@ -155,7 +164,9 @@ class DashScopeClient:
         if ratio is not None:
             payload["parameters"] = {"ratio": ratio}
         headers = self._headers(oss=image_url.startswith("oss://"))
+        limiter = self.limits.model(model)
         for attempt in range(MAX_READ_RETRIES + 1):
+            await limiter.acquire()
             try:
                 response = await self._http.post(
                     self._base_url + DETECT_PATH, json=payload, headers=headers, timeout=DETECT_TIMEOUT
@@ -167,7 +178,7 @@ class DashScopeClient:
                 ) from exc
             if response.status_code == 429 and attempt < MAX_READ_RETRIES:
                 error = _error_from_response(response)
-                await self._sleep(backoff_delay(attempt, error.retry_after))
+                await self._throttled(limiter, attempt, error.retry_after)
                 continue
             if response.status_code >= 400:
                 raise _error_from_response(response)
@@ -178,9 +189,11 @@ class DashScopeClient:
         """POST video-synthesis once. Anything but a clear answer means "outcome unknown"."""
         uses_oss = "oss://" in json.dumps(payload.get("input", {}))
         headers = self._headers(asynchronous=True, oss=uses_oss)
+        limiter = self.limits.model(str(payload.get("model")))
+        await limiter.acquire()
         try:
             response = await self._http.post(
-                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=DEFAULT_TIMEOUT
+                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=SUBMIT_TIMEOUT
             )
         except httpx2.ConnectError as exc:
             # The connection was never made, so nothing reached the service.
@@ -196,18 +209,64 @@ class DashScopeClient:
             error = _error_from_response(response)
             raise SubmitOutcomeUnknownError(str(error)) from error
         if response.status_code >= 400:
-            raise _error_from_response(response)
+            error = _error_from_response(response)
+            if response.status_code == 429:
+                limiter.pause(backoff_delay(0, error.retry_after))
+            raise error
         return _json_body(response)
+
+    async def _throttled(self, limiter: RateLimiter, attempt: int, retry_after: float | None) -> float:
+        """A 429: pause every caller of this limiter, then wait (the caller retries)."""
+        delay = backoff_delay(attempt, retry_after)
+        limiter.pause(delay)
+        await self._sleep(delay)
+        return delay
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         """GET /tasks/{id}, retried: a read is safe to repeat."""
+        return await self._read(f"{self._base_url}/tasks/{task_id}", None, "task query")
+
+    async def list_tasks(self, model: str, start_time: str, end_time: str, *, page_size: int = 100) -> dict[str, Any]:
+        """GET /tasks with a model and a window (`YYYYMMDDhhmmss`, Beijing time): finds lost submits."""
+        params = {
+            "model_name": model,
+            "start_time": start_time,
+            "end_time": end_time,
+            "page_no": "1",
+            "page_size": str(page_size),
+        }
+        return await self._read(f"{self._base_url}/tasks", params, "task list")
+
+    async def cancel_task(self, task_id: str) -> dict[str, Any]:
+        """POST /tasks/{id}/cancel once; the service refuses it unless the task is PENDING."""
         headers = {"Authorization": self._headers()["Authorization"]}
-        url = f"{self._base_url}/tasks/{task_id}"
+        while True:
+            await self.limits.queries.acquire()
+            try:
+                response = await self._http.post(
+                    f"{self._base_url}/tasks/{task_id}/cancel", headers=headers, timeout=DEFAULT_TIMEOUT
+                )
+            except httpx2.TransportError as exc:
+                raise UpstreamUnavailableError(
+                    f"DashScope did not answer the cancel ({type(exc).__name__}); call task_status to see "
+                    "whether the task was canceled, then task_cancel again if it is still PENDING."
+                ) from exc
+            if response.status_code == 429:
+                error = _error_from_response(response)
+                self.limits.queries.pause(backoff_delay(0, error.retry_after))
+                raise error
+            if response.status_code >= 400:
+                raise _error_from_response(response)
+            return _json_body(response) if response.content else {}
+
+    async def _read(self, url: str, params: dict[str, str] | None, what: str) -> dict[str, Any]:
+        headers = {"Authorization": self._headers()["Authorization"]}
         last: Exception | None = None
         for attempt in range(MAX_READ_RETRIES + 1):
+            await self.limits.queries.acquire()
             retry_after: float | None = None
             try:
-                response = await self._http.get(url, headers=headers, timeout=DEFAULT_TIMEOUT)
+                response = await self._http.get(url, params=params, headers=headers, timeout=DEFAULT_TIMEOUT)
             except httpx2.TransportError as exc:
                 last = exc
             else:
@@ -217,19 +276,22 @@ class DashScopeClient:
                 if response.status_code != 429 and response.status_code < 500:
                     raise error
                 last, retry_after = error, error.retry_after
+                if response.status_code == 429:
+                    # Everyone waits, not just this request: the account is throttled.
+                    self.limits.queries.pause(backoff_delay(attempt, retry_after))
             if attempt < MAX_READ_RETRIES:
                 delay = backoff_delay(attempt, retry_after)
-                logger.info("task query retry %d in %.2fs after %s", attempt + 1, delay, type(last).__name__)
+                logger.info("%s retry %d in %.2fs after %s", what, attempt + 1, delay, type(last).__name__)
                 await self._sleep(delay)
         if isinstance(last, UpstreamError):
             raise last
         raise UpstreamUnavailableError(
-            f"DashScope did not answer the task query after {MAX_READ_RETRIES + 1} tries "
+            f"DashScope did not answer the {what} after {MAX_READ_RETRIES + 1} tries "
             f"({type(last).__name__}). The task is safe; call task_status again later."
         ) from last
 
     async def download(self, url: str, destination: Path) -> Downloaded:
-        """Stream `url` to `destination` via a `.part` file; retried from scratch on transport errors."""
+        """Stream `url` to `destination` via a `.part` file; a broken stream restarts from scratch."""
         last: Exception | None = None
         for attempt in range(MAX_READ_RETRIES + 1):
             try:
@@ -244,7 +306,7 @@ class DashScopeClient:
                 await self._sleep(backoff_delay(attempt, getattr(last, "retry_after", None)))
         raise UpstreamUnavailableError(
             f"The video could not be downloaded ({type(last).__name__}); the task is recorded and "
-            "task_status will try again (the URL stays valid for 24 h after the task ends)."
+            "the server keeps trying in the background (the URL stays valid for 24 h after the task ends)."
         ) from last
 
     @property
@@ -289,17 +351,38 @@ class DashScopeClient:
             )
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
-        part = destination.with_name(destination.name + ".part")
-        fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
-        if fetched.response.status_code >= 400:
-            raise _error_from_response(fetched.response)
-        expected = fetched.response.headers.get("content-length")
-        if expected is not None and expected.isdigit() and int(expected) != fetched.size:
+        part = part_path(destination)
+        try:
+            # The hash is computed while streaming (never by a second read of a large file).
+            fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
+            if fetched.response.status_code >= 400:
+                raise _error_from_response(fetched.response)
+            expected = fetched.response.headers.get("content-length")
+            if expected is not None and expected.isdigit() and int(expected) != fetched.size:
+                raise _ShortDownloadError(f"expected {expected} bytes, got {fetched.size}")
+        except BaseException:
             part.unlink(missing_ok=True)
-            raise _ShortDownloadError(f"expected {expected} bytes, got {fetched.size}")
+            raise
         os.replace(part, destination)
         return Downloaded(destination, fetched.size, fetched.sha256)
 
 
+def part_path(destination: Path) -> Path:
+    """Per-process temporary name, so two servers sharing OUTPUT_DIR never write the same file."""
+    return destination.with_name(f"{destination.name}.{os.getpid()}.part")
+
+
+FILE_HASH_CHUNK = 1024 * 1024
+
+
+def file_sha256(path: Path) -> str:
+    """For crash recovery only: a complete `.mp4` the ledger had not recorded yet."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(FILE_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _ShortDownloadError(Exception):
-    """The stream ended before Content-Length bytes arrived."""
+    """The stream ended before Content-Length bytes arrived, or the disk disagrees with the stream."""

@@ -165,3 +165,11 @@ def upstream_error(
     else:
         cls = InvalidInputError
     return cls(status_code, code, message, request_id, retry_after=retry_after)
+
+
+class DuplicateSubmitError(RefusedInputError):
+    """An identical submit is still unresolved (its outcome unknown): sending again may bill twice."""
+
+
+class CannotCancelError(EmoMcpError):
+    """DashScope cancels only PENDING tasks; this one is running or finished."""

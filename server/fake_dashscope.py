@@ -243,6 +243,11 @@ class FakeDashScope:
         self.video = video
         self.video_size = len(video) if video is not None else video_size
         self.auto_progress = auto_progress
+        # Download faults: a pause before each chunk, the next N downloads cut off after one chunk,
+        # and task ids whose signed URL has expired (OSS answers 403).
+        self.download_chunk_delay = 0.0
+        self.break_downloads = 0
+        self.expired_videos: set[str] = set()
         self.requests: list[RecordedRequest] = []
         self.tasks: dict[str, FakeTask] = {}
         self.detections: list[Detection] = []
@@ -297,6 +302,11 @@ class FakeDashScope:
             self._injections.append(
                 _Injection(method.upper(), path_prefix, status, body, headers, times, delay, passthrough)
             )
+
+    def clear_injections(self) -> None:
+        """Drop every injected answer not yet used."""
+        with self._lock:
+            self._injections.clear()
 
     def complete(self, task_id: str) -> None:
         with self._lock:
@@ -765,10 +775,20 @@ class FakeDashScope:
         task = self.tasks.get(args["task_id"])
         if task is None or task.status != "SUCCEEDED":
             return _oss_error(404, "NoSuchKey", "The specified key does not exist.")
+        if task.task_id in self.expired_videos:
+            return _oss_error(403, "AccessDenied", "Request has expired.")
         chunks = self.video_chunks(task.task_id)
+        broken = self.break_downloads > 0
+        self.break_downloads -= int(broken)
+        delay = self.download_chunk_delay
 
         async def stream() -> AsyncIterator[bytes]:
-            for chunk in chunks:
+            for index, chunk in enumerate(chunks):
+                if broken and index == 1:
+                    # Fewer bytes than Content-Length, then the connection drops.
+                    raise ConnectionResetError("download cut off by the fake")
+                if delay:
+                    await self._sleep(delay)
                 yield chunk
 
         headers = {"content-length": str(self.video_size)}

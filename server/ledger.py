@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_FILE = "ledger.sqlite3"
-TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+# A row is written BEFORE a submit is sent (SUBMITTING, keyed by a local id), so a crash between
+# sending and recording can never hide a billed task. It becomes the real task id on an answer,
+# SUBMIT_OUTCOME_UNKNOWN when no answer came (or its process died), and the watcher reconciles it
+# with the upstream task list: found -> the real task id; not found within the window -> NOT_FOUND.
+SUBMITTING = "SUBMITTING"
 # Recorded when a submit was sent but no answer came back: a task may exist upstream.
 SUBMIT_UNKNOWN = "SUBMIT_OUTCOME_UNKNOWN"
+NOT_FOUND = "NOT_FOUND"
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN", NOT_FOUND})
+# Rows that are not upstream tasks (yet): never queried by id.
+LOCAL_STATUSES = frozenset({SUBMITTING, SUBMIT_UNKNOWN})
+# A SUCCEEDED task whose video URL no longer works: recorded, never retried.
+VIDEO_EXPIRED = "VideoExpired"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS detections (
@@ -62,6 +72,17 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at REAL NOT NULL
 );
 """
+# Columns added after the first release; existing ledgers are migrated in place on open.
+_ADDED_COLUMNS = {
+    "fingerprint": "TEXT",  # sha256 of the normalized submit payload (dedup)
+    "local_id": "TEXT",  # the id a submit had before upstream answered with a task id
+    "owner": "TEXT",  # "<host>:<pid>" of the process sending a submit (to spot dead SUBMITTING rows)
+}
+
+
+# A row with one of these statuses does not stop an identical submit: nothing usable exists.
+_DEAD = frozenset({"FAILED", "CANCELED", "UNKNOWN", NOT_FOUND})
+_DEAD_MARKS = ",".join("?" * len(_DEAD))
 
 
 def box_key(box: Sequence[int] | None) -> str | None:
@@ -109,6 +130,10 @@ class TaskRecord:
     request_id: str | None
     evidence_dir: str
     polls: int
+    fingerprint: str | None = None
+    local_id: str | None = None
+    owner: str | None = None
+    created_at: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -125,6 +150,16 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(tasks)").fetchall()}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
+            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_fingerprint ON tasks (fingerprint)")
+            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_local_id ON tasks (local_id)")
 
     def close(self) -> None:
         self._db.close()
@@ -221,14 +256,156 @@ class Ledger:
         status: str,
         request_id: str | None,
         evidence_dir: str,
+        fingerprint: str | None = None,
     ) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO tasks (task_id, family, model, payload, ratio, status, request_id,"
-                " evidence_dir, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (task_id, family, model, json.dumps(payload), ratio, status, request_id, evidence_dir, now, now),
+                " evidence_dir, fingerprint, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    task_id,
+                    family,
+                    model,
+                    json.dumps(payload),
+                    ratio,
+                    status,
+                    request_id,
+                    evidence_dir,
+                    fingerprint,
+                    now,
+                    now,
+                ),
             )
+
+    def begin_submit(
+        self,
+        *,
+        local_id: str,
+        family: str,
+        model: str,
+        payload: dict[str, Any],
+        ratio: str | None,
+        fingerprint: str,
+        evidence_dir: str,
+        owner: str,
+        allow_duplicate: bool,
+    ) -> TaskRecord | None:
+        """Atomically (across processes): return the row an identical submit must reuse, or
+        insert a SUBMITTING row for this one and return None."""
+        now = time.time()
+        with self._tx() as db:
+            if not allow_duplicate:
+                row = db.execute(
+                    f"SELECT * FROM tasks WHERE fingerprint = ? AND status NOT IN ({_DEAD_MARKS})"  # noqa: S608
+                    " AND NOT (status = 'SUCCEEDED' AND COALESCE(code, '') = ?) ORDER BY created_at DESC LIMIT 1",
+                    (fingerprint, *sorted(_DEAD), VIDEO_EXPIRED),
+                ).fetchone()
+                if row is not None:
+                    return _task(row)
+            db.execute(
+                "INSERT INTO tasks (task_id, family, model, payload, ratio, status, evidence_dir, fingerprint,"
+                " local_id, owner, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    local_id,
+                    family,
+                    model,
+                    json.dumps(payload),
+                    ratio,
+                    SUBMITTING,
+                    evidence_dir,
+                    fingerprint,
+                    local_id,
+                    owner,
+                    now,
+                    now,
+                ),
+            )
+        return None
+
+    def resolve_submit(
+        self, local_id: str, *, task_id: str, status: str, request_id: str | None, evidence_dir: str
+    ) -> None:
+        """A local row learns its upstream task id (from the submit's answer or from reconciliation)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET task_id = ?, status = ?, request_id = COALESCE(?, request_id), evidence_dir = ?,"
+                " code = NULL, message = NULL, updated_at = ? WHERE local_id = ?",
+                (task_id, status, request_id, evidence_dir, time.time(), local_id),
+            )
+
+    def merge_submit(self, local_id: str, task_id: str) -> None:
+        """The task was adopted (by id, from task_status) before reconciliation matched it to this submit:
+        the adopted row keeps its progress and takes the submit's identity; the local row goes."""
+        with self._tx() as db:
+            local = db.execute(
+                "SELECT * FROM tasks WHERE local_id = ? AND task_id = ?", (local_id, local_id)
+            ).fetchone()
+            if local is None:
+                return
+            db.execute(
+                "UPDATE tasks SET family = ?, model = ?, payload = ?, ratio = ?, fingerprint = ?, local_id = ?,"
+                " updated_at = ? WHERE task_id = ?",
+                (
+                    local["family"],
+                    local["model"],
+                    local["payload"],
+                    local["ratio"],
+                    local["fingerprint"],
+                    local_id,
+                    time.time(),
+                    task_id,
+                ),
+            )
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (local_id,))
+
+    def delete_task(self, task_id: str) -> None:
+        """Only for a submit refused outright: nothing exists upstream, nothing is billed."""
+        with self._tx() as db:
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def rows(self, statuses: Sequence[str]) -> list[TaskRecord]:
+        """Every row in one of `statuses`, oldest first (the watcher's work list)."""
+        marks = ",".join("?" * len(statuses))
+        rows = self._db.execute(
+            f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY created_at",  # noqa: S608 (no user text)
+            tuple(statuses),
+        ).fetchall()
+        return [_task(row) for row in rows]
+
+    def open_rows(self) -> list[TaskRecord]:
+        """Tasks the watcher owns: not finished upstream, or SUCCEEDED with no video recorded yet."""
+        marks = ",".join("?" * len(TERMINAL_STATUSES))
+        rows = self._db.execute(
+            f"SELECT * FROM tasks WHERE (status NOT IN ({marks}))"  # noqa: S608 (no user text)
+            " OR (status = 'SUCCEEDED' AND video_path IS NULL AND COALESCE(code, '') != ?) ORDER BY created_at",
+            (*sorted(TERMINAL_STATUSES), VIDEO_EXPIRED),
+        ).fetchall()
+        return [_task(row) for row in rows if row["status"] not in LOCAL_STATUSES]
+
+    def succeeded_rows(self) -> list[TaskRecord]:
+        rows = self._db.execute("SELECT * FROM tasks WHERE status = 'SUCCEEDED' ORDER BY created_at").fetchall()
+        return [_task(row) for row in rows]
+
+    def queue_ahead(self, record: TaskRecord) -> int:
+        """How many of this ledger's unfinished tasks of the same model were submitted earlier."""
+        marks = ",".join("?" * len(TERMINAL_STATUSES | LOCAL_STATUSES))
+        row = self._db.execute(
+            f"SELECT COUNT(*) FROM tasks WHERE model = ? AND created_at < ? AND status NOT IN ({marks})",  # noqa: S608
+            (record.model, record.created_at, *sorted(TERMINAL_STATUSES | LOCAL_STATUSES)),
+        ).fetchone()
+        return int(row[0])
+
+    def submitted_task_ids(self, task_ids: Sequence[str]) -> dict[str, bool]:
+        """Which of `task_ids` this ledger knows: True if submitted through it, False if only adopted by id."""
+        if not task_ids:
+            return {}
+        marks = ",".join("?" * len(task_ids))
+        rows = self._db.execute(
+            f"SELECT task_id, fingerprint FROM tasks WHERE task_id IN ({marks})",  # noqa: S608 (no user text)
+            tuple(task_ids),
+        ).fetchall()
+        return {str(row[0]): row[1] is not None for row in rows}
 
     _TASK_COLUMNS = frozenset(
         {
@@ -244,6 +421,7 @@ class Ledger:
             "code",
             "message",
             "polls",
+            "owner",
         }
     )
 
@@ -261,7 +439,11 @@ class Ledger:
             )
 
     def get_task(self, task_id: str) -> TaskRecord | None:
-        row = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        """By upstream task id, or by the local id an unanswered submit was given."""
+        row = self._db.execute(
+            "SELECT * FROM tasks WHERE task_id = ? OR local_id = ? ORDER BY task_id = ? DESC LIMIT 1",
+            (task_id, task_id, task_id),
+        ).fetchone()
         return None if row is None else _task(row)
 
     def tasks(self, *, limit: int = 50, open_only: bool = False) -> list[TaskRecord]:
@@ -295,4 +477,8 @@ def _task(row: sqlite3.Row) -> TaskRecord:
         request_id=row["request_id"],
         evidence_dir=row["evidence_dir"],
         polls=row["polls"],
+        fingerprint=row["fingerprint"],
+        local_id=row["local_id"],
+        owner=row["owner"],
+        created_at=float(row["created_at"]),
     )

@@ -91,6 +91,10 @@ class Submitted(_Result):
     inputs: dict[str, str] | None = Field(
         default=None, description="The media as given: local paths (sent as oss:// uploads) or URLs."
     )
+    deduplicated: bool = Field(
+        default=False, description="True when an identical earlier request's task was returned instead of a new one."
+    )
+    note: str | None = None
 
     def summary(self) -> str:
         cost = f" Estimated cost {self.estimated_cost_cny:.4f} CNY." if self.estimated_cost_cny is not None else ""
@@ -98,6 +102,8 @@ class Submitted(_Result):
             return (
                 f"{self._prefix()}Dry run of {self.model}: request saved in {self.evidence_dir}.{cost} {self.next_step}"
             )
+        if self.deduplicated:
+            return f"{self._prefix()}{self.note} Task {self.task_id} ({self.task_status}). {self.next_step}"
         return (
             f"{self._prefix()}Submitted {self.model} task {self.task_id} ({self.task_status}).{cost} {self.next_step}"
         )
@@ -106,7 +112,9 @@ class Submitted(_Result):
 class TaskStatus(_Result):
     task_id: str
     task_status: str = Field(
-        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED or UNKNOWN (unknown or older than 24 h)."
+        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED or UNKNOWN (unknown or older than 24 h); "
+        "for a submit whose answer was lost: SUBMITTING, SUBMIT_OUTCOME_UNKNOWN (being looked up in the task "
+        "list), NOT_FOUND (no such task appeared: most likely nothing was created)."
     )
     finished: bool
     model: str | None = None
@@ -121,6 +129,17 @@ class TaskStatus(_Result):
     code: str | None = None
     message: str | None = None
     download_error: str | None = None
+    last_error: str | None = Field(
+        None, description="The last upstream error met while following this task (the server keeps retrying)."
+    )
+    queue_ahead: int | None = Field(
+        None,
+        description="Unfinished tasks of the same model this server submitted earlier: the account runs one "
+        "at a time and queues the rest. None when finished.",
+    )
+    local_id: str | None = Field(
+        None, description="The id this submit had while its answer was unknown (it still finds this task)."
+    )
     evidence_dir: str | None = None
     actual_cost_cny: float | None = Field(default=None, description="Billed cost in CNY from usage.video_duration.")
     estimated_cost_cny: float | None = Field(default=None, description="The estimate made at submit, when known.")
@@ -130,8 +149,20 @@ class TaskStatus(_Result):
         if self.task_status == "SUCCEEDED" and self.video_path:
             cost = f" Cost {self.actual_cost_cny:.4f} CNY." if self.actual_cost_cny is not None else ""
             return f"{head}. Video saved to {self.video_path} ({self.video_bytes} bytes).{cost}"
+        if self.task_status == "SUCCEEDED" and self.code:
+            return f"{head}, but the video could not be saved: {self.message}"
         if self.task_status == "SUCCEEDED":
-            return f"{head}, but the download failed: {self.download_error} Call task_status again to retry."
-        if self.task_status in {"FAILED", "CANCELED", "UNKNOWN"}:
+            return (
+                f"{head}; the video is being downloaded in the background"
+                + (f" (last attempt: {self.download_error})" if self.download_error else "")
+                + ". Call task_status again with wait_seconds."
+            )
+        if self.task_status in {"FAILED", "CANCELED", "UNKNOWN", "NOT_FOUND"}:
             return f"{head}: {self.code or ''} {self.message or ''}".rstrip() + "."
-        return f"{head}. Not finished; call task_status again with wait_seconds to keep waiting."
+        if self.task_status in {"SUBMITTING", "SUBMIT_OUTCOME_UNKNOWN"}:
+            return (
+                f"{head}: {self.message or 'the submit has no answer yet.'} The server is looking for it in "
+                "DashScope's task list; call task_status again with wait_seconds. Do not submit again."
+            )
+        ahead = f" {self.queue_ahead} of this server's tasks are ahead of it." if self.queue_ahead else ""
+        return f"{head}.{ahead} Not finished; call task_status again with wait_seconds to keep waiting."

@@ -1,7 +1,8 @@
 """Opening and closing the domain layer: one place that builds a `Service` and its resources.
 
 Both the MCP lifespan and the command line use it, so they share one HTTP client, one ledger
-connection and the same rules.
+connection, one set of rate limits, the same rules, and the background task watcher (started here,
+stopped when the service closes).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx2
 
 from server.config import Settings
 from server.dashscope import DEFAULT_TIMEOUT, DashScopeClient
 from server.evidence import Evidence
 from server.ledger import Ledger
+from server.limits import Limits
 from server.service import Service
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,8 @@ async def open_service(settings: Settings, http: httpx2.AsyncClient | None = Non
         return owned[-1]
 
     try:
-        client = DashScopeClient(http or build_http, settings.base_url, settings.api_key)
+        limits = Limits(settings.max_query_qps, settings.model_aliases)
+        client = DashScopeClient(http or build_http, settings.base_url, settings.api_key, limits=limits)
         evidence = Evidence(settings.output_dir, settings.api_key)
         logger.info(
             "service open: base_url=%s output_dir=%s key_source=%s sandbox=%s",
@@ -42,7 +46,20 @@ async def open_service(settings: Settings, http: httpx2.AsyncClient | None = Non
             settings.key_source,
             settings.sandbox,
         )
-        yield Service(settings, client, ledger, evidence)
+        service = Service(settings, client, ledger, evidence)
+        # The caller's own exception is re-raised as itself after the watcher stops, not wrapped in an
+        # ExceptionGroup by the task group (callers such as the CLI catch `EmoMcpError`).
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.watcher.run)
+            try:
+                yield service
+            except BaseException as exc:
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
         for built in owned:
             await built.aclose()

@@ -6,7 +6,6 @@ provenance, wire mapping, evidence, ledger — lives here or below.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from server.budget import Approval, check_budget, over_ceiling
 from server.config import Settings
 from server.dashscope import DashScopeClient
 from server.errors import (
+    CannotCancelError,
     InvalidInputError,
     MissingApiKeyError,
     ProvenanceError,
     RefusedInputError,
-    SubmitOutcomeUnknownError,
 )
 from server.evidence import Evidence
 from server.ledger import Detection, Ledger
@@ -44,13 +43,12 @@ from server.pricing import Estimate, actual_cost, estimate_emo, estimate_emoji
 from server.provenance import require_detection
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
 from server.spend import estimate_of, record_estimate
+from server.submits import NEXT_STEP, Submitter
 from server.tasks import Progress, TaskTracker
 from server.uploads import Uploads
+from server.watcher import Watcher
 
-NEXT_STEP = (
-    "Call task_status with this task_id (wait_seconds up to 50 to wait in one call); "
-    "the video is downloaded as soon as the task succeeds."
-)
+__all__ = ["NEXT_STEP", "Service"]
 
 
 def _box(value: Any) -> list[int] | None:
@@ -65,7 +63,10 @@ class Service:
         self.client = client
         self.ledger = ledger
         self.evidence = evidence
-        self.tasks = TaskTracker(settings, client, ledger, evidence)
+        # The watcher owns every upstream task query and download; runtime.open_service runs it.
+        self.watcher = Watcher(settings, client, ledger, evidence)
+        self.tasks = TaskTracker(settings, ledger, self.watcher)
+        self.submitter = Submitter(settings, client, ledger, evidence, self.watcher)
         self.uploads = Uploads(client, ledger)
         self.preflight = Preflight(lambda: client.http, remote=settings.preflight_remote)
 
@@ -262,9 +263,10 @@ class Service:
         *,
         dry_run: bool = False,
         approval: Approval = "not-asked",
+        allow_duplicate: bool = False,
     ) -> Submitted:
         plan = await self.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model)
-        return await self.carry_out(plan, dry_run=dry_run, approval=approval)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
 
     async def emoji_generate(
         self,
@@ -276,11 +278,14 @@ class Service:
         *,
         dry_run: bool = False,
         approval: Approval = "not-asked",
+        allow_duplicate: bool = False,
     ) -> Submitted:
         plan = await self.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
-        return await self.carry_out(plan, dry_run=dry_run, approval=approval)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
 
-    async def carry_out(self, plan: Plan, *, dry_run: bool, approval: Approval) -> Submitted:
+    async def carry_out(
+        self, plan: Plan, *, dry_run: bool, approval: Approval, allow_duplicate: bool = False
+    ) -> Submitted:
         """A dry run writes the request and stops; a real run passes the budget, uploads, then submits."""
         if dry_run:
             return self._dry_run(plan)
@@ -290,7 +295,9 @@ class Service:
             name: await self.wire_url(value, model) if isinstance(value, MediaRef) else value
             for name, value in plan.payload["input"].items()
         }
-        submitted = await self._submit(plan.family, {**plan.payload, "input": wire_input}, plan.ratio, plan.output_size)
+        submitted = await self._submit(
+            plan.family, {**plan.payload, "input": wire_input}, plan.ratio, plan.output_size, allow_duplicate
+        )
         assert submitted.task_id is not None
         record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
         local = {name: str(ref.path) for name, ref in plan.media().items() if ref.path is not None}
@@ -369,53 +376,10 @@ class Service:
                 "detected, detect it again.)"
             ) from exc
 
-    async def _submit(self, family: Family, payload: dict[str, Any], ratio: str, output_size: str) -> Submitted:
-        pending = self.evidence.pending_submit_dir(family)
-        self.evidence.write_json(pending / "request.json", payload)
-        try:
-            body = await self.client.submit(payload)
-        except SubmitOutcomeUnknownError as exc:
-            self.evidence.write_json(pending / "outcome-unknown.json", {"error": str(exc)})
-            raise SubmitOutcomeUnknownError(
-                f"{exc} A {payload['model']} task may have been created and may be billed, so do NOT "
-                f"submit again right away. The request is saved in {pending}. Check the DashScope "
-                "console's task list (or wait a few minutes) before deciding to resubmit."
-            ) from exc
-        output = body.get("output") if isinstance(body.get("output"), dict) else {}
-        assert isinstance(output, dict)
-        task_id = output.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            self.evidence.write_json(pending / "submit.json", body)
-            raise SubmitOutcomeUnknownError(
-                f"DashScope accepted the submit but returned no task_id; the answer is saved in {pending}."
-            )
-        task_dir = self.evidence.task_dir(family, task_id)
-        for item in pending.iterdir():
-            os.replace(item, task_dir / item.name)
-        pending.rmdir()
-        self.evidence.write_json(task_dir / "submit.json", body)
-        status = str(output.get("task_status") or "PENDING")
-        request_id = body.get("request_id")
-        self.ledger.add_task(
-            task_id=task_id,
-            family=family,
-            model=str(payload["model"]),
-            payload=payload,
-            ratio=ratio,
-            status=status,
-            request_id=str(request_id) if request_id else None,
-            evidence_dir=str(task_dir),
-        )
-        return Submitted(
-            sandbox=self.settings.sandbox,
-            task_id=task_id,
-            task_status=status,
-            model=str(payload["model"]),
-            request_id=str(request_id) if request_id else None,
-            output_size=output_size,
-            evidence_dir=str(task_dir),
-            next_step=NEXT_STEP,
-        )
+    async def _submit(
+        self, family: Family, payload: dict[str, Any], ratio: str, output_size: str, allow_duplicate: bool = False
+    ) -> Submitted:
+        return await self.submitter.submit(family, payload, ratio, output_size, allow_duplicate=allow_duplicate)
 
     # tasks ------------------------------------------------------------------
 
@@ -431,6 +395,46 @@ class Service:
                 "estimated_cost_cny": estimate_of(self.ledger, task_id),
             }
         )
+
+    async def task_cancel(self, task_id: str) -> TaskStatus:
+        """Cancel a PENDING task upstream; anything else gets the reason it cannot be cancelled."""
+        if not self.settings.api_key:
+            raise MissingApiKeyError()
+        record = self.ledger.get_task(task_id)
+        if record is not None and record.finished:
+            raise CannotCancelError(
+                f"Task {record.task_id} is already {record.status}; only a PENDING task can be cancelled."
+            )
+        if record is not None and record.status in {"SUBMITTING", "SUBMIT_OUTCOME_UNKNOWN"}:
+            raise CannotCancelError(
+                f"{record.task_id} has no upstream task id yet (its submit's answer was lost); call task_status "
+                "with it until it is found, then cancel the task id it shows."
+            )
+        try:
+            await self.client.cancel_task(record.task_id if record else task_id)
+        except InvalidInputError as exc:
+            if exc.code == "InvalidParameter" and record is None:
+                raise RefusedInputError(
+                    f"DashScope does not know task {task_id} (wrong id, or older than 24 hours); nothing was cancelled."
+                ) from exc
+            # Refused: the task is no longer PENDING. Say what it is now.
+            current = await self.tasks.status(record.task_id if record else task_id, 0)
+            state = current.task_status
+            why = (
+                "it is already RUNNING and will finish (and be billed) as normal"
+                if state == "RUNNING"
+                else f"it is {state}"
+            )
+            raise CannotCancelError(
+                f"Task {current.task_id} cannot be cancelled: {why}; DashScope cancels only PENDING tasks. [{exc.code}]"
+            ) from exc
+        if record is None:
+            return await self.tasks.status(task_id, 0)
+        self.ledger.update_task(
+            record.task_id, status="CANCELED", code="Canceled", message="Cancelled with task_cancel before it started."
+        )
+        self.watcher.notify(record.task_id)
+        return await self.tasks.status(record.task_id, 0)
 
 
 @dataclass(frozen=True)

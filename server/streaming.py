@@ -9,6 +9,7 @@ loop free; hashlib and file writes release the GIL. See bench/RESULTS.md for the
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ def fetch_to_file(url: str, path: Path, timeout: httpx2.Timeout, stop: threading
                 digest.update(chunk)
                 sink.write(chunk)
                 size += len(chunk)
+            # On disk before the caller renames it into place: a crash never leaves a short ".mp4".
+            sink.flush()
+            os.fsync(sink.fileno())
     return Fetched(response, size, digest.hexdigest())
 
 

@@ -16,6 +16,7 @@ from server.config import Settings, load_settings
 from server.fake_dashscope import FakeDashScope
 
 TEST_KEY = "sk-test-secret-1234567890"
+TOOL_NAMES = frozenset({"emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status", "task_cancel"})
 PORTRAIT = "https://images.example.com/people/alice.jpg"
 OTHER_PORTRAIT = "https://images.example.com/people/bob.jpg"
 SPEECH = "https://audio.example.com/hello.wav"

@@ -9,9 +9,20 @@ import anyio
 import pytest
 from mcp import Client
 
-from server.config import Settings
+from server.app import create_app
+from server.config import Settings, load_settings
 from server.fake_dashscope import FakeDashScope
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, detect_emoji, read_json, submit_emo
+from tests.conftest import (
+    PORTRAIT,
+    SPEECH,
+    TEST_KEY,
+    call_ok,
+    detect_emo,
+    detect_emoji,
+    make_env,
+    read_json,
+    submit_emo,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -148,9 +159,11 @@ async def test_finished_task_is_answered_from_the_ledger(client: Client, fake: F
 async def test_wait_sends_progress_notifications(client: Client, fake: FakeDashScope) -> None:
     _, submitted = await submit_emo(client)
     seen: list[tuple[float, float | None, str | None]] = []
+    fake.auto_progress = False  # the background watcher must not finish it before the wait starts
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
+        fake.complete(submitted["task_id"])
 
     result = await client.call_tool(
         "task_status", {"task_id": submitted["task_id"], "wait_seconds": 5}, progress_callback=on_progress
@@ -160,9 +173,12 @@ async def test_wait_sends_progress_notifications(client: Client, fake: FakeDashS
     assert "PENDING" in (seen[0][2] or "")
 
 
-async def test_without_wait_one_poll_reports_progress_state(client: Client, fake: FakeDashScope) -> None:
-    _, submitted = await submit_emo(client)
-    status = await call_ok(client, "task_status", {"task_id": submitted["task_id"]})
+async def test_without_wait_one_poll_reports_progress_state(fake: FakeDashScope, tmp_path: Path) -> None:
+    # A poll interval longer than the test: the watcher's first query is the only one.
+    settings = load_settings(make_env(fake, tmp_path, EMO_MCP_POLL_INTERVAL="60"), cwd=tmp_path)
+    async with Client(create_app(settings)) as client:
+        _, submitted = await submit_emo(client)
+        status = await call_ok(client, "task_status", {"task_id": submitted["task_id"]})
     assert status["task_status"] == "PENDING"
     assert status["finished"] is False
     assert status["video_path"] is None

@@ -91,7 +91,7 @@ async def test_missing_key_lists_both_ways_and_tools_still_list(fake: FakeDashSc
     settings = load_settings(env, cwd=tmp_path)
     assert settings.key_source == "none"
     async with Client(create_app(settings)) as client:
-        assert len((await client.list_tools()).tools) == 5
+        assert len((await client.list_tools()).tools) == 6
         message = await call_error(client, "emoji_detect", {"image_url": PORTRAIT})
         assert "DASHSCOPE_API_KEY" in message and "~/.alibabacloud/credentials" in message
         message = await call_error(client, "task_status", {"task_id": "abc"})
@@ -116,7 +116,7 @@ async def test_submit_without_answer_is_not_retried_and_says_it_may_be_billed(
 
     from server import dashscope
 
-    monkeypatch.setattr(dashscope, "DEFAULT_TIMEOUT", httpx2.Timeout(0.5, connect=5.0))
+    monkeypatch.setattr(dashscope, "SUBMIT_TIMEOUT", httpx2.Timeout(0.5, connect=5.0))
     async with Client(create_app(settings)) as client:
         detection = await detect_emo(client)
         fake.inject("POST", "/services/aigc/image2video/video-synthesis", delay=2.0, passthrough=True)

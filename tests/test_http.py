@@ -28,7 +28,7 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.fake_dashscope import FakeDashScope
 from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, make_env
+from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, TOOL_NAMES, call_ok, detect_emo, make_env
 from tests.serving import serving
 
 pytestmark = pytest.mark.anyio
@@ -75,7 +75,7 @@ async def test_loopback_serves_the_chain_without_a_token(settings: Settings, fak
     async with serving(settings, http_security("127.0.0.1", {})) as base:
         async with http_client(base) as client:
             names = {tool.name for tool in (await client.list_tools()).tools}
-            assert names == {"emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status"}
+            assert names == TOOL_NAMES
             detection = await detect_emo(client)
             submitted = await call_ok(
                 client,
@@ -122,7 +122,7 @@ async def test_public_configuration_requires_the_bearer_token(settings: Settings
         async with http_client(base, {"Authorization": f"Bearer {TOKEN}"}) as client:
             tools = (await client.list_tools()).tools
             await detect_emo(client)
-        assert len(tools) == 5
+        assert len(tools) == len(TOOL_NAMES)
         # The client's token stops at this server: DashScope only ever sees the server's own key.
         (upstream_call,) = fake.requests
         assert upstream_call.headers["authorization"] == f"Bearer {TEST_KEY}"

@@ -24,7 +24,7 @@ import pytest
 from server.config import Settings
 from server.fake_dashscope import FakeDashScope
 from server.http import HOSTS_ENV, TOKEN_ENV, http_security
-from tests.conftest import PORTRAIT, SPEECH, make_env
+from tests.conftest import PORTRAIT, SPEECH, TOOL_NAMES, make_env
 from tests.serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ async def test_tools_list_is_strictly_portable(inspector: Inspector) -> None:
     assert "schemaFindings" not in envelope, envelope.get("schemaFindings")
     assert "portability" not in stderr
     names = [tool["name"] for tool in envelope["result"]["tools"]]
-    assert names == ["emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status"]
+    assert set(names) == TOOL_NAMES and len(names) == len(TOOL_NAMES)
     assert all(tool["inputSchema"].get("additionalProperties") is False for tool in envelope["result"]["tools"])
 
 
@@ -200,7 +200,11 @@ async def test_resources_and_prompts_over_http_with_a_token(
         task_id = submitted["result"]["structuredContent"]["task_id"]
         task = await inspector.remote(url, "resources/read", "--uri", f"tasks://{task_id}", *header)
         view = json.loads(task["result"]["contents"][0]["text"])
-        assert view["task_id"] == task_id and view["model"] == "emoji-v1" and view["status"] == "PENDING"
+        assert (
+            view["task_id"] == task_id
+            and view["model"] == "emoji-v1"
+            and view["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}
+        )
 
         prompts = await inspector.remote(url, "prompts/list", *header)
         assert {p["name"] for p in prompts["result"]["prompts"]} == {"talking_head", "emoji_clip"}

@@ -130,7 +130,7 @@ from server.config import load_settings
 env = {{"DASHSCOPE_API_KEY": "sk-x", "OUTPUT_DIR": {str(tmp_path)!r}, "HOME": {str(tmp_path)!r}}}
 async def main():
     async with Client(create_app(load_settings(env))) as client:
-        assert len((await client.list_tools()).tools) == 5
+        assert len((await client.list_tools()).tools) == 6
     sys.stdout.write(str("httpcore2" in sys.modules))
 anyio.run(main)
 """

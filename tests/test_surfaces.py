@@ -50,6 +50,9 @@ async def test_annotations_tell_the_truth(client: Client) -> None:
         if name.endswith("_generate"):
             assert (hints.read_only_hint, hints.idempotent_hint, hints.destructive_hint) == (False, False, False)
             assert "Paid" in tool.description and "task_status" in tool.description
+        elif name == "task_cancel":
+            # Ends a queued job for good; a second call changes nothing.
+            assert (hints.read_only_hint, hints.idempotent_hint, hints.destructive_hint) == (False, True, True)
         else:
             assert hints.read_only_hint is True, name
     described = {name: tool.description or "" for name, tool in tools.items()}

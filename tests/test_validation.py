@@ -8,7 +8,7 @@ import pytest
 from mcp import Client
 
 from server.fake_dashscope import FakeDashScope
-from tests.conftest import PORTRAIT, SPEECH, call_error, call_ok
+from tests.conftest import PORTRAIT, SPEECH, TOOL_NAMES, call_error, call_ok
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +73,7 @@ async def test_bad_input_is_refused_and_the_server_keeps_answering(
 
 async def test_published_schemas_are_strict_and_match_runtime(client: Client) -> None:
     tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status"}
+    assert set(tools) == TOOL_NAMES
     for tool in tools.values():
         assert tool.input_schema.get("additionalProperties") is False, tool.name
         assert tool.output_schema is not None, tool.name

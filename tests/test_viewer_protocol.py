@@ -86,7 +86,7 @@ async def test_viewer_resource_reads_back_as_a_self_contained_mcp_app(settings: 
 
 def _volatile(data: dict[str, Any]) -> set[str]:
     keys: tuple[str, ...] = ("request_id", "evidence_dir", "task_id", "submit_time", "scheduled_time")
-    keys += ("end_time", "video_url", "video_path", "video_sha256")
+    keys += ("end_time", "video_url", "video_path", "video_sha256", "local_id")
     return {str(data[key]) for key in keys if data.get(key)}
 
 

@@ -7,7 +7,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
@@ -15,7 +15,7 @@ from server.results import EmoDetection, Submitted
 from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
-from tools.schemas import Box, MediaSource, Ratio, StyleLevel, choice
+from tools.schemas import ALLOW_DUPLICATE, Box, MediaSource, Ratio, StyleLevel, choice
 from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for EMO (emo-detect-v1) and get the boxes emo_generate needs.
@@ -35,6 +35,8 @@ style_level: normal (default), calm or active.
 Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (output length = audio length); the result carries \
 estimated_cost_cny. dry_run=true returns the exact request and the estimate and submits nothing. The server \
 may refuse a job above its cost ceiling, or ask the user to confirm it.
+An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
+instead of billing a new one; allow_duplicate: true forces a new task.
 Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
 
 
@@ -75,13 +77,22 @@ def build(settings: Settings) -> list[Tool]:
         confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emo)],
         style_level: Annotated[StyleLevel, Field(description="Motion style.")] = "normal",
         model: Annotated[generate_models | None, Field(description="Defaults to emo-v1.")] = None,  # type: ignore[valid-type]
-        dry_run: Annotated[bool, Field(description="Return the request and estimate; submit nothing.")] = False,
+        dry_run: Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")] = False,
+        allow_duplicate: Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)] = False,
     ) -> Annotated[CallToolResult, Submitted]:
         approval = approval_of(confirmation)
         return await run(
             ctx,
             lambda service: service.emo_generate(
-                image_url, audio_url, face_bbox, ext_bbox, style_level, model, dry_run=dry_run, approval=approval
+                image_url,
+                audio_url,
+                face_bbox,
+                ext_bbox,
+                style_level,
+                model,
+                dry_run=dry_run,
+                approval=approval,
+                allow_duplicate=allow_duplicate,
             ),
         )
 

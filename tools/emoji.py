@@ -7,7 +7,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
@@ -15,7 +15,7 @@ from server.results import EmojiDetection, Submitted
 from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
-from tools.schemas import Box, MediaSource, choice
+from tools.schemas import ALLOW_DUPLICATE, Box, MediaSource, choice
 from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for Emoji (emoji-detect-v1) and get the boxes emoji_generate needs.
@@ -32,6 +32,8 @@ template_id must be one of the official templates (the enum); series: mengwa (cu
 dagong (office worker), jingdian (classic).
 Cost: about 0.08 CNY per output second (unconfirmed); the result carries estimated_cost_cny. dry_run=true \
 returns the exact request and the estimate and submits nothing. Runs 1-5 minutes.
+An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
+instead of billing a new one; allow_duplicate: true forces a new task.
 Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
 
 
@@ -69,13 +71,21 @@ def build(settings: Settings) -> list[Tool]:
         ctx: Context[Any, Any],
         confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emoji)],
         model: Annotated[generate_models | None, Field(description="Defaults to emoji-v1.")] = None,  # type: ignore[valid-type]
-        dry_run: Annotated[bool, Field(description="Return the request and estimate; submit nothing.")] = False,
+        dry_run: Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")] = False,
+        allow_duplicate: Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)] = False,
     ) -> Annotated[CallToolResult, Submitted]:
         approval = approval_of(confirmation)
         return await run(
             ctx,
             lambda service: service.emoji_generate(
-                image_url, face_bbox, ext_bbox_face, template_id, model, dry_run=dry_run, approval=approval
+                image_url,
+                face_bbox,
+                ext_bbox_face,
+                template_id,
+                model,
+                dry_run=dry_run,
+                approval=approval,
+                allow_duplicate=allow_duplicate,
             ),
         )
 

@@ -92,3 +92,9 @@ TaskId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-
 def choice(values: tuple[str, ...]) -> Any:
     """A `Literal` of values known only at run time (templates from the data file, model aliases)."""
     return Literal[values]
+
+
+ALLOW_DUPLICATE = (
+    "Set true only to create a second, separately billed task for a request identical to an earlier one "
+    "that is still alive or succeeded (by default that task is returned instead)."
+)

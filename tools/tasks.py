@@ -1,4 +1,4 @@
-"""task_status: follow an emo-v1 / emoji-v1 task to its end and download the video."""
+"""task_status and task_cancel: follow an emo-v1 / emoji-v1 task to its end, or cancel it while PENDING."""
 
 from typing import Annotated, Any
 
@@ -19,7 +19,13 @@ wait_seconds (default 0) keeps polling inside this call until the task ends or t
 capped at {MAX_WAIT_SECONDS} s so one call stays inside common MCP client timeouts: call again to wait longer.
 Statuses: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id, or older than 24 h).
 On SUCCEEDED the MP4 is already saved: video_path is its absolute path (video_url expires after 24 h). \
-On FAILED: code and message. Free to call."""
+On FAILED: code and message. Free to call.
+The server follows every task in the background (and downloads its video) whether or not you call this; \
+queue_ahead says how many of this server's earlier tasks of the same model run first (one at a time)."""
+
+CANCEL_DESCRIPTION = """Cancel a task that is still PENDING (queued, not started) upstream; nothing is billed for it.
+A RUNNING or finished task cannot be cancelled: the error says which state it is in (a running task \
+finishes and is billed as normal). Returns the task's status, CANCELED on success."""
 
 
 def build() -> list[Tool]:
@@ -36,7 +42,24 @@ def build() -> list[Tool]:
         wait = min(wait_seconds, schemas.MAX_WAIT_SECONDS)
         return await run(ctx, lambda service: service.task_status(task_id, wait, progress))
 
+    async def task_cancel(
+        task_id: Annotated[TaskId, Field(description="task_id returned by emo_generate or emoji_generate.")],
+        ctx: Context[Any, Any],
+    ) -> Annotated[CallToolResult, TaskStatus]:
+        return await run(ctx, lambda service: service.task_cancel(task_id))
+
     return [
+        harden(
+            Tool.from_function(
+                task_cancel,
+                title="Cancel a pending task",
+                description=CANCEL_DESCRIPTION,
+                # Destructive: it ends a queued job for good. Idempotent: a second call changes nothing.
+                annotations=ToolAnnotations(
+                    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
+                ),
+            )
+        ),
         harden(
             Tool.from_function(
                 task_status,
@@ -45,5 +68,5 @@ def build() -> list[Tool]:
                 annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
                 meta=viewer_meta(),
             )
-        )
+        ),
     ]

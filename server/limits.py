@@ -1,0 +1,92 @@
+"""Client-side rate limits, so this server never asks DashScope faster than the contract allows.
+
+- task queries (and the other `/tasks` calls: list, cancel) share one limiter per process,
+  `EMO_MCP_MAX_QUERY_QPS` (default 20, the documented per-account query limit);
+- detect and submit calls are limited per model, from the contract: emo-v1 5/s,
+  emoji-v1 and emoji-detect-v1 1/s. emo-detect-v1 has no published figure: it gets 5/s, the
+  figure of its family's generate model, which is an assumption (see README);
+- a 429 pauses the whole limiter (not just the request that got it) for `Retry-After`, so
+  concurrent callers do not hammer a throttled account.
+
+Each limiter spaces starts `1/rate` apart and also counts the starts of the last second, so no
+window of one second ever holds more than `rate` starts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+
+from server.models import EMO_DETECT, EMO_GENERATE, EMOJI_DETECT, EMOJI_GENERATE
+
+DEFAULT_QUERY_QPS = 20.0
+# Per-model call rates (calls per second); unknown models get the most conservative one.
+MODEL_RATES: dict[str, float] = {EMO_GENERATE: 5.0, EMO_DETECT: 5.0, EMOJI_GENERATE: 1.0, EMOJI_DETECT: 1.0}
+FALLBACK_MODEL_RATE = 1.0
+# The counting window: one second plus a margin for the time between a start and its arrival upstream.
+WINDOW = 1.05
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RateLimiter:
+    """At most `rate` starts in any window of one second, and starts at least `1/rate` apart.
+
+    Callers queue in arrival order (a FIFO lock); the window is checked against the moments starts
+    really happened, with a small margin, so a caller woken late by a busy event loop cannot bunch
+    up with the next ones.
+    """
+
+    def __init__(self, rate: float, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._interval = 1.0 / rate
+        self._burst = max(1, math.floor(rate))
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0
+        self._paused_until = 0.0
+        self._starts: deque[float] = deque(maxlen=self._burst)
+        self._lock = anyio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for this caller's turn."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                slot = max(now, self._next, self._paused_until)
+                if len(self._starts) == self._burst:
+                    slot = max(slot, self._starts[0] + WINDOW)
+                if slot <= now:
+                    break
+                await self._sleep(slot - now)
+            self._starts.append(now)
+            self._next = now + self._interval
+
+    def pause(self, seconds: float) -> None:
+        """Nobody starts before `seconds` from now (a 429's Retry-After, or our own backoff)."""
+        until = self._clock() + max(0.0, seconds)
+        self._paused_until = max(self._paused_until, until)
+
+
+class Limits:
+    """The limiters of one server process."""
+
+    def __init__(self, query_qps: float = DEFAULT_QUERY_QPS, aliases: Mapping[str, tuple[str, ...]] | None = None):
+        self.queries = RateLimiter(query_qps)
+        self._official = {alias: official for official, names in (aliases or {}).items() for alias in names}
+        self._models: dict[str, RateLimiter] = {}
+
+    def model(self, model: str) -> RateLimiter:
+        """The limiter of a model; a deployment alias shares its official model's limiter."""
+        official = self._official.get(model, model)
+        limiter = self._models.get(official)
+        if limiter is None:
+            limiter = self._models[official] = RateLimiter(MODEL_RATES.get(official, FALLBACK_MODEL_RATE))
+        return limiter

@@ -1,0 +1,155 @@
+"""Submitting a paid task so that it is never billed twice.
+
+- The request's fingerprint (sha256 of the canonical JSON of the normalized payload: model,
+  inputs, boxes, template or style) is looked up first: an identical request whose task is
+  alive or succeeded returns that task (`deduplicated: true`) unless `allow_duplicate` is set.
+- A ledger row (SUBMITTING, keyed by a local id) is written in the same transaction, before the
+  request is sent, so neither a second process nor a crash can slip a duplicate past it.
+- An answer turns the row into the real task; a clear refusal deletes it (nothing was created);
+  no answer leaves it SUBMIT_OUTCOME_UNKNOWN for `server.reconcile` to resolve, and an identical
+  submit is refused meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+from server.config import Settings
+from server.dashscope import DashScopeClient
+from server.errors import DuplicateSubmitError, SubmitOutcomeUnknownError, UpstreamError, UpstreamUnavailableError
+from server.evidence import Evidence
+from server.ledger import LOCAL_STATUSES, SUBMIT_UNKNOWN, Ledger, TaskRecord
+from server.models import Family
+from server.reconcile import owner_token
+from server.results import Submitted
+from server.watcher import Watcher
+
+NEXT_STEP = (
+    "Call task_status with this task_id (wait_seconds up to 50 to wait in one call); "
+    "the video is downloaded as soon as the task succeeds, even if nobody asks."
+)
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """Identity of a generate request: equal payloads, equal fingerprints, whatever the key order."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class Submitter:
+    def __init__(
+        self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, watcher: Watcher
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._ledger = ledger
+        self._evidence = evidence
+        self._watcher = watcher
+
+    async def submit(
+        self,
+        family: Family,
+        payload: dict[str, Any],
+        ratio: str,
+        output_size: str,
+        *,
+        allow_duplicate: bool = False,
+    ) -> Submitted:
+        model = str(payload["model"])
+        local_id = f"submit-{uuid.uuid4().hex[:16]}"
+        pending = self._evidence.pending_submit_dir(family)
+        existing = self._ledger.begin_submit(
+            local_id=local_id,
+            family=family,
+            model=model,
+            payload=payload,
+            ratio=ratio,
+            fingerprint=fingerprint(payload),
+            evidence_dir=str(pending),
+            owner=owner_token(),
+            allow_duplicate=allow_duplicate,
+        )
+        if existing is not None:
+            pending.rmdir()
+            return self._reuse(existing, output_size)
+        self._evidence.write_json(pending / "request.json", payload)
+        try:
+            body = await self._client.submit(payload)
+        except SubmitOutcomeUnknownError as exc:
+            self._evidence.write_json(pending / "outcome-unknown.json", {"error": str(exc), "local_id": local_id})
+            self._ledger.update_task(local_id, status=SUBMIT_UNKNOWN, message=str(exc))
+            self._watcher.notify(local_id)
+            raise SubmitOutcomeUnknownError(
+                f"{exc} A {model} task may have been created and may be billed, so do NOT submit again. "
+                f"It is recorded as {local_id} (request saved in {pending}); the server is looking for it in "
+                f"DashScope's task list. Call task_status with task_id {local_id} to follow it: it turns into the "
+                "real task once found. An identical generate is refused until then."
+            ) from exc
+        except (UpstreamError, UpstreamUnavailableError):
+            # A clear refusal (or no connection at all): nothing exists upstream, nothing is billed.
+            self._ledger.delete_task(local_id)
+            raise
+        output = body.get("output") if isinstance(body.get("output"), dict) else {}
+        assert isinstance(output, dict)
+        task_id = output.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            self._evidence.write_json(pending / "submit.json", body)
+            self._ledger.update_task(local_id, status=SUBMIT_UNKNOWN, message="accepted without a task_id")
+            raise SubmitOutcomeUnknownError(
+                f"DashScope accepted the submit but returned no task_id; the answer is saved in {pending}. "
+                f"It is recorded as {local_id}; do NOT submit again before task_status {local_id} resolves it."
+            )
+        task_dir = self._evidence.task_dir(family, task_id)
+        for item in pending.iterdir():
+            os.replace(item, task_dir / item.name)
+        pending.rmdir()
+        self._evidence.write_json(task_dir / "submit.json", body)
+        status = str(output.get("task_status") or "PENDING")
+        request_id = body.get("request_id")
+        self._ledger.resolve_submit(
+            local_id,
+            task_id=task_id,
+            status=status,
+            request_id=str(request_id) if request_id else None,
+            evidence_dir=str(task_dir),
+        )
+        self._watcher.watch(task_id)
+        return Submitted(
+            sandbox=self._settings.sandbox,
+            task_id=task_id,
+            task_status=status,
+            model=model,
+            request_id=str(request_id) if request_id else None,
+            output_size=output_size,
+            evidence_dir=str(task_dir),
+            next_step=NEXT_STEP,
+        )
+
+    def _reuse(self, record: TaskRecord, output_size: str) -> Submitted:
+        if record.status in LOCAL_STATUSES:
+            raise DuplicateSubmitError(
+                f"An identical {record.model} request ({record.task_id}) was sent and its outcome is not known "
+                "yet: a task may exist and may be billed, so nothing was sent. The server is looking for it in "
+                f"DashScope's task list; call task_status with task_id {record.task_id}. To create a second, "
+                "separately billed task anyway, call again with allow_duplicate: true."
+            )
+        return Submitted(
+            sandbox=self._settings.sandbox,
+            task_id=record.task_id,
+            task_status=record.status,
+            model=record.model,
+            request_id=record.request_id,
+            output_size=output_size,
+            evidence_dir=record.evidence_dir,
+            next_step=NEXT_STEP,
+            deduplicated=True,
+            note=(
+                f"Not submitted again: an identical {record.model} request already has this task "
+                f"({record.status}), so nothing new was billed. Pass allow_duplicate: true to force a new, "
+                "separately billed task."
+            ),
+        )

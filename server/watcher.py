@@ -1,0 +1,354 @@
+"""The one background loop that owns every upstream task query of this server process.
+
+Why: agents forget to poll, clients give up after ~60 s, processes crash, and a result URL
+expires 24 h after the task ends. So the watcher, not the agent, follows each open task in the
+ledger at `EMO_MCP_POLL_INTERVAL`, downloads a video the moment its task succeeds (whether or
+not anyone asks), and records failures. `task_status` callers only wait on the watcher's state;
+a caller that wants fresh news (`wait_seconds=0`) shares the one query in flight, and gets no
+new query at all if the task was queried less than one interval ago.
+
+On start it recovers: stale `.part` files are deleted, a recorded video that is missing on disk
+is downloaded again (or the task is marked `VideoExpired` when the URL no longer works), and a
+submit whose process died before an answer was recorded is reconciled with the task list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from server.config import Settings
+from server.dashscope import DashScopeClient, file_sha256
+from server.errors import EmoMcpError, TaskNotFoundError, UpstreamError
+from server.evidence import Evidence
+from server.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.models import Family
+from server.reconcile import Reconciler, pid_alive
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_MESSAGE = (
+    "DashScope does not know this task: the id is wrong, or the task ended more than 24 hours ago "
+    "(task ids expire then)."
+)
+EXPIRED_MESSAGE = (
+    "The task SUCCEEDED (and was billed) but its video URL no longer works ({why}); result URLs expire "
+    "24 hours after the task ends, so the video could not be saved."
+)
+DOWNLOAD_BACKOFF_CAP = 300.0
+
+
+def _video_url(output: dict[str, Any]) -> str | None:
+    """emo-v1 puts it in output.results.video_url, emoji-v1 directly in output.video_url."""
+    results = output.get("results")
+    if isinstance(results, dict) and isinstance(results.get("video_url"), str):
+        return str(results["video_url"])
+    url = output.get("video_url")
+    return url if isinstance(url, str) else None
+
+
+def _infer_family(body: dict[str, Any]) -> Family:
+    """For a task another process submitted before the ledger knew it."""
+    output = body.get("output") or {}
+    usage = body.get("usage") or {}
+    if isinstance(output.get("results"), dict) or usage.get("video_ratio") in {"1:1", "3:4"}:
+        return "emo"
+    return "emoji"
+
+
+def video_destination(record: TaskRecord) -> Path:
+    return Path(record.evidence_dir) / f"{Path(record.evidence_dir).name}.mp4"
+
+
+def needs_download(record: TaskRecord) -> bool:
+    return (
+        record.status == "SUCCEEDED"
+        and record.code != VIDEO_EXPIRED
+        and not (record.video_path and Path(record.video_path).is_file())
+    )
+
+
+def settled(record: TaskRecord) -> bool:
+    """Nothing more will happen to this task: finished, and its video saved (or known lost)."""
+    return record.finished and not needs_download(record)
+
+
+@dataclass
+class _State:
+    """What the watcher knows about one task beyond the ledger (in memory, per process)."""
+
+    inflight: anyio.Event | None = None
+    last_query: float = -math.inf
+    next_due: float = 0.0
+    error: EmoMcpError | None = None
+    download_error: str | None = None
+    download_failures: int = 0
+    next_download: float = 0.0
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Watcher:
+    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence) -> None:
+        self._settings = settings
+        self._client = client
+        self._ledger = ledger
+        self._evidence = evidence
+        self.interval = settings.poll_interval
+        self._states: dict[str, _State] = {}
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self.reconciler = Reconciler(settings, client, ledger, evidence, self.notify)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Recover, then follow every open task until cancelled."""
+        if not self._settings.api_key:
+            task_status.started()  # nothing can be queried without a key
+            return
+        self.recover()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            while True:
+                delay = self._tick(tg)
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    def recover(self) -> None:
+        """Make the ledger and the disk agree after a crash; downloads then happen in the loop."""
+        removed = 0
+        for part in self._settings.output_dir.glob("*/tasks/*/*.part"):
+            owner = part.suffixes[-2].lstrip(".") if len(part.suffixes) >= 2 else ""
+            if not owner.isdigit() or int(owner) == os.getpid() or not pid_alive(int(owner)):
+                part.unlink(missing_ok=True)
+                removed += 1
+        for record in self._ledger.succeeded_rows():
+            destination = video_destination(record)
+            if record.video_path and Path(record.video_path).is_file():
+                if record.video_bytes is not None and Path(record.video_path).stat().st_size != record.video_bytes:
+                    logger.warning("task %s: video on disk has the wrong size; downloading again", record.task_id)
+                    # Kept aside, not deleted: if the URL has expired it is all there is.
+                    Path(record.video_path).replace(record.video_path + ".wrong-size")
+                    self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
+            elif destination.is_file():
+                # Renamed only after verification, so it is complete: the crash came before the ledger write.
+                self._ledger.update_task(
+                    record.task_id,
+                    video_path=str(destination),
+                    video_sha256=file_sha256(destination),
+                    video_bytes=destination.stat().st_size,
+                )
+            elif record.video_path:
+                self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
+        self.reconciler.mark_dead_submits()
+        logger.info("watcher recovered: %d stale partial download(s) removed", removed)
+
+    def _tick(self, tg: TaskGroup) -> float:
+        """Start every due step; return how long to sleep before the next one is due."""
+        now = time.monotonic()
+        wake = now + self.interval
+        if self.reconciler.pending():
+            due = self.reconciler.next_due()
+            if due <= now:
+                tg.start_soon(self._reconcile)
+                due = now + self.interval
+            wake = min(wake, due)
+        for record in self._ledger.open_rows():
+            state = self._state(record.task_id)
+            if state.inflight is not None:
+                continue
+            due = state.next_download if needs_download(record) and record.video_url else state.next_due
+            if due <= now:
+                state.inflight = anyio.Event()
+                tg.start_soon(self._step, record.task_id, state.inflight)
+            else:
+                wake = min(wake, due)
+        return max(0.0, wake - time.monotonic())
+
+    def watch(self, task_id: str) -> None:
+        """A task was just submitted or adopted: look at it now."""
+        self._state(task_id).next_due = 0.0
+        self._wake.set()
+
+    def notify(self, *task_ids: str) -> None:
+        """Wake everyone waiting on these tasks (and the loop: work may be due)."""
+        for task_id in task_ids:
+            state = self._states.get(task_id)
+            if state is not None:
+                state.changed.set()
+                state.changed = anyio.Event()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ for task_status
+
+    async def refresh(self, task_id: str) -> None:
+        """Fresh news for one caller: share the query in flight, or make one if the last is old enough."""
+        record = self._ledger.get_task(task_id)
+        if record is not None and record.status in LOCAL_STATUSES:
+            await self._reconcile()
+            return
+        state = self._state(task_id if record is None else record.task_id)
+        if state.inflight is not None:
+            await state.inflight.wait()
+        elif record is None or time.monotonic() - state.last_query >= self.interval or needs_download(record):
+            state.inflight = anyio.Event()
+            await self._step(task_id, state.inflight)
+        if state.error is not None:
+            raise state.error
+
+    async def wait_change(self, task_id: str, seconds: float) -> None:
+        changed = self._state(task_id).changed
+        with anyio.move_on_after(seconds):
+            await changed.wait()
+
+    def errors(self, task_id: str) -> tuple[str | None, str | None]:
+        """(last query error, last download error) of a task, for its status answer."""
+        state = self._states.get(task_id)
+        if state is None:
+            return None, None
+        return (str(state.error) if state.error else None), state.download_error
+
+    # ------------------------------------------------------------------ the work
+
+    def _state(self, task_id: str) -> _State:
+        state = self._states.get(task_id)
+        if state is None:
+            state = self._states[task_id] = _State()
+        return state
+
+    async def _reconcile(self) -> None:
+        try:
+            await self.reconciler.run_once()
+        except EmoMcpError as exc:
+            logger.warning("reconciling unanswered submits failed: %s", exc)
+
+    async def _step(self, task_id: str, done: anyio.Event) -> None:
+        """Query the task if it is not finished, then download its video if it succeeded."""
+        state = self._state(task_id)
+        try:
+            record = self._ledger.get_task(task_id)
+            if record is None or not record.finished or (record.status == "SUCCEEDED" and not record.video_url):
+                # The schedule counts from when a query starts, so one lands every interval, not every
+                # interval plus a round trip.
+                began = time.monotonic()
+                try:
+                    record = await self._poll(task_id, record)
+                    state.error = None
+                except EmoMcpError as exc:
+                    state.error = exc
+                    if not isinstance(exc, TaskNotFoundError):
+                        logger.warning("task %s: query failed: %s", task_id, exc)
+                    return
+                finally:
+                    state.last_query = began
+                    state.next_due = began + self.interval
+            if needs_download(record) and record.video_url:
+                await self._download(record, state)
+        finally:
+            state.inflight = None
+            done.set()
+            self.notify(task_id)
+
+    async def _poll(self, task_id: str, record: TaskRecord | None) -> TaskRecord:
+        body = await self._client.get_task(task_id)
+        output = body.get("output") if isinstance(body.get("output"), dict) else {}
+        assert isinstance(output, dict)
+        status = str(output.get("task_status") or "UNKNOWN")
+        if record is None:
+            if status == "UNKNOWN":
+                raise TaskNotFoundError(
+                    f"Task {task_id} is not in this server's ledger and {UNKNOWN_MESSAGE} "
+                    "Use the task_id returned by emo_generate or emoji_generate."
+                )
+            record = self._adopt(task_id, body)
+        polls = record.polls + 1
+        self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
+        fields: dict[str, Any] = {"polls": polls}
+        if record.status == "SUCCEEDED" and status == "UNKNOWN":
+            # The task id expired before its video URL was recorded: the result is gone.
+            fields.update(code=VIDEO_EXPIRED, message=EXPIRED_MESSAGE.format(why="the task id expired"))
+            self._ledger.update_task(task_id, **fields)
+            return self._reread(task_id)
+        fields["status"] = status
+        for name in ("submit_time", "scheduled_time", "end_time"):
+            if output.get(name):
+                fields[name] = str(output[name])
+        if status == "SUCCEEDED":
+            fields["video_url"] = _video_url(output)
+            fields["usage"] = body.get("usage") if isinstance(body.get("usage"), dict) else None
+            if not fields["video_url"]:
+                fields.update(code=VIDEO_EXPIRED, message="DashScope reported SUCCEEDED without a video_url.")
+        elif status in {"FAILED", "CANCELED"}:
+            fields["code"] = str(output.get("code") or status)
+            fields["message"] = str(output.get("message") or "")
+        elif status == "UNKNOWN":
+            fields["code"], fields["message"] = "UNKNOWN", UNKNOWN_MESSAGE
+        self._ledger.update_task(task_id, **fields)
+        updated = self._reread(task_id)
+        if status in TERMINAL_STATUSES:
+            self._evidence.write_json(Path(updated.evidence_dir) / "result.json", body)
+        return updated
+
+    def _reread(self, task_id: str) -> TaskRecord:
+        record = self._ledger.get_task(task_id)
+        assert record is not None
+        return record
+
+    def _adopt(self, task_id: str, body: dict[str, Any]) -> TaskRecord:
+        family = _infer_family(body)
+        evidence_dir = self._evidence.task_dir(family, task_id)
+        model = "emo-v1" if family == "emo" else "emoji-v1"
+        self._ledger.add_task(
+            task_id=task_id,
+            family=family,
+            model=model,
+            payload={},
+            ratio=None,
+            status="PENDING",
+            request_id=None,
+            evidence_dir=str(evidence_dir),
+        )
+        return self._reread(task_id)
+
+    async def _download(self, record: TaskRecord, state: _State) -> None:
+        assert record.video_url
+        try:
+            got = await self._client.download(record.video_url, video_destination(record))
+        except UpstreamError as exc:
+            if exc.status_code == 429 or exc.status_code >= 500:
+                self._download_failed(record, state, exc)
+                return
+            # The storage host refuses the signed URL (403 expired, 404 gone): retrying cannot help.
+            why = f"HTTP {exc.status_code} {exc.code}"
+            self._ledger.update_task(record.task_id, code=VIDEO_EXPIRED, message=EXPIRED_MESSAGE.format(why=why))
+            state.download_error = None
+            return
+        except EmoMcpError as exc:
+            self._download_failed(record, state, exc)
+            return
+        self._ledger.update_task(
+            record.task_id, video_path=str(got.path), video_sha256=got.sha256, video_bytes=got.size
+        )
+        self._evidence.write_json(
+            Path(record.evidence_dir) / "video.json",
+            {"file": got.path.name, "bytes": got.size, "sha256": got.sha256},
+        )
+        state.download_error = None
+        state.download_failures = 0
+
+    def _download_failed(self, record: TaskRecord, state: _State, exc: EmoMcpError) -> None:
+        state.download_failures += 1
+        state.download_error = str(exc)
+        delay = min(DOWNLOAD_BACKOFF_CAP, self.interval * 2**state.download_failures)
+        state.next_download = time.monotonic() + delay
+        logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
