@@ -87,96 +87,90 @@ class Service:
     # detection --------------------------------------------------------------
 
     async def emo_detect(self, image_url: str, ratio: str = "1:1", model: str | None = None) -> EmoDetection:
-        wire_model = self.resolve_model(EMO_DETECT, model)
-        image, checked = await self._checked_image(image_url, "emo")
+        found = await self._detect("emo", self.resolve_model(EMO_DETECT, model), image_url, ratio)
+        humanoid = found.output.get("humanoid")
+        return EmoDetection(
+            sandbox=self.settings.sandbox,
+            check_pass=found.check_pass,
+            image_url=found.image.shown,
+            ratio=ratio,
+            output_size=OUTPUT_SIZE[ratio],
+            face_bbox=found.face,
+            ext_bbox=found.ext,
+            humanoid=humanoid if isinstance(humanoid, bool) else None,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
+            model=found.model,
+            evidence_dir=str(found.folder),
+            warnings=found.warnings,
+        )
+
+    async def emoji_detect(self, image_url: str, model: str | None = None) -> EmojiDetection:
+        # The contract's emoji-detect example sends ratio 1:1; emoji output is always square.
+        found = await self._detect("emoji", self.resolve_model(EMOJI_DETECT, model), image_url, "1:1")
+        return EmojiDetection(
+            sandbox=self.settings.sandbox,
+            check_pass=found.check_pass,
+            image_url=found.image.shown,
+            output_size=EMOJI_OUTPUT_SIZE,
+            face_bbox=found.face,
+            ext_bbox_face=found.ext,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
+            model=found.model,
+            evidence_dir=str(found.folder),
+            warnings=found.warnings,
+        )
+
+    async def _detect(self, family: Family, wire_model: str, image_url: str, ratio: str) -> Found:
+        """Check, upload if local, call detect, keep evidence and record the outcome for provenance."""
+        image, checked = await self._checked_image(image_url, family)
         wire_url = await self.wire_url(image, wire_model)
-        folder = self.evidence.new_detection_dir("emo")
+        folder = self.evidence.new_detection_dir(family)
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
         self.evidence.write_json(folder / "request.json", request)
         self._note_local(folder, image)
         body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
-        face, ext = _box(output.get("face_bbox")), _box(output.get("ext_bbox"))
-        check_pass = failure is None and output.get("check_pass") is True and face is not None and ext is not None
+        # Wire names differ: emo answers face_bbox/ext_bbox plus check_pass; emoji answers
+        # bbox_face/ext_bbox_face and signals a failed check only by output.code.
+        face_key, ext_key = ("face_bbox", "ext_bbox") if family == "emo" else ("bbox_face", "ext_bbox_face")
+        face, ext = _box(output.get(face_key)), _box(output.get(ext_key))
+        said_pass = output.get("check_pass") is True if family == "emo" else not output.get("code")
+        check_pass = failure is None and said_pass and face is not None and ext is not None
         code = failure.code if failure else (None if check_pass else str(output.get("code") or "CheckFailed"))
         message = failure.upstream_message if failure else output.get("message")
         request_id = failure.request_id if failure else body.get("request_id")
+        found = Found(
+            model=wire_model,
+            image=image,
+            folder=folder,
+            output=output,
+            check_pass=check_pass,
+            face=face if check_pass else None,
+            ext=ext if check_pass else None,
+            code=code,
+            message=str(message) if message is not None else None,
+            request_id=str(request_id) if request_id else None,
+            warnings=checked.warnings,
+        )
         self.ledger.add_detection(
-            family="emo",
+            family=family,
             model=wire_model,
             image_url=image.identity,
             ratio=ratio,
             check_pass=check_pass,
-            face_bbox=face if check_pass else None,
-            ext_bbox=ext if check_pass else None,
-            code=code,
-            message=str(message) if message is not None else None,
-            request_id=str(request_id) if request_id else None,
+            face_bbox=found.face,
+            ext_bbox=found.ext,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
             evidence_dir=str(folder),
         )
-        humanoid = output.get("humanoid")
-        return EmoDetection(
-            sandbox=self.settings.sandbox,
-            check_pass=check_pass,
-            image_url=image.shown,
-            ratio=ratio,
-            output_size=OUTPUT_SIZE[ratio],
-            face_bbox=face if check_pass else None,
-            ext_bbox=ext if check_pass else None,
-            humanoid=humanoid if isinstance(humanoid, bool) else None,
-            code=code,
-            message=str(message) if message is not None else None,
-            request_id=str(request_id) if request_id else None,
-            model=wire_model,
-            evidence_dir=str(folder),
-            warnings=checked.warnings,
-        )
-
-    async def emoji_detect(self, image_url: str, model: str | None = None) -> EmojiDetection:
-        wire_model = self.resolve_model(EMOJI_DETECT, model)
-        image, checked = await self._checked_image(image_url, "emoji")
-        wire_url = await self.wire_url(image, wire_model)
-        folder = self.evidence.new_detection_dir("emoji")
-        # The contract's emoji-detect example sends ratio 1:1; emoji output is always square.
-        request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": "1:1"}}
-        self.evidence.write_json(folder / "request.json", request)
-        self._note_local(folder, image)
-        body, failure = await self._detect_call(folder, wire_model, wire_url, "1:1")
-        output = body.get("output") if isinstance(body.get("output"), dict) else {}
-        assert isinstance(output, dict)
-        face, ext = _box(output.get("bbox_face")), _box(output.get("ext_bbox_face"))
-        check_pass = failure is None and not output.get("code") and face is not None and ext is not None
-        code = failure.code if failure else (None if check_pass else str(output.get("code") or "CheckFailed"))
-        message = failure.upstream_message if failure else output.get("message")
-        request_id = failure.request_id if failure else body.get("request_id")
-        self.ledger.add_detection(
-            family="emoji",
-            model=wire_model,
-            image_url=image.identity,
-            ratio="1:1",
-            check_pass=check_pass,
-            face_bbox=face if check_pass else None,
-            ext_bbox=ext if check_pass else None,
-            code=code,
-            message=str(message) if message is not None else None,
-            request_id=str(request_id) if request_id else None,
-            evidence_dir=str(folder),
-        )
-        return EmojiDetection(
-            sandbox=self.settings.sandbox,
-            check_pass=check_pass,
-            image_url=image.shown,
-            output_size=EMOJI_OUTPUT_SIZE,
-            face_bbox=face if check_pass else None,
-            ext_bbox_face=ext if check_pass else None,
-            code=code,
-            message=str(message) if message is not None else None,
-            request_id=str(request_id) if request_id else None,
-            model=wire_model,
-            evidence_dir=str(folder),
-            warnings=checked.warnings,
-        )
+        return found
 
     async def _detect_call(
         self, folder: Path, model: str, image_url: str, ratio: str
@@ -435,6 +429,23 @@ class Service:
         )
         self.watcher.notify(record.task_id)
         return await self.tasks.status(record.task_id, 0)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One detection's outcome, before it is shaped into the family's result."""
+
+    model: str
+    image: MediaRef
+    folder: Path
+    output: dict[str, Any]
+    check_pass: bool
+    face: list[int] | None
+    ext: list[int] | None
+    code: str | None
+    message: str | None
+    request_id: str | None
+    warnings: list[str]
 
 
 @dataclass(frozen=True)

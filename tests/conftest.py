@@ -80,19 +80,20 @@ async def detect_emo(client: Client, image_url: str = PORTRAIT, ratio: str = "1:
     return result
 
 
+def emo_arguments(detection: dict[str, Any], audio_url: str = SPEECH) -> dict[str, Any]:
+    """emo_generate arguments for PORTRAIT with the boxes a detection returned."""
+    return {
+        "image_url": PORTRAIT,
+        "audio_url": audio_url,
+        "face_bbox": detection["face_bbox"],
+        "ext_bbox": detection["ext_bbox"],
+    }
+
+
 async def submit_emo(client: Client, audio_url: str = SPEECH) -> tuple[dict[str, Any], dict[str, Any]]:
     """Detect PORTRAIT and submit an emo-v1 task with its boxes; returns (detection, submitted)."""
     detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": audio_url,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    submitted = await call_ok(client, "emo_generate", emo_arguments(detection, audio_url))
     return detection, submitted
 
 

@@ -19,6 +19,7 @@ from tests.conftest import (
     call_ok,
     detect_emo,
     detect_emoji,
+    emo_arguments,
     make_env,
     read_json,
     submit_emo,
@@ -72,12 +73,7 @@ async def test_emo_chain_ends_with_the_video_on_disk(client: Client, fake: FakeD
     assert submit.headers["x-dashscope-async"] == "enable"
     assert submit.body == {
         "model": "emo-v1",
-        "input": {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
+        "input": emo_arguments(detection),
         "parameters": {"style_level": "calm"},
     }
     # The result URL is a signed storage URL: the API key must not travel there.

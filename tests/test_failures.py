@@ -12,12 +12,12 @@ from server.config import Settings, load_settings
 from server.fake_dashscope import FakeDashScope
 from tests.conftest import (
     PORTRAIT,
-    SPEECH,
     TEST_KEY,
     all_files_text,
     call_error,
     call_ok,
     detect_emo,
+    emo_arguments,
     make_env,
     submit_emo,
 )
@@ -123,12 +123,7 @@ async def test_submit_without_answer_is_not_retried_and_says_it_may_be_billed(
         message = await call_error(
             client,
             "emo_generate",
-            {
-                "image_url": PORTRAIT,
-                "audio_url": SPEECH,
-                "face_bbox": detection["face_bbox"],
-                "ext_bbox": detection["ext_bbox"],
-            },
+            emo_arguments(detection),
         )
     assert "may have been created" in message and "billed" in message and "NOT" in message
     assert len(fake.submits()) == 1

@@ -28,7 +28,7 @@ from server.config import Settings
 from server.errors import ConfigError
 from server.fake_dashscope import FakeDashScope
 from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, TOOL_NAMES, call_ok, detect_emo, make_env
+from tests.conftest import TEST_KEY, TOOL_NAMES, call_ok, detect_emo, emo_arguments, make_env
 from tests.serving import serving
 
 pytestmark = pytest.mark.anyio
@@ -72,26 +72,19 @@ async def raw_initialize(base: str, headers: dict[str, str]) -> httpx2.Response:
 
 
 async def test_loopback_serves_the_chain_without_a_token(settings: Settings, fake: FakeDashScope) -> None:
+    fake.polls_to_finish = 10_000  # the task ends only when the progress callback below says so
     async with serving(settings, http_security("127.0.0.1", {})) as base:
         async with http_client(base) as client:
             names = {tool.name for tool in (await client.list_tools()).tools}
             assert names == TOOL_NAMES
             detection = await detect_emo(client)
-            submitted = await call_ok(
-                client,
-                "emo_generate",
-                {
-                    "image_url": PORTRAIT,
-                    "audio_url": SPEECH,
-                    "face_bbox": detection["face_bbox"],
-                    "ext_bbox": detection["ext_bbox"],
-                },
-            )
+            submitted = await call_ok(client, "emo_generate", emo_arguments(detection))
         # Stateless: a brand-new connection finishes the task the first one submitted, with progress.
         seen: list[str | None] = []
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             seen.append(message)
+            fake.complete(submitted["task_id"])
 
         async with http_client(base) as client:
             result = await client.call_tool(

@@ -15,7 +15,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from server.fake_dashscope import FakeDashScope
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, make_env
+from tests.conftest import PORTRAIT, TEST_KEY, call_ok, detect_emo, emo_arguments, make_env
 
 pytestmark = pytest.mark.anyio
 
@@ -94,12 +94,7 @@ async def test_a_second_process_finishes_a_task_the_first_submitted(fake: FakeDa
             submitted = await call_ok(
                 first,
                 "emo_generate",
-                {
-                    "image_url": PORTRAIT,
-                    "audio_url": SPEECH,
-                    "face_bbox": detection["face_bbox"],
-                    "ext_bbox": detection["ext_bbox"],
-                },
+                emo_arguments(detection),
             )
             status = await call_ok(first, "task_status", {"task_id": submitted["task_id"]})
             assert status["finished"] is False

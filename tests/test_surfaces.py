@@ -13,7 +13,7 @@ from mcp_types import ResourceLink, TextResourceContents
 
 from server.fake_dashscope import FakeDashScope
 from server.models import template_ids
-from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
+from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo, emo_arguments
 
 pytestmark = pytest.mark.anyio
 
@@ -28,16 +28,7 @@ async def read_json(client: Client, uri: str) -> Any:
 
 async def finished_emo_task(client: Client) -> dict[str, Any]:
     detection = await detect_emo(client)
-    submitted = await call_ok(
-        client,
-        "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
-    )
+    submitted = await call_ok(client, "emo_generate", emo_arguments(detection))
     return await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 10})
 
 
@@ -65,12 +56,7 @@ async def test_a_downloaded_video_comes_with_a_resource_link(client: Client) -> 
     detection = await detect_emo(client)
     submitted_result = await client.call_tool(
         "emo_generate",
-        {
-            "image_url": PORTRAIT,
-            "audio_url": SPEECH,
-            "face_bbox": detection["face_bbox"],
-            "ext_bbox": detection["ext_bbox"],
-        },
+        emo_arguments(detection),
     )
     assert not any(isinstance(block, ResourceLink) for block in submitted_result.content)
     task_id = (submitted_result.structured_content or {})["task_id"]

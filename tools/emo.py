@@ -6,7 +6,7 @@ from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult
 from pydantic import Field, StrictBool
 
 from server.config import Settings
@@ -15,8 +15,8 @@ from server.results import EmoDetection, Submitted
 from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
+from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import ALLOW_DUPLICATE, Box, MediaSource, Ratio, StyleLevel, choice
-from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for EMO (emo-detect-v1) and get the boxes emo_generate needs.
 Call this first: emo_generate only accepts face_bbox/ext_bbox returned by a passing emo_detect of the \
@@ -97,24 +97,17 @@ def build(settings: Settings) -> list[Tool]:
         )
 
     return [
-        harden(
-            Tool.from_function(
-                emo_detect,
-                title="Detect a portrait for EMO",
-                description=DETECT_DESCRIPTION,
-                # Read-only (nothing created upstream), but each call is billed: not idempotent.
-                annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=True),
-                meta=viewer_meta(),
-            )
+        publish(
+            emo_detect,
+            title="Detect a portrait for EMO",
+            description=DETECT_DESCRIPTION,
+            annotations=DETECT,
+            meta=viewer_meta(),
         ),
-        harden(
-            Tool.from_function(
-                emo_generate,
-                title="Generate an EMO talking-head video",
-                description=GENERATE_DESCRIPTION,
-                annotations=ToolAnnotations(
-                    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
-                ),
-            )
+        publish(
+            emo_generate,
+            title="Generate an EMO talking-head video",
+            description=GENERATE_DESCRIPTION,
+            annotations=GENERATE,
         ),
     ]

@@ -6,7 +6,7 @@ from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult
 from pydantic import Field, StrictBool
 
 from server.config import Settings
@@ -15,8 +15,8 @@ from server.results import EmojiDetection, Submitted
 from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
+from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import ALLOW_DUPLICATE, Box, MediaSource, choice
-from tools.strict import harden
 
 DETECT_DESCRIPTION = """Check a portrait for Emoji (emoji-detect-v1) and get the boxes emoji_generate needs.
 Call this first: emoji_generate only accepts face_bbox/ext_bbox_face returned by a passing emoji_detect \
@@ -90,24 +90,17 @@ def build(settings: Settings) -> list[Tool]:
         )
 
     return [
-        harden(
-            Tool.from_function(
-                emoji_detect,
-                title="Detect a portrait for Emoji",
-                description=DETECT_DESCRIPTION,
-                # Read-only (nothing created upstream), but each call is billed: not idempotent.
-                annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=False, open_world_hint=True),
-                meta=viewer_meta(),
-            )
+        publish(
+            emoji_detect,
+            title="Detect a portrait for Emoji",
+            description=DETECT_DESCRIPTION,
+            annotations=DETECT,
+            meta=viewer_meta(),
         ),
-        harden(
-            Tool.from_function(
-                emoji_generate,
-                title="Generate an Emoji expression clip",
-                description=GENERATE_DESCRIPTION,
-                annotations=ToolAnnotations(
-                    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
-                ),
-            )
+        publish(
+            emoji_generate,
+            title="Generate an Emoji expression clip",
+            description=GENERATE_DESCRIPTION,
+            annotations=GENERATE,
         ),
     ]

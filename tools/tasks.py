@@ -4,15 +4,15 @@ from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
-from mcp_types import CallToolResult, ToolAnnotations
+from mcp_types import CallToolResult
 from pydantic import Field
 
 from server.results import TaskStatus
 from server.viewer import viewer_meta
 from tools import schemas
 from tools.context import run
+from tools.registry import CANCEL, STATUS, publish
 from tools.schemas import MAX_WAIT_SECONDS, TaskId, WaitSeconds
-from tools.strict import harden
 
 DESCRIPTION = f"""Get the status of a task from emo_generate or emoji_generate; download the video when done.
 wait_seconds (default 0) keeps polling inside this call until the task ends or the wait runs out; it is \
@@ -49,24 +49,12 @@ def build() -> list[Tool]:
         return await run(ctx, lambda service: service.task_cancel(task_id))
 
     return [
-        harden(
-            Tool.from_function(
-                task_cancel,
-                title="Cancel a pending task",
-                description=CANCEL_DESCRIPTION,
-                # Destructive: it ends a queued job for good. Idempotent: a second call changes nothing.
-                annotations=ToolAnnotations(
-                    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
-                ),
-            )
-        ),
-        harden(
-            Tool.from_function(
-                task_status,
-                title="Task status and video download",
-                description=DESCRIPTION,
-                annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=True),
-                meta=viewer_meta(),
-            )
+        publish(task_cancel, title="Cancel a pending task", description=CANCEL_DESCRIPTION, annotations=CANCEL),
+        publish(
+            task_status,
+            title="Task status and video download",
+            description=DESCRIPTION,
+            annotations=STATUS,
+            meta=viewer_meta(),
         ),
     ]
