@@ -7,7 +7,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.server.mcpserver.tools import Tool
 from mcp_types import CallToolResult
-from pydantic import Field, StrictBool
+from pydantic import Field
 
 from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
@@ -16,7 +16,7 @@ from server.viewer import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
 from tools.registry import DETECT, GENERATE, publish
-from tools.schemas import ALLOW_DUPLICATE, Box, MediaSource, choice
+from tools.schemas import AllowDuplicate, Box, DryRun, MediaSource, choice
 
 DETECT_DESCRIPTION = """Check a portrait for Emoji (emoji-detect-v1) and get the boxes emoji_generate needs.
 Call this first: emoji_generate only accepts face_bbox/ext_bbox_face returned by a passing emoji_detect \
@@ -71,8 +71,8 @@ def build(settings: Settings) -> list[Tool]:
         ctx: Context[Any, Any],
         confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emoji)],
         model: Annotated[generate_models | None, Field(description="Defaults to emoji-v1.")] = None,  # type: ignore[valid-type]
-        dry_run: Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")] = False,
-        allow_duplicate: Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)] = False,
+        dry_run: DryRun = False,
+        allow_duplicate: AllowDuplicate = False,
     ) -> Annotated[CallToolResult, Submitted]:
         approval = approval_of(confirmation)
         return await run(

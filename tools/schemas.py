@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, StrictInt
+from pydantic import AfterValidator, Field, StrictBool, StrictInt
 
 MAX_URL_LENGTH = 2048
 MAX_WAIT_SECONDS = 50
@@ -98,3 +98,6 @@ ALLOW_DUPLICATE = (
     "Set true only to create a second, separately billed task for a request identical to an earlier one "
     "that is still alive or succeeded (by default that task is returned instead)."
 )
+
+DryRun = Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")]
+AllowDuplicate = Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)]
