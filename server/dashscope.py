@@ -68,6 +68,7 @@ class Downloaded:
     path: Path
     size: int
     sha256: str
+    seconds: float = 0.0  # the successful attempt, request to rename (recorded in video.json)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -352,6 +353,7 @@ class DashScopeClient:
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = part_path(destination)
+        started = time.monotonic()
         try:
             # The hash is computed while streaming (never by a second read of a large file).
             fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
@@ -364,7 +366,7 @@ class DashScopeClient:
             part.unlink(missing_ok=True)
             raise
         os.replace(part, destination)
-        return Downloaded(destination, fetched.size, fetched.sha256)
+        return Downloaded(destination, fetched.size, fetched.sha256, time.monotonic() - started)
 
 
 def part_path(destination: Path) -> Path:

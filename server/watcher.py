@@ -341,7 +341,7 @@ class Watcher:
         )
         self._evidence.write_json(
             Path(record.evidence_dir) / "video.json",
-            {"file": got.path.name, "bytes": got.size, "sha256": got.sha256},
+            {"file": got.path.name, "bytes": got.size, "sha256": got.sha256, "seconds": round(got.seconds, 4)},
         )
         state.download_error = None
         state.download_failures = 0
