@@ -1,11 +1,11 @@
 """Download: a large result streamed from the loopback fake to disk by the server, against `curl`.
 
-The fake runs in its own process serving `size` bytes per video. Each round submits one EMO task
-and polls the fake once directly (it then finishes the task, so `curl` can go first); one
-`task_status` call then polls once and downloads the video. The server's peak RSS growth during
-that call is read from /proc: VmHWM is reset first (`clear_refs` 5) and VmRSS is also sampled
-every few ms, so either way the peak is seen. `curl` fetches the same URL to disk in the same
-round; the order alternates round by round.
+The fake runs in its own process serving `size` bytes per video and finishes a task on its first
+query. Each round submits one EMO task; the server's background watcher queries it, sees SUCCEEDED
+and downloads the video while `task_status` waits. The transfer time is the one the server records
+in `video.json` (GET to rename); `curl` then fetches the same URL to disk with the server idle. The
+server's peak RSS growth over the round is read from /proc: VmHWM is reset first (`clear_refs` 5)
+and VmRSS is also sampled every few ms, so either way the peak is seen.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
             ratio=f"{median(server_cpu) / max(median(curl_cpu), 1e-9):.1f}×",
             goal="reported",
             met=None,
-            how="utime+stime of the server (/proc/<pid>/stat) from detect to settled (one detect, one submit, polls, download) vs curl's "
-            "rusage; less load-sensitive",
+            how="utime+stime of the server (/proc/<pid>/stat) from detect to settled (one detect, one submit, "
+            "polls, download) vs curl's rusage; less load-sensitive",
         ),
     ]

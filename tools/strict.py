@@ -22,7 +22,7 @@ def harden(tool: Tool) -> Tool:
     tool.fn_metadata.arg_model = strict
     tool.parameters = untitled(strict.model_json_schema(by_alias=True))
     if tool.fn_metadata.output_schema is not None:
-        tool.fn_metadata.output_schema = untitled(tool.fn_metadata.output_schema)
+        tool.fn_metadata.output_schema = without_null_defaults(untitled(tool.fn_metadata.output_schema))
     return tool
 
 
@@ -34,3 +34,15 @@ def untitled(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     return {key: untitled(value) for key, value in schema.items() if key != "title" or not isinstance(value, str)}
+
+
+def without_null_defaults(schema: Any) -> Any:
+    """Drop `"default": null` from an output schema: the server always sends every field, so it says
+    nothing. (Unions stay `anyOf`: the Inspector's portability lint flags `"type": [..., "null"]`.)"""
+    if isinstance(schema, list):
+        return [without_null_defaults(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: without_null_defaults(value) for key, value in schema.items() if not (key == "default" and value is None)
+    }
