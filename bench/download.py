@@ -180,7 +180,7 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
             how=how + "; /proc VmHWM (reset by clear_refs) and VmRSS sampled every 2 ms; worst round",
         ),
         Row(
-            name=f"Download {mb:.0f} MB: throughput (task_status call)",
+            name=f"Download {mb:.0f} MB: throughput (server transfer)",
             figure=f"{mb / median(server_times):.0f} MB/s",
             baseline=f"{mb / median(curl_times):.0f} MB/s (curl to disk)" if have_curl else "curl not installed",
             ratio=f"{throughput:.2f}×",

@@ -394,6 +394,8 @@ def audit(
                 reruns += 1
             else:
                 duplicates += 1
+                earlier = [(t.task_id, t.status, getattr(ledger.get_task(t.task_id), "status", None)) for t in upstream]
+                sys.stderr.write(f"duplicate for {audio}: {earlier}\n")
         for task in upstream:
             record = ledger.get_task(task.task_id)
             if record is None:

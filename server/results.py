@@ -112,9 +112,8 @@ class Submitted(_Result):
 class TaskStatus(_Result):
     task_id: str
     task_status: str = Field(
-        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED or UNKNOWN (unknown or older than 24 h); "
-        "for a submit whose answer was lost: SUBMITTING, SUBMIT_OUTCOME_UNKNOWN (being looked up in the task "
-        "list), NOT_FOUND (no such task appeared: most likely nothing was created)."
+        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id or > 24 h old); a lost "
+        "submit: SUBMITTING, SUBMIT_OUTCOME_UNKNOWN (being looked up), NOT_FOUND (likely never created)."
     )
     finished: bool
     model: str | None = None
@@ -130,15 +129,14 @@ class TaskStatus(_Result):
     message: str | None = None
     download_error: str | None = None
     last_error: str | None = Field(
-        None, description="The last upstream error met while following this task (the server keeps retrying)."
+        None, description="Last upstream error while following the task (the server keeps retrying)."
     )
     queue_ahead: int | None = Field(
         None,
-        description="Unfinished tasks of the same model this server submitted earlier: the account runs one "
-        "at a time and queues the rest. None when finished.",
+        description="This server's earlier unfinished tasks of the same model (DashScope runs one at a time).",
     )
     local_id: str | None = Field(
-        None, description="The id this submit had while its answer was unknown (it still finds this task)."
+        None, description="The id this submit had while its outcome was unknown (still accepted)."
     )
     evidence_dir: str | None = None
     actual_cost_cny: float | None = Field(default=None, description="Billed cost in CNY from usage.video_duration.")

@@ -26,7 +26,7 @@ from server.errors import (
 )
 from server.evidence import Evidence
 from server.ledger import Detection, Ledger
-from server.media import MediaRef, resolve_media
+from server.media import MediaRef, is_remote, resolve_media
 from server.models import (
     EMO_DETECT,
     EMO_GENERATE,
@@ -339,6 +339,8 @@ class Service:
 
     async def _media(self, name: str, value: str) -> MediaRef:
         roots = self.settings.allowed_roots
+        if is_remote(value):  # nothing to read from disk: no worker-thread hop
+            return resolve_media(name, value, roots)
         return await anyio.to_thread.run_sync(lambda: resolve_media(name, value, roots))
 
     async def _checked_image(self, image_url: str, family: Family) -> tuple[MediaRef, Checked]:

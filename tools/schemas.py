@@ -95,8 +95,7 @@ def choice(values: tuple[str, ...]) -> Any:
 
 
 ALLOW_DUPLICATE = (
-    "Set true only to create a second, separately billed task for a request identical to an earlier one "
-    "that is still alive or succeeded (by default that task is returned instead)."
+    "true: bill a new task even when an identical request's task is alive or succeeded (default: return that task)."
 )
 
 DryRun = Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")]
