@@ -23,7 +23,7 @@ DEFAULT_MAX_QUERY_QPS = 20.0
 # How long after an unanswered submit the task list is searched before concluding nothing was created.
 DEFAULT_RECONCILE_WINDOW = 600.0
 
-KeySource = Literal["env", "credentials-file", "sandbox", "none"]
+KeySource = Literal["env", "key-file", "credentials-file", "sandbox", "none"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,18 @@ class Settings:
     @property
     def is_beijing(self) -> bool:
         return self.base_url.rstrip("/") == DEFAULT_BASE_URL
+
+
+def _read_key_file(env: Mapping[str, str]) -> str | None:
+    """The official SDK's convention: a file holding only the key, named by DASHSCOPE_API_KEY_FILE_PATH."""
+    raw = env.get("DASHSCOPE_API_KEY_FILE_PATH")
+    if not raw:
+        return None
+    try:
+        value = Path(raw).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value or None
 
 
 def _read_credentials_file(env: Mapping[str, str]) -> str | None:
@@ -139,6 +151,8 @@ def load_settings(
         api_key, key_source = SANDBOX_API_KEY, "sandbox"
     elif api_key:
         key_source = "env"
+    elif api_key := _read_key_file(env):
+        key_source = "key-file"
     else:
         api_key = _read_credentials_file(env)
         key_source = "credentials-file" if api_key else "none"

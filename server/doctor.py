@@ -53,6 +53,7 @@ def versions() -> dict[str, str]:
 def _key_check(settings: Settings, env: Mapping[str, str]) -> Check:
     where = {
         "env": "the DASHSCOPE_API_KEY environment variable",
+        "key-file": "the file named by DASHSCOPE_API_KEY_FILE_PATH",
         "credentials-file": "the credentials file "
         + (env.get("ALIBABA_CLOUD_CREDENTIALS_FILE") or "~/.alibabacloud/credentials")
         + f" [{env.get('ALIBABA_CLOUD_PROFILE') or env.get('ALICLOUD_PROFILE') or 'default'}]",

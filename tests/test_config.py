@@ -35,6 +35,18 @@ def test_env_key_wins_over_credentials_file(tmp_path: Path, monkeypatch: pytest.
     assert "sk-from-env" not in repr(settings)
 
 
+def test_key_file_comes_after_env_and_before_credentials_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "dashscope-key"
+    key_file.write_text("sk-from-key-file\n")
+    write_credentials(tmp_path, "[default]\ndashscope_api_key = sk-from-ini\n")
+    env = {"HOME": str(tmp_path), "DASHSCOPE_API_KEY_FILE_PATH": str(key_file)}
+    settings = load_settings(env, cwd=tmp_path)
+    assert (settings.api_key, settings.key_source) == ("sk-from-key-file", "key-file")
+    assert load_settings({**env, "DASHSCOPE_API_KEY": "sk-env"}, cwd=tmp_path).api_key == "sk-env"
+    missing = {"HOME": str(tmp_path), "DASHSCOPE_API_KEY_FILE_PATH": str(tmp_path / "absent")}
+    assert load_settings(missing, cwd=tmp_path).key_source == "credentials-file"
+
+
 def test_credentials_file_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     write_credentials(tmp_path, "[default]\ndashscope_api_key = sk-default\n\n[work]\ndashscope_api_key = sk-work\n")
