@@ -86,7 +86,7 @@ def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
         raise ConfigError(
             f"{TOKEN_ENV} is too short ({len(token)} characters); use at least {MIN_TOKEN_LENGTH} random "
-            'characters, for example the output of: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            "characters, for example the output of: openssl rand -hex 32"
         )
     if is_loopback(host):
         bound = host.strip("[]")
