@@ -8,7 +8,8 @@ the API key.
 from __future__ import annotations
 
 KEY_HELP = (
-    "Set the DASHSCOPE_API_KEY environment variable in the MCP client's server config, or put "
+    "Set the DASHSCOPE_API_KEY environment variable in the MCP client's server config (or "
+    "DASHSCOPE_API_KEY_FILE_PATH to a file holding only the key), or put "
     "`dashscope_api_key = sk-...` under the [default] section (or the profile named by "
     "ALIBABA_CLOUD_PROFILE) of ~/.alibabacloud/credentials, then restart the server."
 )
@@ -102,6 +103,10 @@ class RateLimitError(UpstreamError):
 
 class ServiceError(UpstreamError):
     """5xx: a fault on DashScope's side."""
+
+
+class StorageError(EmoMcpError):
+    """The local disk or ledger failed (a full disk, a database locked by another process)."""
 
 
 class UpstreamUnavailableError(EmoMcpError):

@@ -39,8 +39,11 @@ class Evidence:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def task_path(self, family: Family, task_id: str) -> Path:
+        return self.family_dir(family) / "tasks" / _safe_name(task_id)
+
     def task_dir(self, family: Family, task_id: str) -> Path:
-        path = self.family_dir(family) / "tasks" / _safe_name(task_id)
+        path = self.task_path(family, task_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

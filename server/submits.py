@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from typing import Any
@@ -27,6 +28,8 @@ from server.models import Family
 from server.reconcile import owner_token
 from server.results import Submitted
 from server.watcher import Watcher
+
+logger = logging.getLogger(__name__)
 
 NEXT_STEP = (
     "Call task_status with this task_id (wait_seconds up to 50 to wait in one call); "
@@ -99,17 +102,15 @@ class Submitter:
         if not isinstance(task_id, str) or not task_id:
             self._evidence.write_json(pending / "submit.json", body)
             self._ledger.update_task(local_id, status=SUBMIT_UNKNOWN, message="accepted without a task_id")
+            self._watcher.notify(local_id)
             raise SubmitOutcomeUnknownError(
                 f"DashScope accepted the submit but returned no task_id; the answer is saved in {pending}. "
                 f"It is recorded as {local_id}; do NOT submit again before task_status {local_id} resolves it."
             )
-        task_dir = self._evidence.task_dir(family, task_id)
-        for item in pending.iterdir():
-            os.replace(item, task_dir / item.name)
-        pending.rmdir()
-        self._evidence.write_json(task_dir / "submit.json", body)
         status = str(output.get("task_status") or "PENDING")
         request_id = body.get("request_id")
+        task_dir = self._evidence.task_path(family, task_id)
+        # The task id goes to the ledger first: if moving the evidence fails, the task is still followed.
         self._ledger.resolve_submit(
             local_id,
             task_id=task_id,
@@ -118,6 +119,14 @@ class Submitter:
             evidence_dir=str(task_dir),
         )
         self._watcher.watch(task_id)
+        try:
+            task_dir.mkdir(parents=True, exist_ok=True)
+            for item in pending.iterdir():
+                os.replace(item, task_dir / item.name)
+            pending.rmdir()
+            self._evidence.write_json(task_dir / "submit.json", body)
+        except OSError as exc:
+            logger.warning("task %s: evidence left in %s (%s)", task_id, pending, exc)
         return Submitted(
             sandbox=self._settings.sandbox,
             task_id=task_id,

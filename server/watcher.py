@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,11 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
-from server.dashscope import DashScopeClient, file_sha256
-from server.errors import EmoMcpError, TaskNotFoundError, UpstreamError
+from server.dashscope import DashScopeClient
+from server.errors import EmoMcpError, StorageError, TaskNotFoundError, UpstreamError
 from server.evidence import Evidence
 from server.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.media import file_sha256
 from server.models import Family
 from server.reconcile import Reconciler, pid_alive
 
@@ -197,13 +199,18 @@ class Watcher:
         if record is not None and record.status in LOCAL_STATUSES:
             await self._reconcile()
             return
-        state = self._state(task_id if record is None else record.task_id)
+        if record is not None:
+            # A local `submit-...` id finds its task once reconciled: work on the real id from here on.
+            task_id = record.task_id
+        state = self._state(task_id)
         if state.inflight is not None:
             await state.inflight.wait()
         elif record is None or time.monotonic() - state.last_query >= self.interval or needs_download(record):
             state.inflight = anyio.Event()
             await self._step(task_id, state.inflight)
-        if state.error is not None:
+        # A known task's query error is reported in its result (`last_error`) while the watcher retries;
+        # only an id nobody knows (not in the ledger, unknown upstream) is an error for the caller.
+        if record is None and state.error is not None:
             raise state.error
 
     async def wait_change(self, task_id: str, seconds: float) -> None:
@@ -229,7 +236,7 @@ class Watcher:
     async def _reconcile(self) -> None:
         try:
             await self.reconciler.run_once()
-        except EmoMcpError as exc:
+        except (EmoMcpError, OSError, sqlite3.Error) as exc:
             logger.warning("reconciling unanswered submits failed: %s", exc)
 
     async def _step(self, task_id: str, done: anyio.Event) -> None:
@@ -249,11 +256,19 @@ class Watcher:
                     if not isinstance(exc, TaskNotFoundError):
                         logger.warning("task %s: query failed: %s", task_id, exc)
                     return
+                except (OSError, sqlite3.Error) as exc:
+                    # The disk or the ledger, not DashScope: keep the watcher (and the server) alive and retry.
+                    state.error = StorageError(f"Could not record task {task_id} locally ({exc}); retrying.")
+                    logger.warning("task %s: %s", task_id, state.error)
+                    return
                 finally:
                     state.last_query = began
                     state.next_due = began + self.interval
             if needs_download(record) and record.video_url:
-                await self._download(record, state)
+                try:
+                    await self._download(record, state)
+                except (OSError, sqlite3.Error) as exc:  # a full disk, a locked ledger: back off and retry
+                    self._download_failed(record, state, StorageError(f"Could not save the video ({exc})."))
         finally:
             state.inflight = None
             done.set()
