@@ -15,7 +15,6 @@ Rules from the contract that live here and nowhere else:
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -196,8 +195,8 @@ class DashScopeClient:
             response = await self._http.post(
                 self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=SUBMIT_TIMEOUT
             )
-        except httpx2.ConnectError as exc:
-            # The connection was never made, so nothing reached the service.
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+            # The connection was never made (or never got a pooled one), so nothing reached the service.
             raise UpstreamUnavailableError(
                 f"DashScope could not be reached ({type(exc).__name__}); nothing was submitted. "
                 "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
@@ -214,7 +213,13 @@ class DashScopeClient:
             if response.status_code == 429:
                 limiter.pause(backoff_delay(0, error.retry_after))
             raise error
-        return _json_body(response)
+        try:
+            return _json_body(response)
+        except ServiceError as exc:
+            # Accepted (2xx) but unreadable: a task may well exist, so this is not a refusal.
+            raise SubmitOutcomeUnknownError(
+                f"DashScope accepted the submit but its answer was unreadable ({exc})."
+            ) from exc
 
     async def _throttled(self, limiter: RateLimiter, attempt: int, retry_after: float | None) -> float:
         """A 429: pause every caller of this limiter, then wait (the caller retries)."""
@@ -372,18 +377,6 @@ class DashScopeClient:
 def part_path(destination: Path) -> Path:
     """Per-process temporary name, so two servers sharing OUTPUT_DIR never write the same file."""
     return destination.with_name(f"{destination.name}.{os.getpid()}.part")
-
-
-FILE_HASH_CHUNK = 1024 * 1024
-
-
-def file_sha256(path: Path) -> str:
-    """For crash recovery only: a complete `.mp4` the ledger had not recorded yet."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(FILE_HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _ShortDownloadError(Exception):
