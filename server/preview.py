@@ -11,6 +11,7 @@ JSON-RPC messages between the server, the host and the frame:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ import anyio
 import httpx2
 
 from server.errors import EmoMcpError
+from server.preflight import BlockedAddressError
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_VIDEO_BYTES = 16 * 1024 * 1024
@@ -61,8 +63,19 @@ async def fetch_image(
     limit: int = MAX_IMAGE_BYTES,
     deadline: float = IMAGE_DEADLINE,
     transport: httpx2.AsyncBaseTransport | None = None,
+    guard: Callable[[str], Awaitable[None]] | None = None,
 ) -> Media:
-    """GET a portrait for the viewer, refusing anything that is not a bounded image over http(s)."""
+    """GET a portrait for the viewer, refusing anything that is not a bounded image over http(s).
+
+    `guard` vets the URL and every redirect before a connection is made (the pre-flight address guard:
+    no private, loopback or link-local hosts), so a recorded detection cannot turn the viewer into a
+    way to read the user's own network.
+    """
+
+    async def vet(request: httpx2.Request) -> None:
+        if guard is not None:
+            await guard(str(request.url))
+
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PreviewUnavailableError(
@@ -77,6 +90,7 @@ async def fetch_image(
                     follow_redirects=True,
                     max_redirects=IMAGE_MAX_REDIRECTS,
                     transport=transport,
+                    event_hooks={"request": [vet]},
                 ) as http,
                 http.stream("GET", url) as response,
             ):
@@ -99,6 +113,8 @@ async def fetch_image(
         raise PreviewUnavailableError(
             f"The portrait could not be fetched for the viewer ({type(exc).__name__})."
         ) from exc
+    except BlockedAddressError as exc:
+        raise PreviewUnavailableError(f"The viewer does not fetch from non-public addresses: {exc}.") from exc
     mime_type = image_mime_type(bytes(received[:12]))
     if mime_type is None:
         raise PreviewUnavailableError("The image_url did not return a PNG, JPEG, BMP or WEBP image.")

@@ -10,16 +10,20 @@ change, so a client without Apps gets exactly what it got before, and nothing is
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mcp.server.apps import Apps, client_supports_apps
 from mcp.server.mcpserver import Context, MCPServer, ResourceSecurity
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
 from server.errors import EmoMcpError
+from server.http import is_loopback
 from server.media import resolve_media
+from server.preflight import guard_url
 from server.preview import (
     MAX_IMAGE_BYTES,
     MAX_VIDEO_BYTES,
@@ -36,7 +40,6 @@ VIDEO_TEMPLATE = "dashscope-emo://viewer/video/{task_id}"
 VIEWER_HTML = "viewer.html"
 
 # Shown next to a finished task (CNY per billed output second); emoji-v1's is a reseller's figure.
-PRICES: dict[str, dict[str, float]] = {"emo-v1": {"1:1": 0.08, "3:4": 0.16}, "emoji-v1": {"standard": 0.08}}
 
 
 def viewer_meta() -> dict[str, Any]:
@@ -45,14 +48,13 @@ def viewer_meta() -> dict[str, Any]:
 
 
 def viewer_html() -> str:
-    """The app, with the server's limits and prices filled in (it makes no requests of its own)."""
+    """The app, with the server's limits filled in (it makes no requests of its own)."""
     html = resources.files("server").joinpath(VIEWER_HTML).read_text(encoding="utf-8")
     config = {
         "imageTemplate": IMAGE_TEMPLATE,
         "videoTemplate": VIDEO_TEMPLATE,
         "maxImageBytes": MAX_IMAGE_BYTES,
         "maxVideoBytes": MAX_VIDEO_BYTES,
-        "prices": PRICES,
     }
     # "<" is escaped so the JSON can never close the <script> element that holds it.
     return html.replace("__VIEWER_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
@@ -86,6 +88,20 @@ def _require_apps(ctx: Context[Any, Any]) -> None:
         )
 
 
+def _guard_for(service: Service) -> Callable[[str], Awaitable[None]]:
+    """The pre-flight address guard, except that media may live where DashScope itself lives: a
+    loopback endpoint (the sandbox, a local test double) serves its portraits from loopback too."""
+    upstream = urlsplit(service.settings.base_url).hostname or ""
+
+    async def guard(url: str) -> None:
+        host = urlsplit(url).hostname or ""
+        if is_loopback(upstream) and is_loopback(host):
+            return
+        await guard_url(url)
+
+    return guard
+
+
 def install_viewer(app: MCPServer[Any]) -> None:
     """Register the portrait and video resources the app reads through the host."""
 
@@ -112,7 +128,9 @@ def install_viewer(app: MCPServer[Any]) -> None:
                 "emo_detect or emoji_detect checked."
             )
         try:
-            media = await (read_image(ref.path) if ref.path is not None else fetch_image(url))
+            media = await (
+                read_image(ref.path) if ref.path is not None else fetch_image(url, guard=_guard_for(service))
+            )
         except PreviewUnavailableError as exc:
             raise ResourceError(str(exc)) from exc
         return media.data

@@ -274,3 +274,11 @@ async def test_local_portrait_is_served_from_disk_and_a_changed_file_is_not(
             await client.read_resource(image_uri(str(portrait)))
         with pytest.raises(MCPError, match="EMO_MCP_ALLOWED_ROOTS"):
             await client.read_resource(image_uri("/etc/hostname"))
+
+
+async def test_portrait_on_a_private_address_is_not_fetched(settings: Settings, fake: FakeDashScope) -> None:
+    private = "http://10.1.2.3/portrait.png"  # a detection of it is on record, but it is not public
+    async with apps_client(settings) as client:
+        await call_ok(client, "emo_detect", {"image_url": private})
+        with pytest.raises(MCPError, match="non-public"):
+            await client.read_resource(image_uri(private))
