@@ -7,6 +7,7 @@ the resulting frozen `Settings` is handed to `create_app()`.
 from __future__ import annotations
 
 import configparser
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 from server.errors import ConfigError
 from server.pricing import PriceTable
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
@@ -61,7 +64,9 @@ def _read_key_file(env: Mapping[str, str]) -> str | None:
         return None
     try:
         value = Path(raw).expanduser().read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError) as exc:
+        # Not fatal (the server must still start and list its tools), but never silent.
+        logger.warning("DASHSCOPE_API_KEY_FILE_PATH=%s cannot be read (%s); trying the credentials file", raw, exc)
         return None
     return value or None
 

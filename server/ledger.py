@@ -146,6 +146,7 @@ class Ledger:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LEDGER_FILE
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._schemas: set[str] = set()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -175,8 +176,14 @@ class Ledger:
         self._db.execute("COMMIT")
 
     def ensure_schema(self, script: str) -> None:
-        """Let a module keep its own small tables in this file (upload cache, spend estimates)."""
+        """Let a module keep its own small tables in this file (upload cache, spend estimates).
+
+        Run once per script and connection: callers may ask on every read without paying for DDL.
+        """
+        if script in self._schemas:
+            return
         self._db.executescript(script)
+        self._schemas.add(script)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One statement in its own transaction, for those modules' tables."""
@@ -446,13 +453,9 @@ class Ledger:
         ).fetchone()
         return None if row is None else _task(row)
 
-    def tasks(self, *, limit: int = 50, open_only: bool = False) -> list[TaskRecord]:
-        where = f"WHERE status NOT IN ({','.join('?' * len(TERMINAL_STATUSES))})" if open_only else ""
-        params: tuple[Any, ...] = tuple(sorted(TERMINAL_STATUSES)) if open_only else ()
-        rows = self._db.execute(
-            f"SELECT * FROM tasks {where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608 (no user text)
-            (*params, limit),
-        ).fetchall()
+    def tasks(self, *, limit: int = 50) -> list[TaskRecord]:
+        """Newest first."""
+        rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
         return [_task(row) for row in rows]
 
 

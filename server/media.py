@@ -117,7 +117,7 @@ def resolve_local(field: str, value: str, roots: tuple[Path, ...]) -> MediaRef:
     if not stat.S_ISREG(info.st_mode):
         raise _refuse(field, value, "is not a regular file (devices, pipes and sockets are refused)", roots)
     try:
-        digest = _sha256(real)
+        digest = file_sha256(real)
     except OSError as exc:
         raise _refuse(field, value, f"cannot be read ({exc.strerror or exc})", roots) from exc
     return MediaRef(original=value, path=real, sha256=digest, size=info.st_size)
@@ -130,7 +130,8 @@ def resolve_media(field: str, value: str, roots: tuple[Path, ...]) -> MediaRef:
     return resolve_local(field, value, roots)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (local media, and a recovered video)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(HASH_CHUNK):

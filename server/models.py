@@ -15,19 +15,10 @@ EMOJI_GENERATE = "emoji-v1"
 OFFICIAL_MODELS = frozenset({EMO_DETECT, EMO_GENERATE, EMOJI_DETECT, EMOJI_GENERATE})
 
 Family = Literal["emo", "emoji"]
-Ratio = Literal["1:1", "3:4"]
-StyleLevel = Literal["normal", "calm", "active"]
 
 # What a ratio's ext_bbox turns into (EMO output is 15 fps H.264 with sound).
 OUTPUT_SIZE: dict[str, str] = {"1:1": "512x512", "3:4": "512x704"}
 EMOJI_OUTPUT_SIZE = "512x512"
-
-FAMILY_OF_MODEL: dict[str, Family] = {
-    EMO_DETECT: "emo",
-    EMO_GENERATE: "emo",
-    EMOJI_DETECT: "emoji",
-    EMOJI_GENERATE: "emoji",
-}
 
 # Evidence folders under OUTPUT_DIR, named after the seed skills.
 EVIDENCE_FOLDER: dict[Family, str] = {"emo": "aliyun-emo", "emoji": "aliyun-emoji"}

@@ -39,10 +39,10 @@ from server.models import (
     template_max_seconds,
 )
 from server.preflight import Checked, Preflight
-from server.pricing import Estimate, actual_cost, estimate_emo, estimate_emoji
+from server.pricing import Estimate, estimate_emo, estimate_emoji
 from server.provenance import require_detection
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
-from server.spend import estimate_of, record_estimate
+from server.spend import record_estimate
 from server.submits import NEXT_STEP, Submitter
 from server.tasks import Progress, TaskTracker
 from server.uploads import Uploads
@@ -382,15 +382,7 @@ class Service:
     async def task_status(self, task_id: str, wait_seconds: float = 0, progress: Progress | None = None) -> TaskStatus:
         if not self.settings.api_key:
             raise MissingApiKeyError()
-        result = await self.tasks.status(task_id, wait_seconds, progress)
-        record = self.ledger.get_task(task_id)
-        family = record.family if record is not None else "emo"
-        return result.model_copy(
-            update={
-                "actual_cost_cny": actual_cost(self.settings.prices, family, result.usage),
-                "estimated_cost_cny": estimate_of(self.ledger, task_id),
-            }
-        )
+        return await self.tasks.status(task_id, wait_seconds, progress)
 
     async def task_cancel(self, task_id: str) -> TaskStatus:
         """Cancel a PENDING task upstream; anything else gets the reason it cannot be cancelled."""

@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable
 from server.config import Settings
 from server.errors import TaskNotFoundError
 from server.ledger import LOCAL_STATUSES, Ledger, TaskRecord
+from server.pricing import actual_cost
 from server.results import TaskStatus
+from server.spend import estimate_of
 from server.watcher import UNKNOWN_MESSAGE, Watcher, settled
 
 Progress = Callable[[float, float, str], Awaitable[None]]
@@ -82,4 +84,7 @@ class TaskTracker:
             queue_ahead=self._ledger.queue_ahead(record) if open_task else None,
             local_id=record.local_id,
             evidence_dir=record.evidence_dir,
+            # Costs belong to every answer about a task (task_status and task_cancel alike).
+            actual_cost_cny=actual_cost(self._settings.prices, record.family, record.usage),
+            estimated_cost_cny=estimate_of(self._ledger, record.task_id),
         )

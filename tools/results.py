@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ResourceLink, TextContent
 
-from server.errors import EmoMcpError
 from server.results import _Result
 
 
@@ -46,7 +44,3 @@ def video_link(result: _Result) -> ResourceLink | None:
 def error_result(message: str, data: dict[str, Any] | None = None) -> CallToolResult:
     """An `isError` result whose text reaches the model as written (no SDK prefix)."""
     return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=data, is_error=True)
-
-
-def as_tool_error(exc: EmoMcpError) -> ToolError:
-    return ToolError(str(exc))
