@@ -170,6 +170,31 @@ async def test_submit_timeout_is_outcome_unknown_then_reconciled_without_a_secon
     assert (Path(status["evidence_dir"]) / "reconciled.json").is_file()
 
 
+async def test_a_local_id_keeps_its_reconciled_task_watched(
+    fake: FakeDashScope, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking with the `submit-...` id (as the error told the agent to) must not strand the real task."""
+    monkeypatch.setattr(dashscope, "SUBMIT_TIMEOUT", httpx2.Timeout(0.3, connect=5.0))
+    fake.auto_progress = False
+    with anyio.fail_after(30):
+        async with Client(create_app(settings)) as client:
+            args = emo_args(await detect_emo(client))
+            fake.inject("POST", "/services/aigc/image2video/video-synthesis", delay=1.0, passthrough=True)
+            message = await call_error(client, "emo_generate", args)
+            match = re.search(r"submit-[0-9a-f]{16}", message)
+            assert match is not None
+            found = await call_ok(client, "task_status", {"task_id": match.group(0), "wait_seconds": 3})
+            [task] = fake.tasks.values()
+            assert found["task_id"] == task.task_id and found["task_status"] == "PENDING"
+            for _ in range(3):  # fresh news by the local id, an interval apart
+                await anyio.sleep(0.1)
+                again = await call_ok(client, "task_status", {"task_id": match.group(0)})
+                assert again["task_id"] == task.task_id
+            fake.complete(task.task_id)
+            done = await call_ok(client, "task_status", {"task_id": task.task_id, "wait_seconds": 10})
+    assert done["task_status"] == "SUCCEEDED" and done["video_path"]
+
+
 async def test_cancel_a_pending_task_and_refuse_the_others(client: Client, fake: FakeDashScope) -> None:
     fake.auto_progress = False
     detection = await detect_emo(client)
