@@ -164,7 +164,9 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--host and --port apply to --transport http only.")
 
     async def run_stdio(settings: Settings) -> int:
-        await create_app(settings).run_stdio_async()
+        from server.stdio import serve_stdio
+
+        await serve_stdio(create_app(settings))
         return EXIT_OK
 
     return await _with_settings(args.sandbox, run_stdio)

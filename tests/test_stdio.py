@@ -3,6 +3,7 @@ server process on the same OUTPUT_DIR finishes a task the first one submitted.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from server.fake_dashscope import FakeDashScope
+from server.stdio import PipeLines
 from tests.conftest import PORTRAIT, TEST_KEY, call_ok, detect_emo, emo_arguments, make_env
 
 pytestmark = pytest.mark.anyio
@@ -105,3 +107,61 @@ async def test_a_second_process_finishes_a_task_the_first_submitted(fake: FakeDa
     # The second process knew the task's model and evidence folder from the shared ledger.
     assert status["model"] == "emo-v1"
     assert Path(status["evidence_dir"], "request.json").is_file()
+
+
+def _handshake_and_list() -> bytes:
+    return b"".join(
+        [
+            rpc(
+                1,
+                "initialize",
+                {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+            ),
+            rpc(None, "notifications/initialized"),
+            rpc(2, "tools/list", {}),
+        ]
+    )
+
+
+async def test_a_regular_file_on_stdin_is_served_the_sdk_way(fake: FakeDashScope, tmp_path: Path) -> None:
+    """asyncio cannot watch a regular file, so that case keeps the SDK's thread-based reader."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(_handshake_and_list())
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **make_env(fake, tmp_path)}
+    with requests.open("rb") as stdin:
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "server"], stdin=stdin, capture_output=True, cwd=tmp_path, env=env, timeout=60
+            )
+        )
+    answers = {m["id"]: m for m in map(json.loads, done.stdout.splitlines()) if "id" in m}
+    assert len(answers[2]["result"]["tools"]) == 6
+
+
+async def test_a_message_longer_than_the_pipe_buffer_is_answered(fake: FakeDashScope, tmp_path: Path) -> None:
+    """One JSON-RPC line of 1 MB (far over a pipe's 64 KiB) arrives whole and gets its answer."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **make_env(fake, tmp_path)}
+    long_url = "https://images.example.com/" + "a" * 1_000_000 + ".jpg"
+    script = _handshake_and_list() + rpc(3, "tools/call", {"name": "emo_detect", "arguments": {"image_url": long_url}})
+    with anyio.fail_after(60):
+        async with await anyio.open_process(
+            [sys.executable, "-m", "server"], cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        ) as process:
+            assert process.stdin is not None and process.stdout is not None
+            await process.stdin.send(script)
+            received = b""
+            while b'"id":3' not in received:
+                received += await process.stdout.receive()
+            await process.stdin.aclose()
+            received += b"".join([chunk async for chunk in process.stdout])
+    answers = {m["id"]: m for m in map(json.loads, received.splitlines()) if "id" in m}
+    assert answers[3]["result"]["isError"] is True  # refused (URL too long), and said so
+    assert "2048" in answers[3]["result"]["content"][0]["text"]
+
+
+async def test_a_line_over_the_limit_is_dropped_and_the_next_one_read() -> None:
+    reader = asyncio.StreamReader(limit=1024)
+    reader.feed_data(b"x" * 5000 + b"\n" + b'{"jsonrpc":"2.0"}\n')
+    reader.feed_eof()
+    lines = [line async for line in PipeLines(reader)]
+    assert lines == ['{"jsonrpc":"2.0"}\n']
