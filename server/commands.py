@@ -109,6 +109,8 @@ def show_detection(result: EmoDetection | EmojiDetection) -> None:
 def show_status(status: TaskStatus) -> None:
     mark = {"SUCCEEDED": "✓ ", "FAILED": "✗ ", "CANCELED": "✗ ", "UNKNOWN": "✗ "}.get(status.task_status, "… ")
     say(mark + status.summary())
+    if status.video_path:
+        say(f"  video: {status.video_path}")
     if status.usage and status.usage.get("video_duration") is not None:
         say(f"  billed seconds: {status.usage['video_duration']}")
     if status.evidence_dir:

@@ -10,11 +10,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+WARNINGS = "Pre-flight notes (e.g. a URL not fetched here)."
+
 
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sandbox: bool = Field(description="True when this came from the built-in sandbox, not DashScope.")
+    sandbox: bool = Field(description="From the built-in sandbox, not DashScope.")
 
     def _prefix(self) -> str:
         return "[sandbox] " if self.sandbox else ""
@@ -24,19 +26,19 @@ class _Result(BaseModel):
 
 
 class EmoDetection(_Result):
-    check_pass: bool = Field(description="Whether the portrait qualifies for emo-v1.")
+    check_pass: bool
     image_url: str
-    ratio: str = Field(description="'1:1' (head shot) or '3:4' (half body).")
-    output_size: str = Field(description="Video size this ratio gives: 512x512 for 1:1, 512x704 for 3:4.")
-    face_bbox: list[int] | None = Field(description="[x1, y1, x2, y2]; pass unchanged to emo_generate.")
-    ext_bbox: list[int] | None = Field(description="[x1, y1, x2, y2]; pass unchanged to emo_generate.")
+    ratio: str
+    output_size: str = Field(description="Video width x height.")
+    face_bbox: list[int] | None = Field(description="[x1, y1, x2, y2] in pixels, like ext_bbox.")
+    ext_bbox: list[int] | None
     humanoid: bool | None = None
-    code: str | None = Field(None, description="Upstream reason when the check failed.")
+    code: str | None = None
     message: str | None = None
     request_id: str | None = None
     model: str
-    evidence_dir: str = Field(description="Folder holding the request and response of this detection.")
-    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
+    evidence_dir: str = Field(description="Folder with the request and response.")
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS)
 
     def summary(self) -> str:
         if self.check_pass:
@@ -51,17 +53,17 @@ class EmoDetection(_Result):
 
 
 class EmojiDetection(_Result):
-    check_pass: bool = Field(description="Derived: true when the service returned both boxes and no error.")
+    check_pass: bool = Field(description="Derived: both boxes returned, no error.")
     image_url: str
-    output_size: str = Field(description="Emoji clips are 512x512.")
-    face_bbox: list[int] | None = Field(description="Wire bbox_face; pass unchanged to emoji_generate.")
-    ext_bbox_face: list[int] | None = Field(description="Pass unchanged to emoji_generate.")
+    output_size: str
+    face_bbox: list[int] | None = Field(description="Upstream bbox_face: [x1, y1, x2, y2] in pixels.")
+    ext_bbox_face: list[int] | None
     code: str | None = None
     message: str | None = None
     request_id: str | None = None
     model: str
     evidence_dir: str
-    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS)
 
     def summary(self) -> str:
         if self.check_pass:
@@ -76,24 +78,20 @@ class EmojiDetection(_Result):
 
 
 class Submitted(_Result):
-    task_id: str | None = Field(description="The task to follow with task_status; null for a dry run.")
-    task_status: str = Field(description="PENDING after a submit; DRY_RUN when nothing was submitted.")
+    task_id: str | None = Field(description="Null for a dry run.")
+    task_status: str = Field(description="DRY_RUN when nothing was submitted.")
     model: str
     request_id: str | None = None
     output_size: str
     evidence_dir: str
     next_step: str
-    estimated_cost_cny: float | None = Field(default=None, description="Estimated cost in CNY (see estimate_basis).")
-    estimate_basis: str | None = Field(default=None, description="Seconds x rate behind the estimate, and its caveats.")
+    estimated_cost_cny: float | None = None
+    estimate_basis: str | None = Field(default=None, description="Seconds x rate, and caveats.")
     dry_run: bool = False
-    payload: dict[str, Any] | None = Field(default=None, description="Dry run only: the request that would be sent.")
-    warnings: list[str] = Field(default_factory=list, description="Pre-flight notes (e.g. a URL not fetched here).")
-    inputs: dict[str, str] | None = Field(
-        default=None, description="The media as given: local paths (sent as oss:// uploads) or URLs."
-    )
-    deduplicated: bool = Field(
-        default=False, description="True when an identical earlier request's task was returned instead of a new one."
-    )
+    payload: dict[str, Any] | None = Field(default=None, description="The request a dry run would send.")
+    warnings: list[str] = Field(default_factory=list, description=WARNINGS)
+    inputs: dict[str, str] | None = Field(default=None, description="Local media files, sent as oss:// uploads.")
+    deduplicated: bool = False
     note: str | None = None
 
     def summary(self) -> str:
@@ -111,42 +109,33 @@ class Submitted(_Result):
 
 class TaskStatus(_Result):
     task_id: str
-    task_status: str = Field(
-        description="PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id or > 24 h old); a lost "
-        "submit: SUBMITTING, SUBMIT_OUTCOME_UNKNOWN (being looked up), NOT_FOUND (likely never created)."
-    )
+    task_status: str
     finished: bool
     model: str | None = None
-    submit_time: str | None = Field(None, description="Beijing time (UTC+8), as DashScope reports it.")
+    submit_time: str | None = Field(None, description="Times are Beijing time (UTC+8), as DashScope reports them.")
     scheduled_time: str | None = None
     end_time: str | None = None
-    video_url: str | None = Field(None, description="Valid 24 h after the task ends; already downloaded.")
-    video_path: str | None = Field(None, description="Absolute path of the downloaded MP4.")
+    video_url: str | None = None
+    video_path: str | None = None
     video_sha256: str | None = None
     video_bytes: int | None = None
     usage: dict[str, Any] | None = Field(None, description="video_duration (billed seconds), video_ratio.")
     code: str | None = None
     message: str | None = None
     download_error: str | None = None
-    last_error: str | None = Field(
-        None, description="Last upstream error while following the task (the server keeps retrying)."
-    )
-    queue_ahead: int | None = Field(
-        None,
-        description="This server's earlier unfinished tasks of the same model (DashScope runs one at a time).",
-    )
-    local_id: str | None = Field(
-        None, description="The id this submit had while its outcome was unknown (still accepted)."
-    )
-    evidence_dir: str | None = None
-    actual_cost_cny: float | None = Field(default=None, description="Billed cost in CNY from usage.video_duration.")
-    estimated_cost_cny: float | None = Field(default=None, description="The estimate made at submit, when known.")
+    last_error: str | None = Field(None, description="Last upstream error while polling (retried).")
+    queue_ahead: int | None = None
+    local_id: str | None = Field(None, description="The id you asked by: the submit's, before its outcome was known.")
+    evidence_dir: str | None = Field(None, description="Request/response folder; left out when it holds video_path.")
+    actual_cost_cny: float | None = Field(default=None, description="Billed: usage.video_duration x rate.")
+    estimated_cost_cny: float | None = Field(default=None, description="Estimate made at submit.")
 
     def summary(self) -> str:
         head = f"{self._prefix()}Task {self.task_id}: {self.task_status}"
         if self.task_status == "SUCCEEDED" and self.video_path:
             cost = f" Cost {self.actual_cost_cny:.4f} CNY." if self.actual_cost_cny is not None else ""
-            return f"{head}. Video saved to {self.video_path} ({self.video_bytes} bytes).{cost}"
+            # The path itself is in video_path (and a resource_link): not a third copy here.
+            return f"{head}. Video saved ({self.video_bytes} bytes).{cost}"
         if self.task_status == "SUCCEEDED" and self.code:
             return f"{head}, but the video could not be saved: {self.message}"
         if self.task_status == "SUCCEEDED":

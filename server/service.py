@@ -294,7 +294,7 @@ class Service:
         )
         assert submitted.task_id is not None
         record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
-        local = {name: str(ref.path) for name, ref in plan.media().items() if ref.path is not None}
+        local = plan.inputs()
         if local:  # the evidence names the files behind the opaque oss:// keys
             self.evidence.write_json(Path(submitted.evidence_dir) / "local-files.json", local)
         return submitted.model_copy(
@@ -302,7 +302,7 @@ class Service:
                 "estimated_cost_cny": plan.estimate.cny,
                 "estimate_basis": plan.estimate.basis,
                 "warnings": plan.warnings,
-                "inputs": plan.inputs(),
+                "inputs": local,
             }
         )
 
@@ -456,9 +456,10 @@ class Plan:
     def media(self) -> dict[str, MediaRef]:
         return {name: v for name, v in self.payload["input"].items() if isinstance(v, MediaRef)}
 
-    def inputs(self) -> dict[str, str]:
-        """The media as the caller knows them: local paths (never only an oss:// key) or URLs."""
-        return {name: ref.shown for name, ref in self.media().items()}
+    def inputs(self) -> dict[str, str] | None:
+        """The local media files behind the oss:// keys sent; a URL is not echoed back (the caller has it)."""
+        local = {name: ref.shown for name, ref in self.media().items() if ref.is_local}
+        return local or None
 
     def shown_payload(self) -> dict[str, Any]:
         """The payload as it would be sent, local files shown as file:// URIs (uploaded at submit)."""

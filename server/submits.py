@@ -32,8 +32,8 @@ from server.watcher import Watcher
 logger = logging.getLogger(__name__)
 
 NEXT_STEP = (
-    "Call task_status with this task_id (wait_seconds up to 50 to wait in one call); "
-    "the video is downloaded as soon as the task succeeds, even if nobody asks."
+    "Call task_status with this task_id (wait_seconds up to 50 waits in one call); "
+    "the video is downloaded when the task succeeds, even if nobody asks."
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from server.config import Settings
 from server.errors import TaskNotFoundError
@@ -52,7 +53,7 @@ class TaskTracker:
                 record.task_id, min(remaining, max(self._settings.poll_interval, PROGRESS_EVERY))
             )
             record = self._require(task_id)
-        return self.to_result(record)
+        return self.to_result(record, asked=task_id)
 
     def _require(self, task_id: str) -> TaskRecord:
         record = self._ledger.get_task(task_id)
@@ -60,9 +61,14 @@ class TaskTracker:
             raise TaskNotFoundError(f"Task {task_id} is not in this server's ledger and {UNKNOWN_MESSAGE}")
         return record
 
-    def to_result(self, record: TaskRecord) -> TaskStatus:
+    def to_result(self, record: TaskRecord, asked: str | None = None) -> TaskStatus:
+        """`asked` is the id the caller used: a submit's local id is shown only to whoever knows it."""
         query_error, download_error = self._watcher.errors(record.task_id)
         open_task = not record.finished and record.status not in LOCAL_STATUSES
+        # The video is saved in the evidence folder: that folder is said once, as video_path's parent.
+        video_in_evidence = bool(
+            record.video_path and record.evidence_dir and Path(record.video_path).parent == Path(record.evidence_dir)
+        )
         return TaskStatus(
             sandbox=self._settings.sandbox,
             task_id=record.task_id,
@@ -82,8 +88,8 @@ class TaskTracker:
             download_error=download_error if not settled(record) else None,
             last_error=query_error if not settled(record) else None,
             queue_ahead=self._ledger.queue_ahead(record) if open_task else None,
-            local_id=record.local_id,
-            evidence_dir=record.evidence_dir,
+            local_id=record.local_id if asked == record.local_id and record.local_id != record.task_id else None,
+            evidence_dir=None if video_in_evidence else record.evidence_dir,
             # Costs belong to every answer about a task (task_status and task_cancel alike).
             actual_cost_cny=actual_cost(self._settings.prices, record.family, record.usage),
             estimated_cost_cny=estimate_of(self._ledger, record.task_id),

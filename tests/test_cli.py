@@ -59,9 +59,10 @@ def test_generate_detects_first_and_waits_with_progress(
     assert code == 0, out + err
     assert "detecting the portrait first" in err
     assert "[" in err and "] PENDING" in err  # the progress bar, on stderr
-    assert "SUCCEEDED. Video saved to" in out
+    assert "SUCCEEDED. Video saved (" in out
     (task_id,) = upstream.tasks
     video = next(Path(env["OUTPUT_DIR"]).rglob(f"{task_id}.mp4"))
+    assert f"  video: {video}\n" in out
     assert video.read_bytes() == upstream.video_bytes(task_id)
     assert TEST_KEY not in out + err
 

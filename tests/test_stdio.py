@@ -106,7 +106,7 @@ async def test_a_second_process_finishes_a_task_the_first_submitted(fake: FakeDa
     assert Path(status["video_path"]).read_bytes() == fake.video_bytes(submitted["task_id"])
     # The second process knew the task's model and evidence folder from the shared ledger.
     assert status["model"] == "emo-v1"
-    assert Path(status["evidence_dir"], "request.json").is_file()
+    assert Path(status["video_path"]).with_name("request.json").is_file()  # the video is in the evidence folder
 
 
 def _handshake_and_list() -> bytes:

@@ -98,7 +98,7 @@ async def test_reads_survive_5xx_and_a_download_cut_off_mid_stream(
     assert Path(status["video_path"]).read_bytes() == fake.video_bytes(submitted["task_id"])
     downloads = [r for r in fake.requests if r.path.startswith("/files/")]
     assert len(downloads) == 3  # two cut off, then one whole
-    assert not list(Path(status["evidence_dir"]).glob("*.part"))
+    assert not list(Path(status["video_path"]).parent.glob("*.part"))  # the evidence folder
 
 
 async def test_identical_generate_returns_the_same_task_unless_allowed(client: Client, fake: FakeDashScope) -> None:
@@ -167,7 +167,8 @@ async def test_submit_timeout_is_outcome_unknown_then_reconciled_without_a_secon
     assert re.fullmatch(r"\d{14}", listing.query["start_time"]) and re.fullmatch(r"\d{14}", listing.query["end_time"])
     # The original request stays where the agent was told it was saved.
     assert list((settings.output_dir / "aliyun-emo" / "submits").rglob("outcome-unknown.json"))
-    assert (Path(status["evidence_dir"]) / "reconciled.json").is_file()
+    assert "evidence_dir" not in status  # it is the video's folder
+    assert (Path(status["video_path"]).parent / "reconciled.json").is_file()
 
 
 async def test_a_local_id_keeps_its_reconciled_task_watched(
@@ -228,7 +229,7 @@ async def test_queue_position_counts_earlier_open_tasks_of_the_model(client: Cli
     assert status["queue_ahead"] == 2
     fake.complete(first["task_id"])
     done = await call_ok(client, "task_status", {"task_id": first["task_id"], "wait_seconds": 10})
-    assert done["queue_ahead"] is None
+    assert "queue_ahead" not in done
     status = await call_ok(client, "task_status", {"task_id": second["task_id"]})
     assert status["queue_ahead"] == 0
 
@@ -251,7 +252,7 @@ async def test_a_video_url_that_expired_before_the_restart_is_recorded_not_retri
             assert len([r for r in fake.requests if r.path.startswith("/files/")]) == downloads == 1
     assert status["task_status"] == "SUCCEEDED" and status["finished"] is True
     assert status["code"] == "VideoExpired" and "24 hours" in status["message"]
-    assert status["video_path"] is None
+    assert "video_path" not in status
 
 
 async def test_a_throttled_account_pauses_every_query(fake: FakeDashScope, tmp_path: Path) -> None:

@@ -19,25 +19,21 @@ from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import AllowDuplicate, Box, DryRun, MediaSource, Ratio, StyleLevel, choice
 
 DETECT_DESCRIPTION = """Check a portrait for EMO (emo-detect-v1) and get the boxes emo_generate needs.
-Call this first: emo_generate only accepts face_bbox/ext_bbox returned by a passing emo_detect of the \
-same image_url. ratio "1:1" (head shot) gives a 512x512 video, "3:4" (half body) 512x704.
-Image: public http(s) URL or a local file (path or file:// URI inside the server's allowed roots; uploaded \
-to DashScope temporary storage), JPG/PNG/BMP/WEBP, each side 400-7000 px, one clear front-facing person.
+Call this first: emo_generate only accepts face_bbox/ext_bbox from a passing emo_detect of the same image_url.
+Image: public http(s) URL or local file (path or file:// URI inside the server's allowed roots; uploaded to \
+DashScope temporary storage), JPG/PNG/BMP/WEBP, each side 400-7000 px, one clear front-facing person.
 Cost: about 0.004 CNY per call, billed even when the check fails.
-Returns check_pass, face_bbox, ext_bbox, ratio, output_size, request_id; on a failed check code and message."""
+Returns check_pass and the boxes; on a failed check, code and message."""
 
-GENERATE_DESCRIPTION = """Start an EMO talking-head video (emo-v1) from a portrait and speech audio. Paid.
-Requires a passing emo_detect of the same image_url: pass its face_bbox and ext_bbox unchanged \
-(invented or foreign boxes are refused before anything is sent).
-Audio: public http(s) URL or local file, WAV or MP3, under 15 MB and under 60 s, a clear voice (local files \
-are checked here first, for free).
-style_level: normal (default), calm or active.
-Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (output length = audio length); the result carries \
-estimated_cost_cny. dry_run=true returns the exact request and the estimate and submits nothing. The server \
-may refuse a job above its cost ceiling, or ask the user to confirm it.
-An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
-instead of billing a new one; allow_duplicate: true forces a new task.
-Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
+GENERATE_DESCRIPTION = """Start an EMO talking-head video (emo-v1) from a portrait and speech. Paid.
+Requires a passing emo_detect of the same image_url: pass its face_bbox and ext_bbox unchanged (other boxes \
+are refused before anything is sent).
+Audio: WAV or MP3, under 15 MB and 60 s, a clear voice; the video is as long as the audio. Local files are \
+checked here first, for free.
+Cost: 0.08 CNY per output second at 1:1, 0.16 at 3:4 (estimated_cost_cny in the result). The server may \
+refuse a job above its cost ceiling, or ask the user to confirm it.
+An identical request returns its alive or succeeded task (deduplicated: true) instead of billing again.
+Then follow task_id with task_status (the video is downloaded when the task succeeds)."""
 
 
 def build(settings: Settings) -> list[Tool]:
@@ -45,9 +41,11 @@ def build(settings: Settings) -> list[Tool]:
     generate_models = choice((EMO_GENERATE, *settings.model_aliases.get(EMO_GENERATE, ())))
 
     async def emo_detect(
-        image_url: Annotated[MediaSource, Field(description="Public http(s) URL or local path of the portrait.")],
+        image_url: Annotated[MediaSource, Field(description="Portrait URL or local path.")],
         ctx: Context[Any, Any],
-        ratio: Annotated[Ratio, Field(description='"1:1" head shot (512x512) or "3:4" half body (512x704).')] = "1:1",
+        ratio: Annotated[
+            Ratio, Field(description='"1:1" head shot (512x512 video) or "3:4" half body (512x704).')
+        ] = "1:1",
         model: Annotated[detect_models | None, Field(description="Defaults to emo-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmoDetection]:
         return await run(ctx, lambda service: service.emo_detect(image_url, ratio, model))
@@ -70,9 +68,9 @@ def build(settings: Settings) -> list[Tool]:
 
     async def emo_generate(
         image_url: Annotated[MediaSource, Field(description="The same image_url given to emo_detect.")],
-        audio_url: Annotated[MediaSource, Field(description="http(s) URL or local path of WAV/MP3 speech, < 60 s.")],
-        face_bbox: Annotated[Box, Field(description="face_bbox from emo_detect, unchanged.")],
-        ext_bbox: Annotated[Box, Field(description="ext_bbox from emo_detect, unchanged.")],
+        audio_url: Annotated[MediaSource, Field(description="Speech URL or local path.")],
+        face_bbox: Annotated[Box, Field(description="From emo_detect.")],
+        ext_bbox: Annotated[Box, Field(description="From emo_detect.")],
         ctx: Context[Any, Any],
         confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emo)],
         style_level: Annotated[StyleLevel, Field(description="Motion style.")] = "normal",

@@ -19,32 +19,28 @@ from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import AllowDuplicate, Box, DryRun, MediaSource, choice
 
 DETECT_DESCRIPTION = """Check a portrait for Emoji (emoji-detect-v1) and get the boxes emoji_generate needs.
-Call this first: emoji_generate only accepts face_bbox/ext_bbox_face returned by a passing emoji_detect \
-of the same image_url (boxes from emo_detect do not count).
-Image: public http(s) URL or a local file (path or file:// URI inside the server's allowed roots), \
-JPG/PNG/BMP/WEBP, 400-7000 px each side, at most 10 MB, one front-facing, unoccluded person.
+Call this first: emoji_generate only accepts face_bbox/ext_bbox_face from a passing emoji_detect of the same \
+image_url (boxes from emo_detect do not count).
+Image: public http(s) URL or local file (path or file:// URI inside the server's allowed roots), \
+JPG/PNG/BMP/WEBP, each side 400-7000 px, at most 10 MB, one front-facing, unoccluded person.
 Cost: about 0.004 CNY per call (unconfirmed), billed even when the check fails.
-Returns check_pass, face_bbox, ext_bbox_face, request_id; on a failed check code and message."""
+Returns check_pass and the boxes; on a failed check, code and message."""
 
 GENERATE_DESCRIPTION = """Start an Emoji expression clip (emoji-v1): 512x512, silent, about 5 s or less. Paid.
 Requires a passing emoji_detect of the same image_url: pass its face_bbox and ext_bbox_face unchanged.
-template_id must be one of the official templates (the enum); series: mengwa (cute kid), \
-dagong (office worker), jingdian (classic).
-Cost: about 0.08 CNY per output second (unconfirmed); the result carries estimated_cost_cny. dry_run=true \
-returns the exact request and the estimate and submits nothing. Runs 1-5 minutes.
-An identical request whose task is alive or succeeded returns that task (deduplicated: true) \
-instead of billing a new one; allow_duplicate: true forces a new task.
-Returns task_id and task_status; then call task_status (the video is downloaded when it succeeds)."""
+Cost: about 0.08 CNY per output second (unconfirmed; estimated_cost_cny in the result). Runs 1-5 minutes.
+An identical request returns its alive or succeeded task (deduplicated: true) instead of billing again.
+Then follow task_id with task_status (the video is downloaded when the task succeeds)."""
 
 
 def build(settings: Settings) -> list[Tool]:
     detect_models = choice((EMOJI_DETECT, *settings.model_aliases.get(EMOJI_DETECT, ())))
     generate_models = choice((EMOJI_GENERATE, *settings.model_aliases.get(EMOJI_GENERATE, ())))
     template_ids = choice(tuple(t.id for t in templates()))
-    template_help = "; ".join(f"{t.id} ({t.meaning})" for t in templates())
+    template_help = f"Official template; ids are series_name. {template_summary()}."
 
     async def emoji_detect(
-        image_url: Annotated[MediaSource, Field(description="Public http(s) URL or local path of the portrait.")],
+        image_url: Annotated[MediaSource, Field(description="Portrait URL or local path.")],
         ctx: Context[Any, Any],
         model: Annotated[detect_models | None, Field(description="Defaults to emoji-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmojiDetection]:
@@ -65,9 +61,9 @@ def build(settings: Settings) -> list[Tool]:
 
     async def emoji_generate(
         image_url: Annotated[MediaSource, Field(description="The same image_url given to emoji_detect.")],
-        face_bbox: Annotated[Box, Field(description="face_bbox from emoji_detect, unchanged.")],
-        ext_bbox_face: Annotated[Box, Field(description="ext_bbox_face from emoji_detect, unchanged.")],
-        template_id: Annotated[template_ids, Field(description=f"Official template: {template_help}.")],  # type: ignore[valid-type]
+        face_bbox: Annotated[Box, Field(description="From emoji_detect.")],
+        ext_bbox_face: Annotated[Box, Field(description="From emoji_detect.")],
+        template_id: Annotated[template_ids, Field(description=template_help)],  # type: ignore[valid-type]
         ctx: Context[Any, Any],
         confirmation: Annotated[ElicitationResult[ConfirmSpend], Resolve(confirm_emoji)],
         model: Annotated[generate_models | None, Field(description="Defaults to emoji-v1.")] = None,  # type: ignore[valid-type]
@@ -104,3 +100,11 @@ def build(settings: Settings) -> list[Tool]:
             annotations=GENERATE,
         ),
     ]
+
+
+def template_summary() -> str:
+    """The catalogue in few tokens: "mengwa (cute kid): kaixin=happy, ...; dagong (office worker): ..."."""
+    series: dict[tuple[str, str], list[str]] = {}
+    for t in templates():
+        series.setdefault((t.series, t.series_meaning), []).append(f"{t.id.removeprefix(t.series + '_')}={t.meaning}")
+    return "; ".join(f"{name} ({meaning}): {', '.join(items)}" for (name, meaning), items in series.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,25 @@ def structured(result: _Result) -> CallToolResult:
     A downloaded video also comes as a `resource_link` (file:// on the server's disk), so clients
     can offer to open it.
     """
-    data = result.model_dump(mode="json")
-    text = f"{result.summary()}\n{result.model_dump_json(exclude_none=True)}"
+    data = result_data(result)
+    text = f"{result.summary()}\n{json.dumps(data, separators=(',', ':'), ensure_ascii=False)}"
     content: list[ContentBlock] = [TextContent(type="text", text=text)]
     link = video_link(result)
     if link is not None:
         content.append(link)
     return CallToolResult(content=content, structured_content=data)
+
+
+def result_data(result: _Result) -> dict[str, Any]:
+    """The result as JSON, without its optional fields that have no value (null or an empty list):
+    every agent pays for each byte on every call. The published output schema says so
+    (`tools.strict.optional_fields_omitted`); required fields are always sent."""
+    fields = type(result).model_fields
+    return {
+        name: value
+        for name, value in result.model_dump(mode="json").items()
+        if fields[name].is_required() or value not in (None, [])
+    }
 
 
 def video_link(result: _Result) -> ResourceLink | None:
@@ -35,7 +48,6 @@ def video_link(result: _Result) -> ResourceLink | None:
         type="resource_link",
         uri=path.as_uri(),
         name=path.name,
-        title=f"Video of task {getattr(result, 'task_id', path.stem)}",
         mime_type="video/mp4",
         size=size if isinstance(size, int) else None,
     )

@@ -94,9 +94,7 @@ def choice(values: tuple[str, ...]) -> Any:
     return Literal[values]
 
 
-ALLOW_DUPLICATE = (
-    "true: bill a new task even when an identical request's task is alive or succeeded (default: return that task)."
-)
-
-DryRun = Annotated[StrictBool, Field(description="Return the request and estimate; submit nothing.")]
-AllowDuplicate = Annotated[StrictBool, Field(description=ALLOW_DUPLICATE)]
+DryRun = Annotated[StrictBool, Field(description="Return the exact request and estimate; submit nothing.")]
+AllowDuplicate = Annotated[
+    StrictBool, Field(description="true: submit and bill a new task even if an identical one exists.")
+]

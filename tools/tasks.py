@@ -14,27 +14,29 @@ from tools.context import run
 from tools.registry import CANCEL, STATUS, publish
 from tools.schemas import MAX_WAIT_SECONDS, TaskId, WaitSeconds
 
-DESCRIPTION = f"""Get the status of a task from emo_generate or emoji_generate; download the video when done.
-wait_seconds (default 0) keeps polling inside this call until the task ends or the wait runs out; it is \
-capped at {MAX_WAIT_SECONDS} s so one call stays inside common MCP client timeouts: call again to wait longer.
-Statuses: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id, or older than 24 h).
-On SUCCEEDED the MP4 is already saved: video_path is its absolute path (video_url expires after 24 h). \
-On FAILED: code and message. Free to call.
-The server follows every task in the background (and downloads its video) whether or not you call this; \
-queue_ahead says how many of this server's earlier tasks of the same model run first (one at a time)."""
+DESCRIPTION = """Status of a task from emo_generate or emoji_generate. Free to call.
+Statuses: PENDING, RUNNING, SUCCEEDED, FAILED, CANCELED, UNKNOWN (wrong id, or older than 24 h); a submit \
+with no answer: SUBMITTING, SUBMIT_OUTCOME_UNKNOWN (being looked up), NOT_FOUND (likely never created).
+On SUCCEEDED the MP4 is already saved at video_path (video_url expires 24 h after the end); on FAILED, code and \
+message.
+The server follows every task and downloads its video in the background, whether or not you call this; \
+queue_ahead counts this server's earlier tasks of the same model that run first (one at a time)."""
 
-CANCEL_DESCRIPTION = """Cancel a task that is still PENDING (queued, not started) upstream; nothing is billed for it.
-A RUNNING or finished task cannot be cancelled: the error says which state it is in (a running task \
-finishes and is billed as normal). Returns the task's status, CANCELED on success."""
+WAIT = (
+    f"Poll in this call until the task ends, up to this many seconds; capped at {MAX_WAIT_SECONDS} to stay "
+    "inside client timeouts: call again to wait longer."
+)
+
+CANCEL_DESCRIPTION = """Cancel a task still PENDING (queued, not started); nothing is billed for it.
+A RUNNING or finished task cannot be cancelled (a running one finishes and is billed as normal); the error \
+says its state. Returns the task's status, CANCELED on success."""
 
 
 def build() -> list[Tool]:
     async def task_status(
-        task_id: Annotated[TaskId, Field(description="task_id returned by emo_generate or emoji_generate.")],
+        task_id: Annotated[TaskId, Field(description="From emo_generate or emoji_generate.")],
         ctx: Context[Any, Any],
-        wait_seconds: Annotated[
-            WaitSeconds, Field(description=f"Seconds to wait for the task to end (capped at {MAX_WAIT_SECONDS}).")
-        ] = 0,
+        wait_seconds: Annotated[WaitSeconds, Field(description=WAIT)] = 0,
     ) -> Annotated[CallToolResult, TaskStatus]:
         async def progress(done: float, total: float, message: str) -> None:
             await ctx.report_progress(done, total, message)
@@ -43,7 +45,7 @@ def build() -> list[Tool]:
         return await run(ctx, lambda service: service.task_status(task_id, wait, progress))
 
     async def task_cancel(
-        task_id: Annotated[TaskId, Field(description="task_id returned by emo_generate or emoji_generate.")],
+        task_id: Annotated[TaskId, Field(description="From emo_generate or emoji_generate.")],
         ctx: Context[Any, Any],
     ) -> Annotated[CallToolResult, TaskStatus]:
         return await run(ctx, lambda service: service.task_cancel(task_id))
