@@ -27,6 +27,7 @@ PORTRAIT = "https://images.example.com/people/alice.jpg"
 SPEECH = "https://audio.example.com/hello.wav"
 SERVER_COMMAND = (sys.executable, "-m", "server")
 MINIMAL_COMMAND = (sys.executable, "-m", "bench.minimal_server")
+RAW_COMMAND = (sys.executable, "-m", "bench.raw_echo")
 
 
 @dataclass(frozen=True)
