@@ -71,7 +71,9 @@ def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str,
         # TCP_NODELAY as anyio sets it for the server's async client: otherwise Nagle delays the body.
         transport = httpx2.HTTPTransport(socket_options=NODELAY)
         http = stack.enter_context(httpx2.Client(timeout=30.0, transport=transport))
-        ours = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(workdir / "output", base_url), ROOT))
+        ours = stack.enter_context(
+            stdio_session(SERVER_COMMAND, server_env(workdir / "output", base_url, poll_interval=None), ROOT)
+        )
         proxy = [*MINIMAL_COMMAND, "--proxy", base_url, "--api-key", BENCH_KEY]
         floor = stack.enter_context(stdio_session(proxy, child_env(), ROOT))
 
@@ -92,7 +94,9 @@ def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str,
         memory = _memory_dir()
         if memory is not None:
             ram = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emo-bench-", dir=memory)))
-            in_ram = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(ram, base_url), ROOT))
+            in_ram = stack.enter_context(
+                stdio_session(SERVER_COMMAND, server_env(ram, base_url, poll_interval=None), ROOT)
+            )
             calls.append(("tmpfs", lambda: in_ram.call_tool("emo_detect", arguments)))
         for session in (ours, floor, dispatch, *([in_ram] if memory is not None else [])):
             session.initialize()
@@ -169,7 +173,10 @@ def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
     added = median(server) - median(direct)
     added_p90 = percentile(server, 0.9) - percentile(direct, 0.9)
     floor = median(sdk) - median(direct)
-    how = f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client"
+    how = (
+        f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client; "
+        "the server with its default settings (no task open, so the watcher is idle)"
+    )
     rows = [
         Row(
             name="Per-call overhead, median (emo_detect over stdio)",
