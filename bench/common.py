@@ -27,6 +27,7 @@ PORTRAIT = "https://images.example.com/people/alice.jpg"
 SPEECH = "https://audio.example.com/hello.wav"
 SERVER_COMMAND = (sys.executable, "-m", "server")
 MINIMAL_COMMAND = (sys.executable, "-m", "bench.minimal_server")
+RAW_COMMAND = (sys.executable, "-m", "bench.raw_echo")
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,14 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def server_env(output_dir: Path, base_url: str, *, api_key: str = BENCH_KEY) -> dict[str, str]:
-    return child_env(
-        {
-            "DASHSCOPE_API_KEY": api_key,
-            "DASHSCOPE_HTTP_BASE_URL": base_url,
-            "OUTPUT_DIR": str(output_dir),
-            "EMO_MCP_POLL_INTERVAL": "0.05",
-        }
-    )
+def server_env(
+    output_dir: Path, base_url: str, *, api_key: str = BENCH_KEY, poll_interval: float | None = 0.05
+) -> dict[str, str]:
+    """The server's environment; `poll_interval=None` keeps the product's default (15 s)."""
+    env = {"DASHSCOPE_API_KEY": api_key, "DASHSCOPE_HTTP_BASE_URL": base_url, "OUTPUT_DIR": str(output_dir)}
+    if poll_interval is not None:
+        env["EMO_MCP_POLL_INTERVAL"] = str(poll_interval)
+    return child_env(env)
 
 
 class RpcError(RuntimeError):

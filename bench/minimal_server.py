@@ -4,6 +4,8 @@
 `python -m bench.minimal_server --proxy BASE_URL --api-key KEY` serves one `emo_detect` tool that
 forwards the call to DashScope (or the fake) with a shared `httpx2.AsyncClient` and returns the
 answer: the floor any MCP server on this SDK pays per call, to tell SDK cost from ours.
+`python -m bench.minimal_server --dispatch` serves an async `emo_detect` that does nothing, over this
+project's stdio transport (`server/stdio.py`): what the SDK's JSON-RPC dispatch alone costs a call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import httpx2
 from mcp.server.mcpserver import MCPServer
 
@@ -45,11 +48,28 @@ def _proxy_server(base_url: str, api_key: str) -> MCPServer[Any]:
     return server
 
 
+def _noop_server() -> MCPServer[Any]:
+    server: MCPServer[Any] = MCPServer(name="minimal-dispatch")
+
+    @server.tool()
+    async def emo_detect(image_url: str, ratio: str = "1:1") -> dict[str, Any]:
+        """Answer at once without calling anything (the SDK's dispatch cost alone)."""
+        return {"check_pass": True, "ratio": ratio}
+
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proxy", metavar="BASE_URL", help="serve a forwarding emo_detect instead of echo")
     parser.add_argument("--api-key", default="")
+    parser.add_argument("--dispatch", action="store_true", help="serve a no-op emo_detect on server/stdio.py pipes")
     args = parser.parse_args(argv)
+    if args.dispatch:
+        from server.stdio import serve_stdio
+
+        anyio.run(serve_stdio, _noop_server())
+        return
     server = _proxy_server(args.proxy, args.api_key) if args.proxy else _echo_server()
     # The project's server keeps httpx2's per-request INFO line out of its logs; so does the floor.
     logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ from bench.common import (
     BENCH_KEY,
     MINIMAL_COMMAND,
     PORTRAIT,
+    RAW_COMMAND,
     ROOT,
     SERVER_COMMAND,
     Row,
@@ -70,7 +71,9 @@ def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str,
         # TCP_NODELAY as anyio sets it for the server's async client: otherwise Nagle delays the body.
         transport = httpx2.HTTPTransport(socket_options=NODELAY)
         http = stack.enter_context(httpx2.Client(timeout=30.0, transport=transport))
-        ours = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(workdir / "output", base_url), ROOT))
+        ours = stack.enter_context(
+            stdio_session(SERVER_COMMAND, server_env(workdir / "output", base_url, poll_interval=None), ROOT)
+        )
         proxy = [*MINIMAL_COMMAND, "--proxy", base_url, "--api-key", BENCH_KEY]
         floor = stack.enter_context(stdio_session(proxy, child_env(), ROOT))
 
@@ -79,17 +82,23 @@ def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str,
             if response.status_code != 200:
                 raise RuntimeError(f"direct detect failed: {response.status_code} {response.text[:200]}")
 
+        dispatch = stack.enter_context(stdio_session([*MINIMAL_COMMAND, "--dispatch"], child_env(), ROOT))
+        raw = stack.enter_context(stdio_session(RAW_COMMAND, child_env(), ROOT))
         calls: list[tuple[str, Callable[[], Any]]] = [
             ("server", lambda: ours.call_tool("emo_detect", arguments)),
             ("direct", direct),
             ("sdk", lambda: floor.call_tool("emo_detect", arguments)),
+            ("dispatch", lambda: dispatch.call_tool("emo_detect", arguments)),
+            ("raw", lambda: raw.call_tool("emo_detect", arguments)),
         ]
         memory = _memory_dir()
         if memory is not None:
             ram = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emo-bench-", dir=memory)))
-            in_ram = stack.enter_context(stdio_session(SERVER_COMMAND, server_env(ram, base_url), ROOT))
+            in_ram = stack.enter_context(
+                stdio_session(SERVER_COMMAND, server_env(ram, base_url, poll_interval=None), ROOT)
+            )
             calls.append(("tmpfs", lambda: in_ram.call_tool("emo_detect", arguments)))
-        for session in (ours, floor, *([in_ram] if memory is not None else [])):
+        for session in (ours, floor, dispatch, *([in_ram] if memory is not None else [])):
             session.initialize()
         times: dict[str, list[float]] = {name: [] for name, _ in calls}
         for _ in range(warmup):
@@ -160,10 +169,14 @@ def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
     calls = measure_calls(rounds, workdir, warmup)
     writes = measure_writes(rounds, workdir, warmup)
     server, direct, sdk = calls["server"], calls["direct"], calls["sdk"]
+    dispatch, raw = calls["dispatch"], calls["raw"]
     added = median(server) - median(direct)
     added_p90 = percentile(server, 0.9) - percentile(direct, 0.9)
     floor = median(sdk) - median(direct)
-    how = f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client"
+    how = (
+        f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client; "
+        "the server with its default settings (no task open, so the watcher is idle)"
+    )
     rows = [
         Row(
             name="Per-call overhead, median (emo_detect over stdio)",
@@ -190,7 +203,19 @@ def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
             ratio=f"{median(sdk) / median(direct):.2f}×",
             goal="reported (not ours)",
             met=None,
-            how="`python -m bench.minimal_server --proxy`, same rounds; ours minus this = what this project adds",
+            how="`python -m bench.minimal_server --proxy` (the SDK's own stdio transport, async httpx2), same rounds",
+        ),
+        Row(
+            name="SDK dispatch alone: no-op async tool on this project's pipe transport",
+            figure=f"{_fmt(median(dispatch))} (+{_fmt(median(dispatch) - median(raw))})",
+            baseline=_fmt(median(raw)) + " (raw JSON-RPC echo process)",
+            ratio=f"{median(dispatch) / median(raw):.2f}×",
+            goal="reported (not ours)",
+            met=None,
+            how=(
+                "`python -m bench.minimal_server --dispatch` vs `python -m bench.raw_echo`, same rounds: what the "
+                "SDK's JSON-RPC dispatch, validation and serialization cost a call before any work is done"
+            ),
         ),
     ]
     if "tmpfs" in calls:
