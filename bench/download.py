@@ -10,7 +10,6 @@ and VmRSS is also sampled every few ms, so either way the peak is seen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from bench.common import (
     server_env,
     stdio_session,
 )
+from server.media import file_sha256
 
 MB = 1024 * 1024
 RSS_GOAL_MB = 16.0
@@ -119,14 +119,6 @@ def _curl(url: str, destination: Path) -> tuple[float, float]:
     return elapsed, usage.ru_utime + usage.ru_stime
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(MB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _record(measured: tuple[float, float], times: list[float], cpu: list[float]) -> None:
     times.append(measured[0])
     cpu.append(measured[1])
@@ -158,7 +150,7 @@ def measure(rounds: int, workdir: Path, size: int) -> list[Row]:
             growth.append(rss.growth_mb)
             result = status["structuredContent"]
             video = Path(result["video_path"])
-            if result["video_bytes"] != size or _sha256(video) != result["video_sha256"]:
+            if result["video_bytes"] != size or file_sha256(video) != result["video_sha256"]:
                 raise RuntimeError(f"the downloaded video of {task_id} is wrong: {result}")
             record = json.loads((video.parent / "video.json").read_text(encoding="utf-8"))
             server_times.append(float(record["seconds"]))

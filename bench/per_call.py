@@ -165,6 +165,21 @@ def measure_writes(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str
     return {name: values[warmup:] for name, values in times.items()}
 
 
+def _reported(
+    name: str, values: list[float], baseline: list[float], label: str, how: str, *, goal: str = "reported"
+) -> Row:
+    """A median against a baseline's median, with what it adds, and no goal of its own."""
+    return Row(
+        name=name,
+        figure=f"{_fmt(median(values))} (+{_fmt(median(values) - median(baseline))})",
+        baseline=_fmt(median(baseline)) + label,
+        ratio=f"{median(values) / median(baseline):.2f}×",
+        goal=goal,
+        met=None,
+        how=how,
+    )
+
+
 def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
     calls = measure_calls(rounds, workdir, warmup)
     writes = measure_writes(rounds, workdir, warmup)
@@ -172,16 +187,16 @@ def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
     dispatch, raw = calls["dispatch"], calls["raw"]
     added = median(server) - median(direct)
     added_p90 = percentile(server, 0.9) - percentile(direct, 0.9)
-    floor = median(sdk) - median(direct)
     how = (
         f"{rounds} interleaved rounds after {warmup} warm-up; fake in its own process; raw JSON-RPC client; "
         "the server with its default settings (no task open, so the watcher is idle)"
     )
+    direct_label = " (direct httpx2 POST)"
     rows = [
         Row(
             name="Per-call overhead, median (emo_detect over stdio)",
             figure=f"{_fmt(median(server))} (+{_fmt(added)})",
-            baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
+            baseline=_fmt(median(direct)) + direct_label,
             ratio=f"{median(server) / median(direct):.2f}×",
             goal=f"≤ +{GOAL_MS:.1f} ms",
             met=added * 1000 <= GOAL_MS,
@@ -190,48 +205,40 @@ def measure(rounds: int, workdir: Path, warmup: int = WARMUP) -> list[Row]:
         Row(
             name="Per-call overhead, p90",
             figure=f"{_fmt(percentile(server, 0.9))} (+{_fmt(added_p90)})",
-            baseline=_fmt(percentile(direct, 0.9)) + " (direct httpx2 POST)",
+            baseline=_fmt(percentile(direct, 0.9)) + direct_label,
             ratio=f"{percentile(server, 0.9) / percentile(direct, 0.9):.2f}×",
             goal="reported",
             met=None,
             how="same runs as the median row (nearest-rank p90)",
         ),
-        Row(
-            name="SDK floor: minimal MCPServer forwarding the same POST",
-            figure=f"{_fmt(median(sdk))} (+{_fmt(floor)})",
-            baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
-            ratio=f"{median(sdk) / median(direct):.2f}×",
+        _reported(
+            "SDK floor: minimal MCPServer forwarding the same POST",
+            sdk,
+            direct,
+            direct_label,
+            "`python -m bench.minimal_server --proxy` (the SDK's own stdio transport, async httpx2), same rounds",
             goal="reported (not ours)",
-            met=None,
-            how="`python -m bench.minimal_server --proxy` (the SDK's own stdio transport, async httpx2), same rounds",
         ),
-        Row(
-            name="SDK dispatch alone: no-op async tool on this project's pipe transport",
-            figure=f"{_fmt(median(dispatch))} (+{_fmt(median(dispatch) - median(raw))})",
-            baseline=_fmt(median(raw)) + " (raw JSON-RPC echo process)",
-            ratio=f"{median(dispatch) / median(raw):.2f}×",
+        _reported(
+            "SDK dispatch alone: no-op async tool on this project's pipe transport",
+            dispatch,
+            raw,
+            " (raw JSON-RPC echo process)",
+            "`python -m bench.minimal_server --dispatch` vs `python -m bench.raw_echo`, same rounds: what the "
+            "SDK's JSON-RPC dispatch, validation and serialization cost a call before any work is done",
             goal="reported (not ours)",
-            met=None,
-            how=(
-                "`python -m bench.minimal_server --dispatch` vs `python -m bench.raw_echo`, same rounds: what the "
-                "SDK's JSON-RPC dispatch, validation and serialization cost a call before any work is done"
-            ),
         ),
     ]
     if "tmpfs" in calls:
         ram = calls["tmpfs"]
         rows.append(
-            Row(
-                name="Per-call, same server with OUTPUT_DIR on tmpfs",
-                figure=f"{_fmt(median(ram))} (+{_fmt(median(ram) - median(direct))})",
-                baseline=_fmt(median(direct)) + " (direct httpx2 POST)",
-                ratio=f"{median(ram) / median(direct):.2f}×",
-                goal="reported",
-                met=None,
-                how=(
-                    "a second server, same rounds, evidence and ledger in RAM: the median row minus this "
-                    f"({_fmt(median(server) - median(ram))}) is what the writes cost on this disk, in place"
-                ),
+            _reported(
+                "Per-call, same server with OUTPUT_DIR on tmpfs",
+                ram,
+                direct,
+                direct_label,
+                "a second server, same rounds, evidence and ledger in RAM: the median row minus this "
+                f"({_fmt(median(server) - median(ram))}) is what the writes cost on this disk, in place",
             )
         )
     for name, label in (("evidence", "Evidence writes per detection"), ("ledger", "Ledger row per detection")):

@@ -104,6 +104,7 @@ def claimed_standard_fds() -> Iterator[tuple[int, int]]:
         os.dup2(wire_out, 1)
         for fd in (wire_in, wire_out):
             os.set_blocking(fd, True)  # asyncio made them non-blocking; the client may share them
+        # The duplicates stay open, as the SDK's do: a closing transport may still hold them.
 
 
 @asynccontextmanager

@@ -123,18 +123,26 @@ def _handshake_and_list() -> bytes:
     )
 
 
-async def test_a_regular_file_on_stdin_is_served_the_sdk_way(fake: FakeDashScope, tmp_path: Path) -> None:
-    """asyncio cannot watch a regular file, so that case keeps the SDK's thread-based reader."""
-    requests = tmp_path / "requests.jsonl"
-    requests.write_bytes(_handshake_and_list())
+async def test_a_regular_file_on_stdout_is_served_the_sdk_way(fake: FakeDashScope, tmp_path: Path) -> None:
+    """asyncio cannot watch a regular file, so that case keeps the SDK's thread-based streams.
+
+    stdin stays a pipe held open until the answers are in: at EOF the SDK stops serving and may drop
+    requests still in flight, so a file on stdin would make this test race."""
+    answers_file = tmp_path / "answers.jsonl"
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **make_env(fake, tmp_path)}
-    with requests.open("rb") as stdin:
-        done = await anyio.to_thread.run_sync(
-            lambda: subprocess.run(
-                [sys.executable, "-m", "server"], stdin=stdin, capture_output=True, cwd=tmp_path, env=env, timeout=60
-            )
-        )
-    answers = {m["id"]: m for m in map(json.loads, done.stdout.splitlines()) if "id" in m}
+    answers: dict[int, Any] = {}
+    with answers_file.open("wb") as stdout, anyio.fail_after(60):
+        async with await anyio.open_process(
+            [sys.executable, "-m", "server"], cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=stdout
+        ) as process:
+            assert process.stdin is not None
+            await process.stdin.send(_handshake_and_list())
+            while 2 not in answers:
+                await anyio.sleep(0.05)
+                written = answers_file.read_bytes()
+                lines = written[: written.rfind(b"\n") + 1].splitlines()  # whole lines only
+                answers = {m["id"]: m for m in map(json.loads, lines) if "id" in m}
+            await process.stdin.aclose()
     assert len(answers[2]["result"]["tools"]) == 6
 
 
