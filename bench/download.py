@@ -31,7 +31,7 @@ from bench.common import (
     server_env,
     stdio_session,
 )
-from server.media import file_sha256
+from server.media.sources import file_sha256
 
 MB = 1024 * 1024
 RSS_GOAL_MB = 16.0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 
 
 async def _serve(fake: FakeDashScope) -> None:

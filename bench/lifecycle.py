@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from server.app import create_app  # noqa: E402
 from server.config import Settings, load_settings  # noqa: E402
-from server.fake_dashscope import FakeDashScope, FakeTask  # noqa: E402
-from server.ledger import Ledger  # noqa: E402
+from server.sandbox.fake_dashscope import FakeDashScope, FakeTask  # noqa: E402
+from server.store.ledger import Ledger  # noqa: E402
 
 KEY = "sk-bench-0000000000"
 PORTRAIT = "https://images.example.com/people/bench.jpg"

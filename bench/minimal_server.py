@@ -5,7 +5,7 @@
 forwards the call to DashScope (or the fake) with a shared `httpx2.AsyncClient` and returns the
 answer: the floor any MCP server on this SDK pays per call, to tell SDK cost from ours.
 `python -m bench.minimal_server --dispatch` serves an async `emo_detect` that does nothing, over this
-project's stdio transport (`server/stdio.py`): what the SDK's JSON-RPC dispatch alone costs a call.
+project's stdio transport (`server/transport/stdio.py`): what the SDK's JSON-RPC dispatch alone costs a call.
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proxy", metavar="BASE_URL", help="serve a forwarding emo_detect instead of echo")
     parser.add_argument("--api-key", default="")
-    parser.add_argument("--dispatch", action="store_true", help="serve a no-op emo_detect on server/stdio.py pipes")
+    parser.add_argument("--dispatch", action="store_true", help="serve a no-op emo_detect on our stdio pipes")
     args = parser.parse_args(argv)
     if args.dispatch:
-        from server.stdio import serve_stdio
+        from server.transport.stdio import serve_stdio
 
         anyio.run(serve_stdio, _noop_server())
         return

@@ -37,9 +37,9 @@ from bench.common import (
     server_env,
     stdio_session,
 )
-from server.dashscope import DETECT_PATH
-from server.evidence import Evidence
-from server.ledger import Ledger
+from server.store.evidence import Evidence
+from server.store.ledger import Ledger
+from server.upstream.client import DETECT_PATH
 
 GOAL_MS = 1.0
 # What the ledger and evidence writes may take of that budget: a quarter each.
@@ -118,7 +118,7 @@ def measure_calls(rounds: int, workdir: Path, warmup: int = WARMUP) -> dict[str,
 
 
 def _pace(round_started: float) -> None:
-    """Keep each server under its emo-detect-v1 limit (5/s, server/limits.py), so the figure is overhead,
+    """Keep each server under its emo-detect-v1 limit (5/s, server/upstream/limits.py), so the figure is overhead,
     not the rate limiter doing its job."""
     time.sleep(max(0.0, ROUND_PERIOD - (now() - round_started)))
 

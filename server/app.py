@@ -11,12 +11,11 @@ from mcp.server.mcpserver import MCPServer
 
 from server.config import Settings
 from server.runtime import open_service
-from server.spend import register_spend_resource
-from server.viewer import install_viewer, viewer_extension
+from server.viewer.extension import install_viewer, viewer_extension
 from tools import build_tools
 from tools.context import AppContext
 from tools.prompts import register_prompts
-from tools.resources import register_resources
+from tools.resources import register_resources, register_spend_resource
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.

@@ -26,6 +26,9 @@ DEFAULT_MAX_QUERY_QPS = 20.0
 # How long after an unanswered submit the task list is searched before concluding nothing was created.
 DEFAULT_RECONCILE_WINDOW = 600.0
 
+# The sandbox's key: the fake upstream (server/sandbox/) accepts it, and `--sandbox` sends it.
+SANDBOX_API_KEY = "sk-sandbox-0000"
+
 KeySource = Literal["env", "key-file", "credentials-file", "sandbox", "none"]
 
 
@@ -42,7 +45,7 @@ class Settings:
     sandbox: bool = False
     # Extra deployment names allowed for the optional `model` argument, per official model.
     model_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # Local media (server/media.py), pre-flight checks (server/preflight.py), money (server/pricing.py).
+    # Local media (server/media/sources.py), pre-flight checks (server/media/preflight.py), money (server/pricing.py).
     allowed_roots: tuple[Path, ...] = ()
     preflight_remote: bool = False
     prices: PriceTable = field(default_factory=PriceTable)
@@ -151,8 +154,6 @@ def load_settings(
     key_source: KeySource
     api_key = (env.get("DASHSCOPE_API_KEY") or "").strip() or None
     if sandbox:
-        from server.fake_dashscope import SANDBOX_API_KEY
-
         api_key, key_source = SANDBOX_API_KEY, "sandbox"
     elif api_key:
         key_source = "env"
@@ -194,8 +195,8 @@ def load_settings(
 
 def _media_and_money(env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
     """Settings of local files, pre-flight and cost control (issue 5), parsed by their own modules."""
-    from server.media import parse_roots
-    from server.preflight import parse_preflight_mode
+    from server.media.preflight import parse_preflight_mode
+    from server.media.sources import parse_roots
     from server.pricing import load_prices, parse_cny
 
     return {

@@ -15,11 +15,11 @@ import anyio
 import httpx2
 
 from server.config import Settings
-from server.dashscope import DEFAULT_TIMEOUT, DashScopeClient
-from server.evidence import Evidence
-from server.ledger import Ledger
-from server.limits import Limits
-from server.service import Service
+from server.domain.service import Service
+from server.store.evidence import Evidence
+from server.store.ledger import Ledger
+from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
+from server.upstream.limits import Limits
 
 logger = logging.getLogger(__name__)
 

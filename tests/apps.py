@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from server.app import create_app
 from server.config import Settings
-from server.viewer import IMAGE_TEMPLATE, VIDEO_TEMPLATE
+from server.viewer.extension import IMAGE_TEMPLATE, VIDEO_TEMPLATE
 
 
 def apps_extension() -> ClientExtension:

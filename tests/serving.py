@@ -11,7 +11,7 @@ import anyio
 import uvicorn
 
 from server.config import Settings
-from server.http import HttpSecurity, build_http_app
+from server.transport.http import HttpSecurity, build_http_app
 
 
 class _Server(uvicorn.Server):

@@ -11,7 +11,7 @@ from mcp import Client
 
 from server.app import create_app
 from server.config import Settings, load_settings
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import (
     PORTRAIT,
     SPEECH,

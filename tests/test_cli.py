@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.cli import main
-from server.fake_dashscope import FakeDashScope
+from server.cli.main import main
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, make_env
 
 
@@ -200,7 +200,7 @@ def test_sandbox_runs_a_whole_job_in_one_command(capsys: pytest.CaptureFixture[s
     ],
 )
 def test_options_land_before_or_after_the_command(argv: list[str], expected: tuple[Any, ...]) -> None:
-    from server.cli import _parser
+    from server.cli.main import _parser
 
     args = _parser().parse_args(argv)
     assert (args.command, args.sandbox, args.transport, args.port) == expected

@@ -14,8 +14,8 @@ from mcp_types import ElicitRequestParams, ElicitResult, ErrorData, TextResource
 
 from server.app import create_app
 from server.config import load_settings
-from server.fake_dashscope import FakeDashScope
 from server.pricing import load_prices
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests import media_files
 from tests.conftest import PORTRAIT, SPEECH, call_error, call_ok, detect_emo, detect_emoji, make_env, read_json
 

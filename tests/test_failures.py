@@ -9,7 +9,7 @@ from mcp import Client
 
 from server.app import create_app
 from server.config import Settings, load_settings
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import (
     PORTRAIT,
     TEST_KEY,
@@ -114,7 +114,7 @@ async def test_submit_without_answer_is_not_retried_and_says_it_may_be_billed(
 ) -> None:
     import httpx2
 
-    from server import dashscope
+    from server.upstream import client as dashscope
 
     monkeypatch.setattr(dashscope, "SUBMIT_TIMEOUT", httpx2.Timeout(0.5, connect=5.0))
     async with Client(create_app(settings)) as client:

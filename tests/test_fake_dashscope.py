@@ -8,7 +8,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from server.fake_dashscope import SANDBOX_API_KEY, FakeDashScope, detect_boxes
+from server.config import SANDBOX_API_KEY
+from server.sandbox.fake_dashscope import FakeDashScope, detect_boxes
 
 AUTH = {"Authorization": f"Bearer {SANDBOX_API_KEY}"}
 ASYNC = {**AUTH, "X-DashScope-Async": "enable"}

@@ -23,11 +23,11 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from server.cli import main
+from server.cli.main import main
 from server.config import Settings
 from server.errors import ConfigError
-from server.fake_dashscope import FakeDashScope
-from server.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.transport.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
 from tests.conftest import TEST_KEY, TOOL_NAMES, call_ok, detect_emo, emo_arguments, make_env
 from tests.serving import serving
 

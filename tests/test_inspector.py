@@ -22,8 +22,8 @@ import anyio
 import pytest
 
 from server.config import Settings
-from server.fake_dashscope import FakeDashScope
-from server.http import HOSTS_ENV, TOKEN_ENV, http_security
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.transport.http import HOSTS_ENV, TOKEN_ENV, http_security
 from tests.conftest import PORTRAIT, SPEECH, TOOL_NAMES, make_env
 from tests.serving import serving
 

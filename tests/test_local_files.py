@@ -17,7 +17,7 @@ from mcp import Client
 from server.app import create_app
 from server.config import load_settings
 from server.errors import ConfigError
-from server.fake_dashscope import FakeDashScope, RecordedRequest
+from server.sandbox.fake_dashscope import FakeDashScope, RecordedRequest
 from tests import media_files
 from tests.conftest import TEST_KEY, call_error, call_ok, make_env, read_json
 

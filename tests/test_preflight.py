@@ -9,17 +9,10 @@ import pytest
 
 from server.config import load_settings
 from server.errors import ConfigError, PreflightError
-from server.fake_dashscope import FakeDashScope
-from server.media import MediaRef
-from server.preflight import (
-    BlockedAddressError,
-    Checked,
-    Preflight,
-    Resolver,
-    blocked_reason,
-    check_audio,
-    guard_url,
-)
+from server.media.addresses import BlockedAddressError, Resolver, blocked_reason, guard_url
+from server.media.preflight import Checked, Preflight, check_audio
+from server.media.sources import MediaRef
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests import media_files
 from tests.conftest import call_ok, make_env
 

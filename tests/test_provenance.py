@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from mcp import Client
 
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import OTHER_PORTRAIT, PORTRAIT, SPEECH, call_error, call_ok, detect_emo, detect_emoji
 
 pytestmark = pytest.mark.anyio

@@ -18,8 +18,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from server.fake_dashscope import FakeDashScope
-from server.ledger import Ledger
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.store.ledger import Ledger
 from tests.conftest import PORTRAIT, call_ok, detect_emo, make_env
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from server.fake_dashscope import FakeDashScope
-from server.stdio import PipeLines
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.transport.stdio import PipeLines
 from tests.conftest import PORTRAIT, TEST_KEY, call_ok, detect_emo, emo_arguments, make_env
 
 pytestmark = pytest.mark.anyio

@@ -15,10 +15,10 @@ import httpx2
 import pytest
 from mcp import Client
 
-from server.dashscope import MAX_READ_RETRIES, DashScopeClient
 from server.errors import PermissionDeniedError, UpstreamUnavailableError
-from server.fake_dashscope import FakeDashScope
-from server.streaming import fetch_to_file
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.upstream.client import MAX_READ_RETRIES, DashScopeClient
+from server.upstream.streaming import fetch_to_file
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
 
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,8 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp_types import ResourceLink, TextResourceContents
 
-from server.fake_dashscope import FakeDashScope
 from server.models import template_ids
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo, emo_arguments
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 from tests.conftest import PORTRAIT, SPEECH, TOOL_NAMES, call_error, call_ok
 
 pytestmark = pytest.mark.anyio

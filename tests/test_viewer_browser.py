@@ -30,8 +30,8 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import TextResourceContents
 
 from server.config import Settings, load_settings
-from server.fake_dashscope import IMAGE_SIZE, FakeDashScope
-from server.viewer import VIEWER_URI
+from server.sandbox.fake_dashscope import IMAGE_SIZE, FakeDashScope
+from server.viewer.extension import VIEWER_URI
 from tests.apps import apps_client, image_uri, wire
 from tests.conftest import SPEECH, TEST_KEY, call_ok, make_env
 

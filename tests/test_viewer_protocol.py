@@ -19,10 +19,10 @@ from mcp_types import BlobResourceContents, CallToolResult, TextResourceContents
 
 from server.app import INSTRUCTIONS, create_app, package_version
 from server.config import Settings, load_settings
-from server.fake_dashscope import FakeDashScope
-from server.preview import PreviewUnavailableError, fetch_image, image_mime_type, read_video
+from server.media.preview import PreviewUnavailableError, fetch_image, image_mime_type, read_video
 from server.runtime import open_service
-from server.viewer import VIEWER_URI, viewer_html
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.viewer.extension import VIEWER_URI, viewer_html
 from tests.apps import apps_client, image_uri, video_uri
 from tests.conftest import SPEECH, TEST_KEY, call_ok, make_env
 from tools import build_tools

@@ -13,13 +13,13 @@ import httpx2
 import pytest
 from mcp import Client
 
-from server import dashscope
 from server.app import create_app
 from server.config import Settings, load_settings
-from server.fake_dashscope import FakeDashScope
-from server.ledger import Ledger
-from server.limits import Limits, RateLimiter
-from server.submits import fingerprint
+from server.jobs.submits import fingerprint
+from server.sandbox.fake_dashscope import FakeDashScope
+from server.store.ledger import Ledger
+from server.upstream import client as dashscope
+from server.upstream.limits import Limits, RateLimiter
 from tests.conftest import PORTRAIT, SPEECH, call_error, call_ok, detect_emo, detect_emoji, make_env
 
 pytestmark = pytest.mark.anyio

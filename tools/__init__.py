@@ -1,4 +1,4 @@
-"""The MCP tools: thin handlers over `server.service`, with strict input schemas."""
+"""The MCP tools: thin handlers over `server.domain.service`, with strict input schemas."""
 
 from mcp.server.mcpserver.tools import Tool
 

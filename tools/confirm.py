@@ -17,9 +17,9 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit
 from pydantic import BaseModel, Field
 
-from server.budget import Approval, confirmation_question, needs_confirmation, over_ceiling
+from server.domain.budget import Approval, confirmation_question, needs_confirmation, over_ceiling
+from server.domain.service import Plan, Service
 from server.errors import EmoMcpError
-from server.service import Plan, Service
 from tools.context import service_of
 
 

@@ -9,9 +9,9 @@ from typing import Any
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult
 
+from server.domain.service import Service
 from server.errors import EmoMcpError, TaskNotFoundError
 from server.results import _Result
-from server.service import Service
 from tools.results import error_result, structured
 
 

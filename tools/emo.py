@@ -12,7 +12,7 @@ from pydantic import Field
 from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
 from server.results import EmoDetection, Submitted
-from server.viewer import viewer_meta
+from server.viewer.extension import viewer_meta
 from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
 from tools.context import run
 from tools.registry import DETECT, GENERATE, publish

@@ -17,9 +17,10 @@ from mcp.server.mcpserver.exceptions import ResourceError
 from mcp_types import Annotations
 
 from server.config import Settings
-from server.ledger import Ledger
+from server.jobs.task_views import RECENT_LIMIT, recent_views, task_view
 from server.models import EMOJI_OUTPUT_SIZE, template_catalogue
-from server.task_views import RECENT_LIMIT, recent_views, task_view
+from server.store.ledger import Ledger
+from server.store.spend import SPEND_URI, spend_today
 
 JSON = "application/json"
 
@@ -87,3 +88,22 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
                     "or call task_status for a task another server submitted."
                 )
             return _json(task_view(record, opened, settings.prices))
+
+
+def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
+    """`spend://today`: read from the ledger file at each read, so it sees other processes' work too."""
+
+    @app.resource(
+        SPEND_URI,
+        name="spend-today",
+        title="Spend today (CNY)",
+        description="Today's estimated and actual DashScope spend of this server's ledger, in CNY.",
+        mime_type="application/json",
+    )
+    def spend() -> str:
+        ledger = Ledger(settings.state_dir)
+        try:
+            summary = spend_today(ledger, settings.prices)
+        finally:
+            ledger.close()
+        return json.dumps({**summary.as_dict(), "summary": summary.line()}, indent=2)

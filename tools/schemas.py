@@ -51,7 +51,7 @@ def _check_media(value: str) -> str:
     """A media argument: an http(s) URL with a host, a file:// URI, or a local path (checked later).
 
     Only the form is checked here; whether a local file exists inside the allowed roots, and
-    whether its content qualifies, is the service's job (server/media.py, server/preflight.py).
+    whether its content qualifies, is the service's job (server/media/sources.py, server/media/preflight.py).
     """
     if value != value.strip() or not value or "\x00" in value:
         raise ValueError("must be a non-empty URL or path without surrounding spaces")

@@ -8,7 +8,7 @@ from mcp_types import CallToolResult
 from pydantic import Field
 
 from server.results import TaskStatus
-from server.viewer import viewer_meta
+from server.viewer.extension import viewer_meta
 from tools import schemas
 from tools.context import run
 from tools.registry import CANCEL, STATUS, publish

@@ -20,11 +20,10 @@ from mcp.server.apps import Apps, client_supports_apps
 from mcp.server.mcpserver import Context, MCPServer, ResourceSecurity
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
+from server.domain.service import Service
 from server.errors import EmoMcpError
-from server.http import is_loopback
-from server.media import resolve_media
-from server.preflight import guard_url
-from server.preview import (
+from server.media.addresses import guard_url, is_loopback
+from server.media.preview import (
     MAX_IMAGE_BYTES,
     MAX_VIDEO_BYTES,
     PreviewUnavailableError,
@@ -32,7 +31,7 @@ from server.preview import (
     read_image,
     read_video,
 )
-from server.service import Service
+from server.media.sources import resolve_media
 
 VIEWER_URI = "ui://dashscope-emo/viewer.html"
 IMAGE_TEMPLATE = "dashscope-emo://viewer/image{?url}"
@@ -49,7 +48,7 @@ def viewer_meta() -> dict[str, Any]:
 
 def viewer_html() -> str:
     """The app, with the server's limits filled in (it makes no requests of its own)."""
-    html = resources.files("server").joinpath(VIEWER_HTML).read_text(encoding="utf-8")
+    html = resources.files("server.viewer").joinpath(VIEWER_HTML).read_text(encoding="utf-8")
     config = {
         "imageTemplate": IMAGE_TEMPLATE,
         "videoTemplate": VIDEO_TEMPLATE,

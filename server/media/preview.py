@@ -20,7 +20,7 @@ import anyio
 import httpx2
 
 from server.errors import EmoMcpError
-from server.preflight import BlockedAddressError
+from server.media.addresses import BlockedAddressError
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_VIDEO_BYTES = 16 * 1024 * 1024
@@ -122,7 +122,7 @@ async def fetch_image(
 
 
 async def read_image(path: Path, *, limit: int = MAX_IMAGE_BYTES) -> Media:
-    """A local portrait (already confined to the allowed roots by `server.media`), bounded like a fetch."""
+    """A local portrait (already confined to the allowed roots by `server.media.sources`), bounded like a fetch."""
     size = (await anyio.Path(path).stat()).st_size
     if size > limit:
         raise PreviewUnavailableError(_too_large(size, limit))

@@ -30,10 +30,10 @@ from typing import Any
 import anyio
 
 from server.config import Settings
-from server.dashscope import SUBMIT_TIMEOUT, DashScopeClient
-from server.evidence import Evidence
-from server.ledger import NOT_FOUND, SUBMIT_UNKNOWN, SUBMITTING, Ledger, TaskRecord
 from server.models import Family
+from server.store.evidence import Evidence
+from server.store.ledger import NOT_FOUND, SUBMIT_UNKNOWN, SUBMITTING, Ledger, TaskRecord
+from server.upstream.client import SUBMIT_TIMEOUT, DashScopeClient
 
 logger = logging.getLogger(__name__)
 

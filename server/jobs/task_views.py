@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.ledger import Ledger, TaskRecord
 from server.pricing import PriceTable, actual_cost
-from server.spend import estimate_of
+from server.store.ledger import Ledger, TaskRecord
+from server.store.spend import estimate_of
 
 RECENT_LIMIT = 20
 

@@ -15,7 +15,7 @@ from mcp_types import CallToolResult, TextContent
 
 from server.app import create_app
 from server.config import load_settings
-from server.fake_dashscope import FakeDashScope
+from server.sandbox.fake_dashscope import FakeDashScope
 
 PORTRAIT = "https://example.com/sandbox/portrait.jpg"
 SPEECH = "https://example.com/sandbox/speech.wav"

@@ -10,7 +10,6 @@ DashScope key stays the server's own: nothing from a client's request reaches Da
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import Settings
 from server.errors import ConfigError
+from server.media.addresses import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +57,6 @@ class HttpSecurity:
             allowed_hosts=list(self.allowed_hosts),
             allowed_origins=list(self.allowed_origins),
         )
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _split(raw: str | None, variable: str) -> tuple[str, ...]:

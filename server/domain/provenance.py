@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from server.errors import ProvenanceError
-from server.ledger import Detection, Ledger
 from server.models import Family
+from server.store.ledger import Detection, Ledger
 
 _DETECT_TOOL: dict[Family, str] = {"emo": "emo_detect", "emoji": "emoji_detect"}
 _EXT_NAME: dict[Family, str] = {"emo": "ext_bbox", "emoji": "ext_bbox_face"}

@@ -1,6 +1,6 @@
 """Answering `task_status`: from the ledger, waiting on the background watcher when asked to.
 
-The watcher (`server.watcher`) owns every upstream query and download. A waiter never queries
+The watcher (`server.jobs.watcher`) owns every upstream query and download. A waiter never queries
 upstream itself: it waits for the watcher's next change of that task, and any number of waiters
 share each query. A finished task answers from the ledger, so it keeps working after the 24 h
 expiry of task ids.
@@ -14,11 +14,11 @@ from pathlib import Path
 
 from server.config import Settings
 from server.errors import TaskNotFoundError
-from server.ledger import LOCAL_STATUSES, Ledger, TaskRecord
+from server.jobs.watcher import UNKNOWN_MESSAGE, Watcher, settled
 from server.pricing import actual_cost
 from server.results import TaskStatus
-from server.spend import estimate_of
-from server.watcher import UNKNOWN_MESSAGE, Watcher, settled
+from server.store.ledger import LOCAL_STATUSES, Ledger, TaskRecord
+from server.store.spend import estimate_of
 
 Progress = Callable[[float, float, str], Awaitable[None]]
 

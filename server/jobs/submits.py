@@ -6,7 +6,7 @@
 - A ledger row (SUBMITTING, keyed by a local id) is written in the same transaction, before the
   request is sent, so neither a second process nor a crash can slip a duplicate past it.
 - An answer turns the row into the real task; a clear refusal deletes it (nothing was created);
-  no answer leaves it SUBMIT_OUTCOME_UNKNOWN for `server.reconcile` to resolve, and an identical
+  no answer leaves it SUBMIT_OUTCOME_UNKNOWN for `server.jobs.reconcile` to resolve, and an identical
   submit is refused meanwhile.
 """
 
@@ -20,14 +20,14 @@ import uuid
 from typing import Any
 
 from server.config import Settings
-from server.dashscope import DashScopeClient
 from server.errors import DuplicateSubmitError, SubmitOutcomeUnknownError, UpstreamError, UpstreamUnavailableError
-from server.evidence import Evidence
-from server.ledger import LOCAL_STATUSES, SUBMIT_UNKNOWN, Ledger, TaskRecord
+from server.jobs.reconcile import owner_token
+from server.jobs.watcher import Watcher
 from server.models import Family
-from server.reconcile import owner_token
 from server.results import Submitted
-from server.watcher import Watcher
+from server.store.evidence import Evidence
+from server.store.ledger import LOCAL_STATUSES, SUBMIT_UNKNOWN, Ledger, TaskRecord
+from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Literal
 
 from server.config import DEFAULT_BASE_URL, Settings, ensure_writable_dir, load_settings
 from server.errors import AuthenticationError, ConfigError, EmoMcpError
-from server.ledger import Ledger
 from server.runtime import open_service
-from server.spend import spend_today
+from server.store.ledger import Ledger
+from server.store.spend import spend_today
 
 PACKAGES = ("dashscope-emo-mcp", "mcp", "pydantic", "httpx2", "starlette", "uvicorn")
 
@@ -152,7 +152,7 @@ async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = N
 
 
 async def doctor(args: argparse.Namespace, sandbox_base_url: str | None = None) -> int:
-    from server.commands import EXIT_FAILURE, EXIT_OK, emit_json, say
+    from server.cli.commands import EXIT_FAILURE, EXIT_OK, emit_json, say
 
     checks, healthy = await run_doctor(os.environ, sandbox_base_url=sandbox_base_url)
     found = versions()

@@ -3,7 +3,7 @@
 1. `GET /uploads?action=getPolicy&model=<model>` gives a form policy for that model;
 2. a multipart POST to its `upload_host` stores the file under `upload_dir/<unique name>`;
 3. `oss://<key>` is usable for 48 h, only with that model and the resolve header (sent by
-   `server/dashscope.py`). So an image is uploaded once for the detect model and once for the
+   `server/upstream/client.py`). So an image is uploaded once for the detect model and once for the
    generate model. Uploads are cached by (content sha256, model) in the ledger file until
    shortly before they expire, so repeated calls do not upload again.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import anyio
 
-from server.dashscope import DashScopeClient
 from server.errors import RefusedInputError, ServiceError
-from server.ledger import Ledger
-from server.media import MediaRef
+from server.media.sources import MediaRef
+from server.store.ledger import Ledger
+from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
 

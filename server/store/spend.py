@@ -2,7 +2,7 @@
 
 Estimates are recorded at submit (this module's own table in the ledger file); actual costs come
 from each finished task's `usage.video_duration`. "Today" is the server's local calendar day.
-Served as the `spend://today` resource; `spend_today(ledger)` is there for the `doctor` command.
+Served as the `spend://today` resource (`tools/resources.py`) and by the `doctor` command.
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from server.config import Settings
-from server.ledger import Ledger
 from server.pricing import PriceTable, actual_cost
-
-if TYPE_CHECKING:
-    from mcp.server.mcpserver import MCPServer
+from server.store.ledger import Ledger
 
 SPEND_URI = "spend://today"
 
@@ -110,22 +106,3 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
         unfinished_tasks=unfinished,
         total_cny=round(total + detect_cny, 4),
     )
-
-
-def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
-    """`spend://today`: read from the ledger file at each read, so it sees other processes' work too."""
-
-    @app.resource(
-        SPEND_URI,
-        name="spend-today",
-        title="Spend today (CNY)",
-        description="Today's estimated and actual DashScope spend of this server's ledger, in CNY.",
-        mime_type="application/json",
-    )
-    def spend() -> str:
-        ledger = Ledger(settings.state_dir)
-        try:
-            summary = spend_today(ledger, settings.prices)
-        finally:
-            ledger.close()
-        return json.dumps({**summary.as_dict(), "summary": summary.line()}, indent=2)

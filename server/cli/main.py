@@ -1,10 +1,10 @@
 """The `dashscope-emo-mcp` console script: the parser and dispatcher.
 
 With no arguments it serves MCP over stdio (stdout carries only protocol messages; logs go to
-stderr); `--transport http` serves Streamable HTTP instead (see `server/http.py`). `--sandbox`
+stderr); `--transport http` serves Streamable HTTP instead (see `server/transport/http.py`). `--sandbox`
 runs everything against the built-in loopback fake of DashScope. The subcommands (`detect`,
-`generate`, `status`, `templates`, `doctor`, `demo`) are implemented in `server/commands.py`,
-`server/doctor.py` and `server/demo.py` on the same domain layer as the tools.
+`generate`, `status`, `templates`, `doctor`, `demo`) are implemented in `server/cli/commands.py`,
+`server/cli/doctor.py` and `server/cli/demo.py` on the same domain layer as the tools.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from server.commands import (
+from server.cli.commands import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -30,8 +30,8 @@ from server.commands import (
 )
 from server.config import Settings, load_settings
 from server.errors import ConfigError, EmoMcpError
-from server.http import DEFAULT_HOST, DEFAULT_PORT
 from server.models import template_ids
+from server.transport.http import DEFAULT_HOST, DEFAULT_PORT
 
 EXIT_CONFIG = EXIT_USAGE  # kept for callers of the first version
 
@@ -140,7 +140,7 @@ async def _with_settings(sandbox: bool, job: Callable[[Settings], Awaitable[int]
     """Run `job` with the environment's settings, or against a sandbox that lives as long as the job."""
     if not sandbox:
         return await job(load_settings())
-    from server.fake_dashscope import FakeDashScope
+    from server.sandbox.fake_dashscope import FakeDashScope
 
     async with FakeDashScope().serve() as base_url:
         return await job(load_settings(sandbox=True, sandbox_base_url=base_url))
@@ -150,7 +150,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     if args.transport == "http":
-        from server.http import http_security, serve_http
+        from server.transport.http import http_security, serve_http
 
         host, port = args.host or DEFAULT_HOST, args.port or DEFAULT_PORT
         security = http_security(host, os.environ)  # refuses an unsafe bind before anything starts
@@ -164,7 +164,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--host and --port apply to --transport http only.")
 
     async def run_stdio(settings: Settings) -> int:
-        from server.stdio import serve_stdio
+        from server.transport.stdio import serve_stdio
 
         await serve_stdio(create_app(settings))
         return EXIT_OK
@@ -173,22 +173,22 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
-    from server import commands
+    from server.cli import commands
 
     if args.command in (None, "serve"):
         return await _serve(args)
     if args.command == "demo":
-        from server.demo import run_demo
+        from server.cli.demo import run_demo
 
         return await run_demo()
     if args.command == "templates":
         return commands.templates(args)
     if args.command == "doctor":
-        from server.doctor import doctor
+        from server.cli.doctor import doctor
 
         if not args.sandbox:
             return await doctor(args)
-        from server.fake_dashscope import FakeDashScope
+        from server.sandbox.fake_dashscope import FakeDashScope
 
         async with FakeDashScope().serve() as base_url:
             return await doctor(args, sandbox_base_url=base_url)

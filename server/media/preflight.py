@@ -12,20 +12,19 @@ Pillow and mutagen are imported inside the functions so server start-up does not
 from __future__ import annotations
 
 import io
-import ipaddress
-import socket
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import anyio
 import httpx2
 
 from server.errors import ConfigError, PreflightError
-from server.media import MediaRef
+from server.media.addresses import BlockedAddressError, Resolver, guard_url, system_resolver
+from server.media.sources import MediaRef
 
 PREFLIGHT_VARIABLE = "EMO_MCP_PREFLIGHT"
 MB = 1024 * 1024
@@ -41,7 +40,6 @@ REMOTE_TIMEOUT_SECONDS = 15.0
 MAX_REDIRECTS = 3
 
 Source = Path | bytes
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 def parse_preflight_mode(env: Mapping[str, str]) -> bool:
@@ -152,60 +150,6 @@ def check_audio(source: Source, size: int, name: str, shown: str) -> AudioInfo:
             "Cut it shorter and try again. Nothing was sent."
         )
     return AudioInfo(fmt, seconds, size)
-
-
-# ---------------------------------------------------------------- the private-address guard
-
-
-class BlockedAddressError(Exception):
-    """The URL's host is (or resolves to) an address this server must not fetch from."""
-
-
-def blocked_reason(address: str) -> str | None:
-    """Why this IP must not be fetched (loopback, private, link-local, ...), or None if public."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for label, hit in (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("private", ip.is_private),
-        ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified),
-        ("reserved", ip.is_reserved),
-    ):
-        if hit:
-            return f"{ip} is a {label} address"
-    if not ip.is_global:
-        return f"{ip} is not a public address"
-    return None
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-async def guard_url(url: str, resolve: Resolver = system_resolver) -> None:
-    """Refuse a URL whose host is, or resolves to any, non-public address (every address is checked)."""
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise BlockedAddressError(f"{url!r} is not an http(s) URL with a host")
-    host = parts.hostname
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        addresses = [str(ipaddress.ip_address(host))]
-    except ValueError:
-        try:
-            addresses = await resolve(host, port)
-        except OSError as exc:
-            raise BlockedAddressError(f"the host {host!r} could not be resolved ({exc})") from exc
-    if not addresses:
-        raise BlockedAddressError(f"the host {host!r} has no address")
-    for address in addresses:
-        reason = blocked_reason(address)
-        if reason:
-            raise BlockedAddressError(f"the host {host!r} resolves to {address}: {reason}")
 
 
 class FetchFailedError(Exception):

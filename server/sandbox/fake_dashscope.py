@@ -35,9 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from server.sample_media import portrait_png
-
-SANDBOX_API_KEY = "sk-sandbox-0000"
+from server.config import SANDBOX_API_KEY
+from server.sandbox.sample_media import portrait_png
 
 EMO_DETECT_MODEL = "emo-detect-v1"
 EMOJI_DETECT_MODEL = "emoji-detect-v1"

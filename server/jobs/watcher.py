@@ -27,13 +27,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
-from server.dashscope import DashScopeClient
 from server.errors import EmoMcpError, StorageError, TaskNotFoundError, UpstreamError
-from server.evidence import Evidence
-from server.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
-from server.media import file_sha256
+from server.jobs.reconcile import Reconciler, pid_alive
+from server.media.sources import file_sha256
 from server.models import Family
-from server.reconcile import Reconciler, pid_alive
+from server.store.evidence import Evidence
+from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from server.cli.terminal import ProgressBar, table
 from server.config import Settings
+from server.domain.service import Service
 from server.errors import (
     ConfigError,
     EmoMcpError,
@@ -24,12 +26,10 @@ from server.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
+from server.jobs.task_views import recent_views
 from server.models import EMOJI_OUTPUT_SIZE, template_catalogue
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
 from server.runtime import open_service
-from server.service import Service
-from server.task_views import recent_views
-from server.terminal import ProgressBar, table
 
 # Exit codes (documented in README "Command line").
 EXIT_OK = 0  # done: detection passed, task submitted or succeeded, doctor all green

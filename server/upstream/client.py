@@ -4,10 +4,10 @@ Rules from the contract that live here and nowhere else:
 - detect is synchronous and never sends `X-DashScope-Async`; a submit always does;
 - task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
   `Retry-After`; a submit is never retried once it may have reached the service;
-- every call waits for its slot in `server.limits` (task queries per process, detect/submit per
+- every call waits for its slot in `server.upstream.limits` (task queries per process, detect/submit per
   model), and a 429 pauses that whole limiter, not just the one request;
 - the result URL is fetched without the API key (it is a signed storage URL on another host),
-  streamed (on a worker thread, see `server/streaming.py`) to a per-process temporary file with its
+  streamed (on a worker thread, see `server/upstream/streaming.py`) to a per-process temporary file with its
   sha256 computed on the way, checked against Content-Length and flushed to disk, then renamed: a
   `.mp4` is always complete.
 """
@@ -36,8 +36,8 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
-from server.limits import Limits, RateLimiter
-from server.streaming import download_to_file
+from server.upstream.limits import Limits, RateLimiter
+from server.upstream.streaming import download_to_file
 
 logger = logging.getLogger(__name__)
 

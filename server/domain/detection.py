@@ -1,0 +1,164 @@
+"""Detection: one paid detect call per portrait, kept as evidence and recorded for provenance.
+
+A failed check is a result the agent acts on (pick another portrait), not a tool error; what
+the check returned is recorded either way, because generation accepts only the boxes of a
+passing detection of the same image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.domain.inputs import Inputs, resolve_model
+from server.errors import InvalidInputError
+from server.media.sources import MediaRef
+from server.models import EMO_DETECT, EMOJI_DETECT, EMOJI_OUTPUT_SIZE, OUTPUT_SIZE, Family
+from server.results import EmoDetection, EmojiDetection
+from server.store.evidence import Evidence
+from server.store.ledger import Ledger
+from server.upstream.client import DashScopeClient
+
+
+def _box(value: Any) -> list[int] | None:
+    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) for v in value):
+        return [int(v) for v in value]
+    return None
+
+
+class Detector:
+    """`emo_detect` and `emoji_detect`: the two families differ only in wire names."""
+
+    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, inputs: Inputs):
+        self.settings = settings
+        self.client = client
+        self.ledger = ledger
+        self.evidence = evidence
+        self.inputs = inputs
+
+    async def emo_detect(self, image_url: str, ratio: str = "1:1", model: str | None = None) -> EmoDetection:
+        found = await self._detect("emo", resolve_model(self.settings, EMO_DETECT, model), image_url, ratio)
+        humanoid = found.output.get("humanoid")
+        return EmoDetection(
+            sandbox=self.settings.sandbox,
+            check_pass=found.check_pass,
+            image_url=found.image.shown,
+            ratio=ratio,
+            output_size=OUTPUT_SIZE[ratio],
+            face_bbox=found.face,
+            ext_bbox=found.ext,
+            humanoid=humanoid if isinstance(humanoid, bool) else None,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
+            model=found.model,
+            evidence_dir=str(found.folder),
+            warnings=found.warnings,
+        )
+
+    async def emoji_detect(self, image_url: str, model: str | None = None) -> EmojiDetection:
+        # The contract's emoji-detect example sends ratio 1:1; emoji output is always square.
+        found = await self._detect("emoji", resolve_model(self.settings, EMOJI_DETECT, model), image_url, "1:1")
+        return EmojiDetection(
+            sandbox=self.settings.sandbox,
+            check_pass=found.check_pass,
+            image_url=found.image.shown,
+            output_size=EMOJI_OUTPUT_SIZE,
+            face_bbox=found.face,
+            ext_bbox_face=found.ext,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
+            model=found.model,
+            evidence_dir=str(found.folder),
+            warnings=found.warnings,
+        )
+
+    async def _detect(self, family: Family, wire_model: str, image_url: str, ratio: str) -> Found:
+        """Check, upload if local, call detect, keep evidence and record the outcome for provenance."""
+        image, checked = await self.inputs.checked_image(image_url, family)
+        wire_url = await self.inputs.wire_url(image, wire_model)
+        folder = self.evidence.new_detection_dir(family)
+        request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
+        self.evidence.write_json(folder / "request.json", request)
+        self.inputs.note_local(folder, image)
+        body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
+        output = body.get("output") if isinstance(body.get("output"), dict) else {}
+        assert isinstance(output, dict)
+        # Wire names differ: emo answers face_bbox/ext_bbox plus check_pass; emoji answers
+        # bbox_face/ext_bbox_face and signals a failed check only by output.code.
+        face_key, ext_key = ("face_bbox", "ext_bbox") if family == "emo" else ("bbox_face", "ext_bbox_face")
+        face, ext = _box(output.get(face_key)), _box(output.get(ext_key))
+        said_pass = output.get("check_pass") is True if family == "emo" else not output.get("code")
+        check_pass = failure is None and said_pass and face is not None and ext is not None
+        code = failure.code if failure else (None if check_pass else str(output.get("code") or "CheckFailed"))
+        message = failure.upstream_message if failure else output.get("message")
+        request_id = failure.request_id if failure else body.get("request_id")
+        found = Found(
+            model=wire_model,
+            image=image,
+            folder=folder,
+            output=output,
+            check_pass=check_pass,
+            face=face if check_pass else None,
+            ext=ext if check_pass else None,
+            code=code,
+            message=str(message) if message is not None else None,
+            request_id=str(request_id) if request_id else None,
+            warnings=checked.warnings,
+        )
+        self.ledger.add_detection(
+            family=family,
+            model=wire_model,
+            image_url=image.identity,
+            ratio=ratio,
+            check_pass=check_pass,
+            face_bbox=found.face,
+            ext_bbox=found.ext,
+            code=found.code,
+            message=found.message,
+            request_id=found.request_id,
+            evidence_dir=str(folder),
+        )
+        return found
+
+    async def _detect_call(
+        self, folder: Path, model: str, image_url: str, ratio: str
+    ) -> tuple[dict[str, Any], InvalidInputError | None]:
+        """A portrait refused with `InvalidFile.*` is a failed check (a result), not a tool error."""
+        try:
+            body = await self.client.detect(model, image_url, ratio)
+        except InvalidInputError as exc:
+            if not exc.code.startswith("InvalidFile"):
+                raise
+            self.evidence.write_json(
+                folder / "response.json",
+                {
+                    "http_status": exc.status_code,
+                    "code": exc.code,
+                    "message": exc.upstream_message,
+                    "request_id": exc.request_id,
+                },
+            )
+            return {}, exc
+        self.evidence.write_json(folder / "response.json", body)
+        return body, None
+
+
+@dataclass(frozen=True)
+class Found:
+    """One detection's outcome, before it is shaped into the family's result."""
+
+    model: str
+    image: MediaRef
+    folder: Path
+    output: dict[str, Any]
+    check_pass: bool
+    face: list[int] | None
+    ext: list[int] | None
+    code: str | None
+    message: str | None
+    request_id: str | None
+    warnings: list[str]

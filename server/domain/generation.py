@@ -1,0 +1,220 @@
+"""Generation: a checked plan first (free), then the budget, the uploads and one submit (paid).
+
+Planning is separate from carrying out so a cost confirmation can be asked between the two
+(`tools/confirm.py`) and a dry run can stop before anything is uploaded or sent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.domain.budget import Approval, check_budget, over_ceiling
+from server.domain.inputs import Inputs, resolve_model
+from server.errors import RefusedInputError
+from server.jobs.submits import Submitter
+from server.media.preflight import Checked
+from server.media.sources import MediaRef
+from server.models import (
+    EMO_GENERATE,
+    EMOJI_GENERATE,
+    EMOJI_OUTPUT_SIZE,
+    OUTPUT_SIZE,
+    Family,
+    template_ids,
+    template_max_seconds,
+)
+from server.pricing import Estimate, estimate_emo, estimate_emoji
+from server.results import Submitted
+from server.store.evidence import Evidence
+from server.store.ledger import Ledger
+from server.store.spend import record_estimate
+
+
+class Generator:
+    """`emo_generate` and `emoji_generate`: plan, then dry run or budget, uploads and submit."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, evidence: Evidence, inputs: Inputs, submitter: Submitter):
+        self.settings = settings
+        self.ledger = ledger
+        self.evidence = evidence
+        self.inputs = inputs
+        self.submitter = submitter
+
+    async def plan_emo(
+        self,
+        image_url: str,
+        audio_url: str,
+        face_bbox: list[int],
+        ext_bbox: list[int],
+        style_level: str = "normal",
+        model: str | None = None,
+    ) -> Plan:
+        """Everything checkable before money is involved: model, files, provenance, audio, estimate."""
+        wire_model = resolve_model(self.settings, EMO_GENERATE, model)
+        image = await self.inputs.media("image_url", image_url)
+        detection = self.inputs.provenance("emo", image, face_bbox, ext_bbox)
+        ratio = detection.ratio or "1:1"
+        audio = await self.inputs.media("audio_url", audio_url)
+        checked = Checked()
+        await self.inputs.preflight.audio(audio, "audio_url", checked)
+        seconds = checked.audio.seconds if checked.audio is not None else None
+        payload = {
+            "model": wire_model,
+            "input": {"image_url": image, "audio_url": audio, "face_bbox": face_bbox, "ext_bbox": ext_bbox},
+            "parameters": {"style_level": style_level},
+        }
+        estimate = estimate_emo(self.settings.prices, ratio, seconds)
+        return Plan("emo", payload, ratio, OUTPUT_SIZE.get(ratio, "512x512"), estimate, checked.warnings)
+
+    async def plan_emoji(
+        self,
+        image_url: str,
+        face_bbox: list[int],
+        ext_bbox_face: list[int],
+        template_id: str,
+        model: str | None = None,
+    ) -> Plan:
+        wire_model = resolve_model(self.settings, EMOJI_GENERATE, model)
+        if template_id not in template_ids():
+            raise RefusedInputError(
+                f"template_id {template_id!r} is not an official Emoji template; "
+                f"use one of: {', '.join(template_ids())}."
+            )
+        image = await self.inputs.media("image_url", image_url)
+        self.inputs.provenance("emoji", image, face_bbox, ext_bbox_face)
+        # Wire names differ from the tool's: driven_id, ext_bbox, and no parameters object.
+        payload = {
+            "model": wire_model,
+            "input": {"image_url": image, "driven_id": template_id, "face_bbox": face_bbox, "ext_bbox": ext_bbox_face},
+        }
+        estimate = estimate_emoji(self.settings.prices, float(template_max_seconds()))
+        return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate)
+
+    async def emo_generate(
+        self,
+        image_url: str,
+        audio_url: str,
+        face_bbox: list[int],
+        ext_bbox: list[int],
+        style_level: str = "normal",
+        model: str | None = None,
+        *,
+        dry_run: bool = False,
+        approval: Approval = "not-asked",
+        allow_duplicate: bool = False,
+    ) -> Submitted:
+        plan = await self.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
+
+    async def emoji_generate(
+        self,
+        image_url: str,
+        face_bbox: list[int],
+        ext_bbox_face: list[int],
+        template_id: str,
+        model: str | None = None,
+        *,
+        dry_run: bool = False,
+        approval: Approval = "not-asked",
+        allow_duplicate: bool = False,
+    ) -> Submitted:
+        plan = await self.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
+        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
+
+    async def carry_out(
+        self, plan: Plan, *, dry_run: bool, approval: Approval, allow_duplicate: bool = False
+    ) -> Submitted:
+        """A dry run writes the request and stops; a real run passes the budget, uploads, then submits."""
+        if dry_run:
+            return self._dry_run(plan)
+        check_budget(self.settings, plan.estimate, approval)
+        model = str(plan.payload["model"])
+        wire_input = {
+            name: await self.inputs.wire_url(value, model) if isinstance(value, MediaRef) else value
+            for name, value in plan.payload["input"].items()
+        }
+        submitted = await self.submitter.submit(
+            plan.family,
+            {**plan.payload, "input": wire_input},
+            plan.ratio,
+            plan.output_size,
+            allow_duplicate=allow_duplicate,
+        )
+        assert submitted.task_id is not None
+        record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
+        local = plan.inputs()
+        if local:  # the evidence names the files behind the opaque oss:// keys
+            self.evidence.write_json(Path(submitted.evidence_dir) / "local-files.json", local)
+        return submitted.model_copy(
+            update={
+                "estimated_cost_cny": plan.estimate.cny,
+                "estimate_basis": plan.estimate.basis,
+                "warnings": plan.warnings,
+                "inputs": local,
+            }
+        )
+
+    def _dry_run(self, plan: Plan) -> Submitted:
+        payload = plan.shown_payload()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder = self.evidence.family_dir(plan.family) / "dry-runs" / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        self.evidence.write_json(folder / "request.json", payload)
+        estimate = {"estimated_cost_cny": plan.estimate.cny, "basis": plan.estimate.basis}
+        self.evidence.write_json(folder / "estimate.json", estimate)
+        notes = ["Dry run: nothing was uploaded or submitted."]
+        if any(isinstance(v, MediaRef) and v.is_local for v in plan.payload["input"].values()):
+            notes.append("Local files (file:// here) are uploaded to DashScope temporary storage at submit.")
+        if over_ceiling(self.settings, plan.estimate):
+            notes.append(f"A real submit would be refused: above EMO_MCP_MAX_COST_CNY={self.settings.max_cost_cny:g}.")
+        notes.append("Call again without dry_run to submit.")
+        return Submitted(
+            sandbox=self.settings.sandbox,
+            task_id=None,
+            task_status="DRY_RUN",
+            model=str(plan.payload["model"]),
+            output_size=plan.output_size,
+            evidence_dir=str(folder),
+            next_step=" ".join(notes),
+            dry_run=True,
+            payload=payload,
+            estimated_cost_cny=plan.estimate.cny,
+            estimate_basis=plan.estimate.basis,
+            warnings=plan.warnings,
+            inputs=plan.inputs(),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked generate request: the payload (media still as references), its estimate, warnings."""
+
+    family: Family
+    payload: dict[str, Any]
+    ratio: str
+    output_size: str
+    estimate: Estimate
+    warnings: list[str] = field(default_factory=list)
+
+    def media(self) -> dict[str, MediaRef]:
+        return {name: v for name, v in self.payload["input"].items() if isinstance(v, MediaRef)}
+
+    def inputs(self) -> dict[str, str] | None:
+        """The local media files behind the oss:// keys sent; a URL is not echoed back (the caller has it)."""
+        local = {name: ref.shown for name, ref in self.media().items() if ref.is_local}
+        return local or None
+
+    def shown_payload(self) -> dict[str, Any]:
+        """The payload as it would be sent, local files shown as file:// URIs (uploaded at submit)."""
+        shown = {name: _shown(v) if isinstance(v, MediaRef) else v for name, v in self.payload["input"].items()}
+        return {**self.payload, "input": shown}
+
+
+def _shown(ref: MediaRef) -> str:
+    if ref.url is not None:
+        return ref.url
+    return ref.path.as_uri() if ref.path is not None else ref.original
