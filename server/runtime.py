@@ -31,7 +31,7 @@ async def open_service(settings: Settings, http: httpx2.AsyncClient | None = Non
     owned: list[httpx2.AsyncClient] = []
 
     def build_http() -> httpx2.AsyncClient:
-        # Built on the first upstream call, not at start-up (see dashscope.HttpFactory).
+        # Built on the first upstream call, not at start-up (see HttpFactory in server/upstream/client.py).
         owned.append(httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True))
         return owned[-1]
 
