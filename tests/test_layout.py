@@ -17,18 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def python(*args: str, cwd: Path | None = None, path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """This interpreter in a child; `path` first on its import path (and nothing else of ours)."""
+    env = None if path is None else {"PYTHONPATH": str(path), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=300
+    )
+
+
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run import-linter on the tree at `cwd` (its own pyproject.toml, its own packages first)."""
     code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    return python("-c", code, cwd=cwd, path=cwd)
 
 
 def test_imports_follow_the_layering() -> None:
@@ -55,13 +55,7 @@ def test_an_import_that_runs_back_up_is_caught(tmp_path: Path) -> None:
 
 def test_the_installed_wheel_ships_the_templates_and_the_viewer(tmp_path: Path) -> None:
     """Build the wheel, install it apart from the source tree, and read the data files through the package."""
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(ROOT)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    built = python("-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "dist"), str(ROOT))
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -78,13 +72,7 @@ def test_the_installed_wheel_ships_the_templates_and_the_viewer(tmp_path: Path) 
         "viewer",
     }
     site = tmp_path / "site"
-    installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site), str(wheel)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    installed = python("-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site), str(wheel))
     assert installed.returncode == 0, installed.stdout + installed.stderr
     probe = (
         "import server, json; from server.models import template_ids; "
@@ -92,15 +80,7 @@ def test_the_installed_wheel_ships_the_templates_and_the_viewer(tmp_path: Path) 
         "print(json.dumps({'file': server.__file__, 'templates': len(template_ids()), 'html': len(viewer_html())}))"
     )
     # -I would drop PYTHONPATH too; a cwd outside the tree and the wheel's folder first is enough.
-    run = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    run = python("-c", probe, cwd=tmp_path, path=site)
     assert run.returncode == 0, run.stderr
     seen = json.loads(run.stdout)
     assert Path(seen["file"]).is_relative_to(site), seen

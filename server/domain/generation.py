@@ -95,37 +95,6 @@ class Generator:
         estimate = estimate_emoji(self.settings.prices, float(template_max_seconds()))
         return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate)
 
-    async def emo_generate(
-        self,
-        image_url: str,
-        audio_url: str,
-        face_bbox: list[int],
-        ext_bbox: list[int],
-        style_level: str = "normal",
-        model: str | None = None,
-        *,
-        dry_run: bool = False,
-        approval: Approval = "not-asked",
-        allow_duplicate: bool = False,
-    ) -> Submitted:
-        plan = await self.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model)
-        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
-
-    async def emoji_generate(
-        self,
-        image_url: str,
-        face_bbox: list[int],
-        ext_bbox_face: list[int],
-        template_id: str,
-        model: str | None = None,
-        *,
-        dry_run: bool = False,
-        approval: Approval = "not-asked",
-        allow_duplicate: bool = False,
-    ) -> Submitted:
-        plan = await self.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
-        return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
-
     async def carry_out(
         self, plan: Plan, *, dry_run: bool, approval: Approval, allow_duplicate: bool = False
     ) -> Submitted:

@@ -18,7 +18,7 @@ from server.jobs.submits import NEXT_STEP, Submitter
 from server.jobs.tasks import Progress, TaskTracker
 from server.jobs.watcher import Watcher
 from server.media.preflight import Preflight
-from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
+from server.results import Submitted, TaskStatus
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
 from server.upstream.client import DashScopeClient
@@ -41,37 +41,14 @@ class Service:
         self.inputs = Inputs(settings, ledger, evidence, self.uploads, self.preflight)
         self.detector = Detector(settings, client, ledger, evidence, self.inputs)
         self.generator = Generator(settings, ledger, evidence, self.inputs, self.submitter)
+        # The stages' entry points, published as the service's own (tools and CLI call these).
+        self.emo_detect = self.detector.emo_detect
+        self.emoji_detect = self.detector.emoji_detect
+        self.plan_emo = self.generator.plan_emo
+        self.plan_emoji = self.generator.plan_emoji
+        self.carry_out = self.generator.carry_out
 
-    # detection --------------------------------------------------------------
-
-    async def emo_detect(self, image_url: str, ratio: str = "1:1", model: str | None = None) -> EmoDetection:
-        return await self.detector.emo_detect(image_url, ratio, model)
-
-    async def emoji_detect(self, image_url: str, model: str | None = None) -> EmojiDetection:
-        return await self.detector.emoji_detect(image_url, model)
-
-    # generation -------------------------------------------------------------
-
-    async def plan_emo(
-        self,
-        image_url: str,
-        audio_url: str,
-        face_bbox: list[int],
-        ext_bbox: list[int],
-        style_level: str = "normal",
-        model: str | None = None,
-    ) -> Plan:
-        return await self.generator.plan_emo(image_url, audio_url, face_bbox, ext_bbox, style_level, model)
-
-    async def plan_emoji(
-        self,
-        image_url: str,
-        face_bbox: list[int],
-        ext_bbox_face: list[int],
-        template_id: str,
-        model: str | None = None,
-    ) -> Plan:
-        return await self.generator.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
+    # generation: a plan and its carrying out, in one call ---------------------
 
     async def emo_generate(
         self,
@@ -103,11 +80,6 @@ class Service:
     ) -> Submitted:
         plan = await self.plan_emoji(image_url, face_bbox, ext_bbox_face, template_id, model)
         return await self.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
-
-    async def carry_out(
-        self, plan: Plan, *, dry_run: bool, approval: Approval, allow_duplicate: bool = False
-    ) -> Submitted:
-        return await self.generator.carry_out(plan, dry_run=dry_run, approval=approval, allow_duplicate=allow_duplicate)
 
     # tasks ------------------------------------------------------------------
 
