@@ -28,11 +28,10 @@ def clip_bytes(name: str) -> bytes:
 
 
 def clip_name(task: FakeTask) -> str:
-    """The clip of a task's output: EMO (its input has ext_bbox) by the ratio the box implies, else Emoji."""
-    ext = task.input.get("ext_bbox")
-    if not isinstance(ext, list) or len(ext) != 4:
+    """Emoji (its input names a template, `driven_id`), else EMO by the ratio its ext_bbox implies."""
+    if "driven_id" in task.input:
         return "emoji.mp4"
-    x1, y1, x2, y2 = ext
+    x1, y1, x2, y2 = task.input["ext_bbox"]
     return "emo-1x1.mp4" if x2 - x1 == y2 - y1 else "emo-3x4.mp4"
 
 
