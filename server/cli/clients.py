@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Client = Literal["claude-desktop", "cursor", "vscode", "claude-code"]
-CLIENTS: tuple[Client, ...] = ("claude-desktop", "cursor", "vscode", "claude-code")
-TITLES: dict[Client, str] = {
+ClientId = Literal["claude-desktop", "cursor", "vscode", "claude-code"]
+CLIENTS: tuple[ClientId, ...] = ("claude-desktop", "cursor", "vscode", "claude-code")
+TITLES: dict[ClientId, str] = {
     "claude-desktop": "Claude Desktop",
     "cursor": "Cursor",
     "vscode": "VS Code",
     "claude-code": "Claude Code",
 }
-NEXT_STEP: dict[Client, str] = {
+NEXT_STEP: dict[ClientId, str] = {
     "claude-desktop": "quit Claude Desktop completely and start it again",
     "cursor": "reload Cursor (or toggle the server under Settings → MCP)",
     "vscode": "run “MCP: List Servers” in VS Code and start dashscope-emo; it asks for the key once",
@@ -69,7 +69,7 @@ class Platform:
         return self._xdg_config() / linux_name
 
 
-def config_path(client: Client, platform: Platform) -> Path:
+def config_path(client: ClientId, platform: Platform) -> Path:
     """The user-level configuration file `client` reads on `platform`."""
     if client == "claude-desktop":
         return platform.app_config_dir("Claude", "Claude") / "claude_desktop_config.json"
@@ -80,11 +80,11 @@ def config_path(client: Client, platform: Platform) -> Path:
     return platform.home / ".claude.json"
 
 
-def servers_key(client: Client) -> str:
+def servers_key(client: ClientId) -> str:
     return "servers" if client == "vscode" else "mcpServers"
 
 
-def server_entry(client: Client, command: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+def server_entry(client: ClientId, command: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """One stdio entry in the client's own shape (VS Code and Claude Code name the transport)."""
     entry: dict[str, Any] = {"command": command, "args": args, "env": env}
     return {"type": "stdio", **entry} if client in ("vscode", "claude-code") else entry

@@ -25,7 +25,7 @@ from server.cli.clients import (
     NEXT_STEP,
     TITLES,
     VSCODE_INPUT_ID,
-    Client,
+    ClientId,
     Platform,
     config_path,
     server_entry,
@@ -46,7 +46,7 @@ Prompt = Callable[[str], str]
 class Request:
     """What to install, as the command line gave it."""
 
-    client: Client
+    client: ClientId
     name: str = DEFAULT_NAME
     output_dir: Path | None = None
     allowed_roots: tuple[Path, ...] = ()
@@ -58,7 +58,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Outcome:
-    client: Client
+    client: ClientId
     path: Path
     change: str  # "added", "updated", "replaced", "unchanged"
     written: bool
