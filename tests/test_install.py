@@ -145,6 +145,17 @@ def test_merging_keeps_everything_else_and_backs_up_the_old_file(tmp_path: Path)
     assert sorted(p.name for p in home.iterdir() if ".bak-" in p.name) == [outcome.backup.name]
 
 
+def test_a_linked_file_is_written_through_its_link(tmp_path: Path) -> None:
+    home, dotfiles = tmp_path / "home", tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    (dotfiles / "claude.json").write_text('{"theme": "dark"}', encoding="utf-8")
+    home.mkdir()
+    (home / ".claude.json").symlink_to(dotfiles / "claude.json")
+    install(Request("claude-code", sandbox=True), platform=platform("linux", home))
+    assert (home / ".claude.json").is_symlink()
+    assert read(dotfiles / "claude.json")["theme"] == "dark" and "mcpServers" in read(dotfiles / "claude.json")
+
+
 def test_an_unrelated_entry_of_the_same_name_is_refused_without_force(tmp_path: Path) -> None:
     home = tmp_path / "home"
     path = home / ".cursor" / "mcp.json"

@@ -180,6 +180,7 @@ def _merge(document: dict[str, Any], request: Request, path: Path, entry: dict[s
 def _write(path: Path, document: dict[str, Any], now: datetime) -> Path | None:
     """Back the old file up, then replace it atomically (a new file is private: it may hold the key)."""
     backup = None
+    path = path.resolve() if path.is_symlink() else path  # a dotfile kept elsewhere stays a link
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         backup = path.with_name(f"{path.name}.bak-{now:%Y%m%d-%H%M%S}")
