@@ -187,6 +187,30 @@ async def test_a_submit_dashscope_is_slow_to_answer_goes_on_under_its_local_id(
     assert status["estimated_cost_cny"] == submitted["estimated_cost_cny"]  # recorded by the background
 
 
+async def test_a_submit_refused_after_its_caller_left_is_told_by_its_local_id(
+    client: Client, fake: FakeDashScope, bound: float
+) -> None:
+    detection = await detect_emo(client)
+    refusal = {"code": "InvalidParameter.DataInspection", "message": "Download the media resource timed out."}
+    fake.inject("POST", SUBMIT_PATH, status=400, body=refusal, delay=2.0)
+    with anyio.fail_after(GUARD):
+        submitted = await call_ok(client, "emo_generate", emo_arguments(detection))
+        assert submitted["task_status"] == "SUBMITTING"
+        while True:
+            result = await client.call_tool("task_status", {"task_id": submitted["task_id"]})
+            if result.is_error:
+                break
+            assert result.structured_content is not None
+            assert result.structured_content["task_status"] == "SUBMITTING"
+            await anyio.sleep(0.05)
+    message = text_of(result)
+    assert f"the submit under local id {submitted['task_id']} was refused" in message
+    assert "nothing is billed" in message and "InvalidParameter.DataInspection" in message
+    assert not fake.tasks
+    again = await call_ok(client, "emo_generate", emo_arguments(detection))  # nothing blocks a new try
+    assert again["task_status"] == "PENDING"
+
+
 async def test_a_client_that_gives_up_mid_submit_strands_nothing(
     client: Client, fake: FakeDashScope, settings: Settings
 ) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 from server.config import Settings
 from server.domain.budget import Approval, check_budget, over_ceiling
 from server.domain.inputs import Inputs, resolve_model
-from server.errors import RefusedInputError, UpstreamUnavailableError
+from server.errors import EmoMcpError, RefusedInputError, UpstreamError, UpstreamUnavailableError
 from server.jobs.submits import PendingSubmit, Submitter
-from server.jobs.tasks import Background, Deadline
+from server.jobs.tasks import Background, Deadline, Job
 from server.media.preflight import Checked
 from server.media.sources import MediaRef
 from server.models import (
@@ -35,6 +35,9 @@ from server.results import Submitted
 from server.store.evidence import Evidence
 from server.store.ledger import SUBMITTING, Ledger
 from server.store.spend import record_estimate
+
+# How long the refusal of a submit handed off to the background is remembered for its local id.
+HANDED_OFF_KEEP_SECONDS = 24 * 3600.0
 
 
 class Generator:
@@ -55,6 +58,8 @@ class Generator:
         self.inputs = inputs
         self.submitter = submitter
         self.background = background
+        # Submits whose caller left before DashScope answered: a refusal deletes the row, so it is told here.
+        self._handed_off: dict[str, Job[Submitted]] = {}
 
     async def plan_emo(
         self,
@@ -146,7 +151,35 @@ class Generator:
         submit = self.background.start(lambda: self._send(started, plan))
         if await submit.wait(deadline.left()):
             return submit.result()
+        self._handed_off[started.local_id] = submit
         return self._in_progress(started, plan, deadline)
+
+    def refusal(self, local_id: str) -> EmoMcpError | None:
+        """Why a submit answered only by its local id was refused after its caller left (its row is gone)."""
+        now = time.monotonic()
+        for old in [k for k, j in self._handed_off.items() if now - (j.finished_at or now) > HANDED_OFF_KEEP_SECONDS]:
+            del self._handed_off[old]
+        job = self._handed_off.get(local_id)
+        if job is None or not job.done:
+            return None
+        try:
+            job.result()
+        except UpstreamError as exc:
+            return type(exc)(
+                exc.status_code,
+                exc.code,
+                f"the submit under local id {local_id} was refused, so no task was created and nothing is "
+                f"billed: {exc.upstream_message or exc.code}",
+                exc.request_id,
+            )
+        except UpstreamUnavailableError as exc:
+            return UpstreamUnavailableError(
+                f"The submit under local id {local_id} never reached DashScope ({exc}); no task was created "
+                "and nothing is billed."
+            )
+        except EmoMcpError:
+            return None  # an unknown outcome: its row is in the ledger, followed as usual
+        return None
 
     async def _wire_input(self, plan: Plan, model: str) -> dict[str, Any]:
         return {

@@ -215,6 +215,9 @@ class Service:
         deadline = Deadline(within)
         note = None
         record = self.ledger.get_task(task_id)
+        refused = self.generator.refusal(task_id) if record is None else None
+        if refused is not None:
+            raise refused
         if record is not None and record.task_id in self._cancels:
             # A cancel's answer was lost: the ledger's PENDING may be stale, so DashScope answers first.
             seen = await self._confirm(record, deadline)
