@@ -63,8 +63,8 @@ async def test_every_resolved_address_is_checked() -> None:
         await guard_url("http://169.254.169.254/latest/meta-data")
 
 
-def served(files: dict[str, bytes | tuple[int, str]]) -> httpx2.AsyncClient:
-    """An HTTP client answering from memory: what a remote host would serve, with no network."""
+def served(files: dict[str, bytes | tuple[int, str]]) -> httpx2.MockTransport:
+    """A transport answering from memory: what a remote host would serve, with no network."""
 
     def handle(request: httpx2.Request) -> httpx2.Response:
         found = files.get(request.url.path)
@@ -74,7 +74,7 @@ def served(files: dict[str, bytes | tuple[int, str]]) -> httpx2.AsyncClient:
             return httpx2.Response(found[0], headers={"location": found[1]})
         return httpx2.Response(200, content=found)
 
-    return httpx2.AsyncClient(transport=httpx2.MockTransport(handle))
+    return httpx2.MockTransport(handle)
 
 
 async def test_remote_files_are_checked_when_fetched(tmp_path: Path) -> None:
@@ -85,31 +85,32 @@ async def test_remote_files_are_checked_when_fetched(tmp_path: Path) -> None:
         "/a.wav": wav,
         "/moved.wav": (302, "http://10.0.0.5/a.wav"),
     }
-    async with served(files) as http:
-        preflight = Preflight(http, remote=True, resolve=resolver("93.184.216.34"))
-        checked = Checked()
-        await preflight.image(MediaRef("u", url="https://media.example.com/ok.png"), "emo", "image_url", checked)
-        assert checked.image is not None and (checked.image.width, checked.image.format) == (600, "PNG")
-        await preflight.audio(MediaRef("u", url="https://media.example.com/a.wav"), "audio_url", checked)
-        assert checked.audio is not None and checked.audio.seconds == pytest.approx(3)
-        assert checked.warnings == []
-        with pytest.raises(PreflightError, match="200x600"):
-            await preflight.image(MediaRef("u", url="https://media.example.com/small.png"), "emo", "image_url", checked)
+    # Served from memory: no connection is made.
+    http = served(files)
+    preflight = Preflight(remote=True, resolve=resolver("93.184.216.34"), transport=http)
+    checked = Checked()
+    await preflight.image(MediaRef("u", url="https://media.example.com/ok.png"), "emo", "image_url", checked)
+    assert checked.image is not None and (checked.image.width, checked.image.format) == (600, "PNG")
+    await preflight.audio(MediaRef("u", url="https://media.example.com/a.wav"), "audio_url", checked)
+    assert checked.audio is not None and checked.audio.seconds == pytest.approx(3)
+    assert checked.warnings == []
+    with pytest.raises(PreflightError, match="200x600"):
+        await preflight.image(MediaRef("u", url="https://media.example.com/small.png"), "emo", "image_url", checked)
 
-        # Unreachable from here: a warning, not a refusal; a redirect to a private address is re-guarded.
-        for path in ("/missing.png", "/moved.wav"):
-            late = Checked()
-            await preflight.audio(MediaRef("u", url=f"https://media.example.com{path}"), "audio_url", late)
-            assert late.audio is None
-            [warning] = late.warnings
-            assert "could not be fetched" in warning and "may still reach it" in warning
-        assert "10.0.0.5" in warning
+    # Unreachable from here: a warning, not a refusal; a redirect to a private address is re-guarded.
+    for path in ("/missing.png", "/moved.wav"):
+        late = Checked()
+        await preflight.audio(MediaRef("u", url=f"https://media.example.com{path}"), "audio_url", late)
+        assert late.audio is None
+        [warning] = late.warnings
+        assert "could not be fetched" in warning and "may still reach it" in warning
+    assert "10.0.0.5" in warning
 
-        # Off by default: nothing is fetched.
-        quiet = Checked()
-        off = Preflight(http, remote=False, resolve=resolver("93.184.216.34"))
-        await off.image(MediaRef("u", url="https://media.example.com/small.png"), "emo", "image_url", quiet)
-        assert quiet == Checked()
+    # Off by default: nothing is fetched.
+    quiet = Checked()
+    off = Preflight(remote=False, resolve=resolver("93.184.216.34"), transport=http)
+    await off.image(MediaRef("u", url="https://media.example.com/small.png"), "emo", "image_url", quiet)
+    assert quiet == Checked()
 
 
 async def test_remote_preflight_through_mcp_warns_for_a_loopback_url(fake: FakeDashScope, tmp_path: Path) -> None:
