@@ -112,21 +112,25 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must no
 _WALKS = os.open in os.supports_dir_fd and bool(_NOFOLLOW and _DIRECTORY)
 
 
-def open_confined(path: Path, root: Path) -> int:
+def open_confined(path: Path, root: Path, expected: os.stat_result | None = None) -> int:
     """A read-only descriptor of `path` (fully resolved, inside the resolved `root`), opened one
     component at a time from `root` without following any link, so a path swapped after it was
-    checked cannot lead the open outside `root`. Raises `ChangedWhileOpeningError` if it was."""
+    checked cannot lead the open outside `root`. With `expected` (the checked file's stat), the
+    opened file must be that same file. Raises `ChangedWhileOpeningError` otherwise."""
     parts = path.relative_to(root).parts
     if not parts:
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-    if not _WALKS:  # no openat(): open, then prove it is the file that was checked
-        before = os.stat(path)
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
-        after = os.fstat(fd)
-        if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+    # Without openat() the path is opened whole; the identity check below is then what catches a swap.
+    fd = _walk_open(parts, root, path) if _WALKS else os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    if expected is not None:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (expected.st_dev, expected.st_ino):
             os.close(fd)
-            raise ChangedWhileOpeningError(errno.ESTALE, "changed while it was being opened", str(path))
-        return fd
+            raise ChangedWhileOpeningError(errno.ESTALE, "another file took its place", str(path))
+    return fd
+
+
+def _walk_open(parts: tuple[str, ...], root: Path, path: Path) -> int:
     fd = os.open(root, os.O_RDONLY | _DIRECTORY)
     try:
         for part in parts[:-1]:
@@ -187,10 +191,11 @@ def resolve_local(
         shown = f"resolves to {real}, which is" if real != joined else "is"
         raise _refuse(field, value, f"{shown} outside the allowed roots", roots)
     try:
-        _check_kind(field, value, roots, real.stat())  # devices are refused before any open
+        checked = real.stat()
+        _check_kind(field, value, roots, checked)  # devices are refused before any open
         if before_open is not None:
             before_open(real)
-        fd = open_confined(real, root)
+        fd = open_confined(real, root, checked)
     except ChangedWhileOpeningError as exc:
         raise _refuse(
             field,
@@ -225,11 +230,12 @@ def _check_kind(field: str, value: str, roots: tuple[Path, ...], info: os.stat_r
 
 
 def _too_large(field: str, value: str, size: int, limit: int, *, at_least: bool = False) -> RefusedInputError:
+    # `at_least`: the file grew past the limit while it was read (only limit + 1 bytes were).
     amount = f"more than {limit / MB:.1f}" if at_least else f"{size / MB:.1f}"
+    unread = "" if at_least else "; the file was not read"
     return RefusedInputError(
         f"{field} {value!r} is {amount} MB, over the {limit / MB:g} MB this server accepts for it "
-        "(DashScope's own limit). Use a smaller file (re-encode or resize it). Nothing was sent; the file "
-        "was not read."
+        f"(DashScope's own limit). Use a smaller file (re-encode or resize it). Nothing was sent{unread}."
     )
 
 
