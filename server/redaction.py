@@ -19,13 +19,21 @@ REDACTED = "***"
 # Shorter values would match ordinary words; no real key or token is this short.
 MIN_SECRET_LENGTH = 8
 
-_PATTERNS = (
+_PATTERN = re.compile(
     # "Authorization: Bearer x", "authorization=x", '"Authorization": "Bearer x"': the whole value.
-    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;}]+"),
-    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"),
+    r"(?P<header>authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;}]+"
+    r"|(?P<bearer>\bbearer\s+)[A-Za-z0-9._~+/=-]+"
     # DashScope keys are "sk-" and 32 hex digits; workspace keys and test keys carry dashes.
-    re.compile(r"()\bsk-[A-Za-z0-9_-]{10,}"),
+    r"|\bsk-[A-Za-z0-9_-]{10,}",
+    re.IGNORECASE,
 )
+# Cheap test first: most strings (ids, paths, numbers) hold none of these and skip the pattern.
+_MARKERS = ("sk-", "bearer", "authorization")
+
+
+def _replace(match: re.Match[str]) -> str:
+    return (match.group("header") or match.group("bearer") or "") + REDACTED
+
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -44,8 +52,9 @@ def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    for pattern in _PATTERNS:
-        text = pattern.sub(lambda match: match.group(1) + REDACTED, text)
+    lowered = text.lower()
+    if any(marker in lowered for marker in _MARKERS):
+        text = _PATTERN.sub(_replace, text)
     return text
 
 

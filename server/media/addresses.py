@@ -18,12 +18,18 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
-import httpcore2
 import httpx2
+
+if TYPE_CHECKING:
+    import httpcore2
+    from httpcore2 import AsyncNetworkBackend as _AsyncBackend
+    from httpcore2 import NetworkBackend as _SyncBackend
+else:  # httpcore2 (and its TLS set-up) loads with the first fetch, not at server start-up
+    _AsyncBackend = _SyncBackend = object
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 SyncResolver = Callable[[str, int], list[str]]
@@ -198,7 +204,7 @@ def _peer_is(stream: Any, address: str) -> bool:
     return _literal(str(peer[0]).split("%", 1)[0]) == _literal(address.split("%", 1)[0])
 
 
-class PinnedBackend(httpcore2.AsyncNetworkBackend):
+class PinnedBackend(_AsyncBackend):
     """An httpcore network backend that connects only to addresses vetted from one lookup."""
 
     def __init__(
@@ -207,6 +213,8 @@ class PinnedBackend(httpcore2.AsyncNetworkBackend):
         policy: AddressPolicy = public_only,
         inner: httpcore2.AsyncNetworkBackend | None = None,
     ) -> None:
+        import httpcore2
+
         self._resolve = resolve
         self._policy = policy
         self._inner = inner or httpcore2.AnyIOBackend()
@@ -219,6 +227,8 @@ class PinnedBackend(httpcore2.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
+        import httpcore2
+
         addresses = await vetted_addresses(host, port, self._resolve, self._policy)
         failure: Exception | None = None
         for address in addresses:
@@ -246,7 +256,7 @@ class PinnedBackend(httpcore2.AsyncNetworkBackend):
         await anyio.sleep(seconds)
 
 
-class PinnedSyncBackend(httpcore2.NetworkBackend):
+class PinnedSyncBackend(_SyncBackend):
     """`PinnedBackend` for blocking clients on worker threads (the video downloads)."""
 
     def __init__(
@@ -255,6 +265,8 @@ class PinnedSyncBackend(httpcore2.NetworkBackend):
         policy: AddressPolicy = public_only,
         inner: httpcore2.NetworkBackend | None = None,
     ) -> None:
+        import httpcore2
+
         self._resolve = resolve
         self._policy = policy
         self._inner = inner or httpcore2.SyncBackend()
@@ -267,6 +279,8 @@ class PinnedSyncBackend(httpcore2.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.NetworkStream:
+        import httpcore2
+
         addresses = vetted_addresses_sync(host, port, self._resolve, self._policy)
         failure: Exception | None = None
         for address in addresses:
@@ -298,6 +312,8 @@ def pinned_transport(
 
     No proxy (a proxy would resolve the name itself) and no environment settings.
     """
+    import httpcore2
+
     context = httpx2.create_ssl_context(verify=verify, trust_env=False)
     transport = httpx2.AsyncHTTPTransport(verify=context, trust_env=False)
     # httpx2 takes no network backend, so its pool is replaced by one built on the pinned backend.
@@ -312,6 +328,8 @@ def pinned_sync_transport(
     verify: ssl.SSLContext | bool = True,
 ) -> httpx2.HTTPTransport:
     """`pinned_transport` for a blocking `httpx2.Client` (e.g. on a worker thread)."""
+    import httpcore2
+
     context = httpx2.create_ssl_context(verify=verify, trust_env=False)
     transport = httpx2.HTTPTransport(verify=context, trust_env=False)
     transport._pool = httpcore2.ConnectionPool(ssl_context=context, network_backend=PinnedSyncBackend(resolve, policy))
