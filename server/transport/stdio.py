@@ -143,8 +143,7 @@ def _load(text: str) -> Any:
         reason = f"The message nests arrays or objects too deeply (the limit is about {MAX_DEPTH} levels)."
         raise _Unreadable(Refusal(INVALID_REQUEST, reason, _request_id(_top_level(text)))) from None
     except ValueError as exc:
-        detail = f"{exc.msg} at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-        reason = f"Parse error: the message is not valid JSON ({detail}); send one JSON-RPC message per line."
+        reason = f"Parse error: the message is not valid JSON ({exc}); send one JSON-RPC message per line."
         raise _Unreadable(Refusal(PARSE_ERROR, reason, _request_id(_top_level(text)))) from None
 
 
@@ -247,9 +246,13 @@ def _top_level(text: str) -> dict[str, Any] | None:
             pos = end
         else:
             try:
-                members[key], pos = _SCALARS.raw_decode(text, pos)
+                value, pos = _SCALARS.raw_decode(text, pos)
             except ValueError:
                 return members
+            pos = _skip_space(text, pos)
+            if not text.startswith((",", "}"), pos):  # "12" of a cut-off "123" is not the id
+                return members
+            members[key] = value
         pos = _skip_space(text, pos)
         if not text.startswith(",", pos):
             return members
