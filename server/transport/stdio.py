@@ -100,10 +100,12 @@ def screen(line: RawLine) -> str | Refusal | None:
     try:
         text = line.data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        shown = line.data.decode("utf-8", "replace")
+        request_id = _request_id(_top_level(line.data.decode("utf-8", "replace")))
+        if isinstance(request_id, str) and "\ufffd" in request_id:
+            request_id = None  # the bad bytes are in the id itself: it cannot be echoed as sent
         reason = f"Parse error: the message is not valid UTF-8 (byte {exc.start}); send UTF-8 encoded JSON."
-        return Refusal(PARSE_ERROR, reason, _request_id(_top_level(shown)))
-    if not text.strip():
+        return Refusal(PARSE_ERROR, reason, request_id)
+    if not text or text.isspace():
         return None
     try:
         message = jsonrpc_message_adapter.validate_json(text, by_name=False)
