@@ -252,7 +252,8 @@ def _top_level(text: str) -> dict[str, Any] | None:
             except ValueError:
                 return members
             pos = _skip_space(text, pos)
-            if not text.startswith((",", "}"), pos):  # "12" of a cut-off "123" is not the id
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            if is_number and not text.startswith((",", "}"), pos):  # "12" of a cut-off "123" is not the id
                 return members
             members[key] = value
         pos = _skip_space(text, pos)
