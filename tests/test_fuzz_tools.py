@@ -28,7 +28,7 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # installed with mcp, no stubs
+from jsonschema import Draft202012Validator
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
@@ -85,7 +85,6 @@ CONTROL = re.compile("[\x00-\x1f\x7f\ufffd]")  # and U+FFFD, what undecodable by
 CORPUS = [*ODD_MEDIA, "file:///tmp/portrait%00.jpg", *(PORTRAIT[:20] + c + PORTRAIT[20:] for c in CONTROL_CHARS)]
 # Fixed in server/media/sources.py on another branch (a percent-encoded NUL in a file:// URI makes
 # path resolution raise, an opaque "Error executing tool"); expected to fail until that merge.
-PENDING_ELSEWHERE = {"file:///tmp/portrait%00.jpg"}
 TEXT = st.text(st.characters(codec="utf-8"), max_size=24)
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT)
 ANY_JSON = st.recursive(
@@ -390,9 +389,7 @@ def test_a_corpus_of_odd_media_is_refused_or_answered(
     if reporter is not None:
         with capsys.disabled():
             reporter.write_line(f"fuzz corpus of {len(CORPUS)} odd media: {counts}")
-    assert {value: why for value, why in failed.items() if value not in PENDING_ELSEWHERE} == {}
-    if failed:
-        pytest.xfail(f"pending a fix on another branch: {failed}")
+    assert failed == {}
 
 
 def _boxes(detection: dict[str, Any]) -> dict[str, Any]:
