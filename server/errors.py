@@ -113,6 +113,14 @@ class UpstreamUnavailableError(EmoMcpError):
     """The service could not be reached or did not answer in time (a read; safe to retry)."""
 
 
+class UnreadableAnswerError(UpstreamUnavailableError):
+    """DashScope (or its storage) answered, but with nothing this server can read or trust.
+
+    Nothing is concluded from such an answer: the message says what it means for the call (billed
+    or not, done or not) and whether calling again is safe.
+    """
+
+
 class SubmitOutcomeUnknownError(EmoMcpError):
     """A submit was sent but no answer came back: a task may exist and may be billed."""
 

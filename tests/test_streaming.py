@@ -56,6 +56,10 @@ def raw_http(answer: bytes) -> Iterator[tuple[str, list[int]]]:
         listener.close()
 
 
+# What every saved video must start with: an ftyp box (the server refuses anything else).
+MP4_HEAD = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+
+
 def _answer(body: bytes, declared: int | None = None) -> bytes:
     length = len(body) if declared is None else declared
     return b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: %d\r\n\r\n" % length + body
@@ -87,7 +91,7 @@ async def test_a_video_of_several_megabytes_arrives_whole_with_its_sha256(client
 async def test_a_download_cut_mid_stream_is_retried_then_reported(tmp_path: Path) -> None:
     destination = tmp_path / "t.mp4"
     with (
-        raw_http(_answer(b"x" * 100_000, declared=5_000_000)) as (url, served),
+        raw_http(_answer(MP4_HEAD + b"x" * 100_000, declared=5_000_000)) as (url, served),
         pytest.raises(UpstreamUnavailableError, match="could not be downloaded"),
     ):
         await _client().download(url, destination)
@@ -96,7 +100,7 @@ async def test_a_download_cut_mid_stream_is_retried_then_reported(tmp_path: Path
 
 
 async def test_a_download_returns_size_and_sha256_of_what_was_written(tmp_path: Path) -> None:
-    body = bytes(range(256)) * 4000
+    body = MP4_HEAD + bytes(range(256)) * 4000
     with raw_http(_answer(body)) as (url, _):
         got = await _client().download(url, tmp_path / "t.mp4")
     assert (got.size, got.sha256) == (len(body), hashlib.sha256(body).hexdigest())
@@ -116,7 +120,7 @@ async def test_an_expired_result_url_is_reported_at_once_not_retried(tmp_path: P
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_disk_is_an_os_error() -> None:
-    with raw_http(_answer(b"x" * 3_000_000)) as (url, _), pytest.raises(OSError, match="No space"):
+    with raw_http(_answer(MP4_HEAD + b"x" * 3_000_000)) as (url, _), pytest.raises(OSError, match="No space"):
         fetch_to_file(url, Path("/dev/full"), httpx2.Timeout(10.0), threading.Event())
 
 
