@@ -7,6 +7,8 @@ the API key.
 
 from __future__ import annotations
 
+import sqlite3
+
 KEY_HELP = (
     "Set the DASHSCOPE_API_KEY environment variable in the MCP client's server config (or "
     "DASHSCOPE_API_KEY_FILE_PATH to a file holding only the key), or put "
@@ -186,3 +188,17 @@ class DuplicateSubmitError(RefusedInputError):
 
 class CannotCancelError(EmoMcpError):
     """DashScope cancels only PENDING tasks; this one is running or finished."""
+
+
+def as_task_error(exc: Exception, doing: str) -> EmoMcpError:
+    """Any failure of a background step as the error recorded on its task (what the agent reads).
+
+    Anticipated failures stay as they are; the disk's and the ledger's become a `StorageError`;
+    anything else (a bug, an exception nobody foresaw) is named for what it is.
+    """
+    if isinstance(exc, EmoMcpError):
+        return exc
+    if isinstance(exc, OSError | sqlite3.Error):
+        return StorageError(f"{doing}: the local disk or ledger failed ({exc}); retrying.")
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))[:120]
+    return EmoMcpError(f"{doing}: an unexpected {type(exc).__name__} ({text}); retrying.")
