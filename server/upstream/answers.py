@@ -189,6 +189,8 @@ async def read_capped(response: httpx2.Response, budget: int) -> tuple[bytes, st
             parts.append(piece)
     except httpx2.DecodingError:
         return b"".join(parts), f"its body is not valid {encoding!r} data although its Content-Encoding says so"
+    except httpx2.TimeoutException:
+        return b"".join(parts), "its body stopped arriving (no byte within the read timeout)"
     except HTTP_STACK_ERRORS as exc:
         return b"".join(parts), f"the connection broke while its body was read ({type(exc).__name__})"
     return b"".join(parts), None

@@ -377,6 +377,14 @@ class DashScopeClient:
             body = await self._read(self._base_url + UPLOADS_PATH, params, "upload policy request", self._policies)
         except UpstreamUnavailableError as exc:
             raise type(exc)(f"{exc} Nothing was uploaded, submitted or billed.") from exc
+        except UpstreamError as exc:
+            raise upstream_error(
+                exc.status_code,
+                exc.code,
+                f"{exc.upstream_message.rstrip('.')}; nothing was uploaded, submitted or billed",
+                exc.request_id,
+                exc.retry_after,
+            ) from exc
         data = body.get("data")
         if not isinstance(data, dict):
             raise UnreadableAnswerError(
