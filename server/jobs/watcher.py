@@ -40,6 +40,7 @@ from server.media.sources import file_sha256
 from server.models import Family
 from server.store.evidence import Evidence
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.upstream.answers import snippet
 from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
@@ -310,9 +311,10 @@ class Watcher:
         status = output.get("task_status") if isinstance(output, dict) else None
         if not isinstance(output, dict) or not isinstance(status, str) or status not in KNOWN_STATUSES:
             what = "no task_status" if status is None else f"the task_status {snippet(status)!r}, which is not one"
+            again = "call task_status again" if record is None else "it is asked again"
             raise UnreadableAnswerError(
                 f"DashScope's answer about task {task_id} has {what} this server knows, so the task's state is "
-                "not known yet (nothing was changed); it is asked again."
+                f"not known yet (nothing was changed); {again}."
             )
         if record is None:
             if status == "UNKNOWN":
@@ -421,9 +423,3 @@ def _as_error(exc: Exception, doing: str) -> EmoMcpError:
     if not isinstance(exc, EmoMcpError | OSError | sqlite3.Error):
         logger.error("%s: unexpected %s", doing, type(exc).__name__, exc_info=exc)
     return error
-
-
-def snippet(value: str, limit: int = 80) -> str:
-    """A short printable excerpt of an upstream value for a message."""
-    text = "".join(c if c.isprintable() else "?" for c in value)
-    return text[:limit] + ("..." if len(text) > limit else "")

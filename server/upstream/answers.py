@@ -88,9 +88,9 @@ def parse_object(body: bytes, content_type: str = "") -> dict[str, Any]:
     return value
 
 
-def snippet(body: bytes, limit: int = 80) -> str:
-    """A short printable excerpt of a body for a message (never the whole of it)."""
-    text = body[: limit * 4].decode("utf-8", "replace")
+def snippet(body: bytes | str, limit: int = 80) -> str:
+    """A short printable excerpt of a body or value for a message (never the whole of it)."""
+    text = body[: limit * 4].decode("utf-8", "replace") if isinstance(body, bytes) else body[: limit * 4]
     text = re.sub(r"\s+", " ", "".join(c if c.isprintable() or c.isspace() else "?" for c in text)).strip()
     return text[:limit] + ("..." if len(text) > limit else "")
 

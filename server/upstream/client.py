@@ -117,7 +117,7 @@ def _not_a_verdict(answer: Answer) -> str:
     """Why a non-error answer without a readable body (a redirect, an odd status) is not an answer."""
     if answer.status in REDIRECT_STATUSES:
         where = answer.headers.get("location", "nowhere")
-        return f"HTTP {answer.status}, a redirect to {snippet(where.encode(), 120)} that this server does not follow"
+        return f"HTTP {answer.status}, a redirect to {snippet(where, 120)} that this server does not follow"
     return f"HTTP {answer.status}"
 
 
@@ -457,7 +457,7 @@ class DashScopeClient:
                     try:
                         current = str(httpx2.URL(current).join(location))
                     except (httpx2.InvalidURL, ValueError) as exc:
-                        raise _DownloadProblem(f"a redirect to an invalid URL: {snippet(location.encode())!r}") from exc
+                        raise _DownloadProblem(f"a redirect to an invalid URL: {snippet(location)!r}") from exc
                     continue
                 if fetched.status >= 400:
                     raise refusal(fetched.status, fetched.headers, fetched.body)
@@ -465,7 +465,7 @@ class DashScopeClient:
                     raise _DownloadProblem(f"HTTP {fetched.status}")
                 break
             else:
-                raise _DownloadProblem(f"more than {MAX_REDIRECTS} redirects (the last to {snippet(current.encode())})")
+                raise _DownloadProblem(f"more than {MAX_REDIRECTS} redirects (the last to {snippet(current)})")
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -485,7 +485,7 @@ class DashScopeClient:
             await guard_url(url)
         except BlockedAddressError as exc:
             raise UpstreamUnavailableError(
-                f"The video's URL led to {snippet(url.encode(), 120)}, which this server refuses to fetch ({exc}); "
+                f"The video's URL led to {snippet(url, 120)}, which this server refuses to fetch ({exc}); "
                 "nothing was sent there. The task is recorded; the server tries the URL again later."
             ) from exc
 
