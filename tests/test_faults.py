@@ -100,6 +100,7 @@ SCENARIOS: list[Scenario] = [
     S("detect", "stall", expect=r"did not answer the detection.*may or may not have been billed.*" + UNREADABLE_DETECT),
     S("detect", "redirect_loop", expect=r"redirect.*probably not billed"),
     S("detect", "redirect_private", expect=r"10\.0\.0\.1.*does not follow.*probably not billed"),
+    S("detect", "redirect", expect=r"redirect to .*hop=1 that this server does not follow"),
     S("detect", "bomb", expect=r"larger than .* once decompressed.*" + UNREADABLE_DETECT),
     S("detect", "bad_encoding", after=True, expect=r"not valid 'gzip'.*" + UNREADABLE_DETECT),
     S("detect", "html", family="emoji", expect=UNREADABLE_DETECT, label="emoji"),
@@ -116,6 +117,7 @@ SCENARIOS: list[Scenario] = [
     S("submit", "stall", expect=OUTCOME_UNKNOWN),
     S("submit", "redirect_loop", expect=OUTCOME_UNKNOWN),
     S("submit", "redirect_private", expect=OUTCOME_UNKNOWN),
+    S("submit", "redirect", after=True, expect=OUTCOME_UNKNOWN),
     S("submit", "bomb", after=True, expect=OUTCOME_UNKNOWN),
     S("submit", "bad_encoding", after=True, expect=OUTCOME_UNKNOWN),
     S("submit", "html", after=True, family="emoji", expect=OUTCOME_UNKNOWN, label="emoji"),
@@ -162,6 +164,8 @@ SCENARIOS: list[Scenario] = [
     S("task_list", "bad_encoding", times=PERSISTENT, expect=r"not valid 'gzip'"),
     S("task_list", "redirect_loop", times=PERSISTENT, expect=r"redirect"),
     S("task_list", "reset", times=PERSISTENT, expect=r"connection broke"),
+    S("task_list", "length_lie", times=PERSISTENT, expect=r"connection broke"),
+    S("task_list", "redirect_private", times=PERSISTENT, expect=r"10\.0\.0\.1"),
     S("task_list", "stall"),
     # ---- cancel: the answer says whether the task was cancelled, and that calling again is safe
     S("cancel", "status", status=500, expect=CANCEL_UNKNOWN),
@@ -174,6 +178,7 @@ SCENARIOS: list[Scenario] = [
     S("cancel", "stall", after=True, expect=r"stopped arriving.*" + CANCEL_UNKNOWN),
     S("cancel", "stall", expect=r"did not answer the cancel.*" + CANCEL_UNKNOWN),
     S("cancel", "redirect_loop", expect=r"redirect.*" + CANCEL_UNKNOWN),
+    S("cancel", "redirect_private", after=True, expect=r"10\.0\.0\.1.*" + CANCEL_UNKNOWN),
     S("cancel", "bomb", after=True, expect=CANCEL_UNKNOWN),
     S("cancel", "bad_encoding", after=True, expect=CANCEL_UNKNOWN),
     # ---- download: verified before it is saved; every failure is retried in the background
@@ -190,11 +195,16 @@ SCENARIOS: list[Scenario] = [
     S("download", "redirect_private", times=PERSISTENT, expect=r"refuses to fetch.*10\.0\.0\.1 is a private address"),
     S("download", "bomb", times=PERSISTENT, expect=NOT_DOWNLOADED),
     S("download", "bad_encoding", times=PERSISTENT, expect=NOT_DOWNLOADED),
+    S("download", "shape", times=PERSISTENT, body={"code": "AccessDenied"}, expect=r"not an MP4 .*application/json"),
     S("download", "html", times=PERSISTENT, family="emoji", expect=r"not an MP4", label="emoji"),
     # ---- temporary uploads of a local portrait
     S("upload_policy", "status", status=500, local=True),
     S("upload_policy", "html", local=True),
     S("upload_policy", "bomb", local=True),
+    S("upload_policy", "truncated", local=True),
+    S("upload_policy", "reset", local=True),
+    S("upload_policy", "bad_encoding", local=True),
+    S("upload_policy", "redirect_loop", local=True),
     S("upload_policy", "stall", local=True),
     S("upload_policy", "redirect_private", local=True),
     S("upload_policy", "shape", local=True, body={"request_id": "r-1"}, expect=r"no data object.*Call again"),
@@ -205,6 +215,9 @@ SCENARIOS: list[Scenario] = [
     S("upload", "reset", after=True, local=True, expect=r"upload .*failed.*Call again"),
     S("upload", "stall", local=True, expect=r"upload .*failed.*nothing was submitted or billed.*Call again"),
     S("upload", "stall", after=True, local=True),  # the 200 came: stored, whatever the body does
+    S("upload", "html", after=True, local=True),  # 200 is success: the body of an upload answer is not read
+    S("upload", "bomb", after=True, local=True),
+    S("upload", "length_lie", after=True, local=True),
     S("upload", "redirect_private", local=True, expect=r"temporary storage answered.*redirect"),
 ]  # fmt: skip
 

@@ -17,6 +17,7 @@ from mcp import Client
 
 from server.errors import PermissionDeniedError, UpstreamUnavailableError
 from server.sandbox.fake_dashscope import FakeDashScope
+from server.upstream import client as dashscope
 from server.upstream.client import MAX_READ_RETRIES, DashScopeClient
 from server.upstream.streaming import fetch_to_file
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
@@ -143,3 +144,40 @@ anyio.run(main)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "False"
+
+
+async def test_a_download_that_drips_slower_than_its_deadline_is_cut_off_and_retried(
+    fake: FakeDashScope, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No stall is long enough to trip the read timeout, yet the attempt as a whole must end."""
+    monkeypatch.setattr(dashscope, "DOWNLOAD_DEADLINE", 0.5)
+    fake.video_size = 3 * 64 * 1024
+    fake.auto_progress = False
+    task_id = await _submitted_task(fake)
+    fake.complete(task_id)
+    fake.fault("download", "stall", seconds=1.0, times=1_000)
+    url = f"{fake.origin}/files/{task_id}.mp4"
+    client = DashScopeClient(httpx2.AsyncClient, fake.base_url, "sk-test", sleep=_no_sleep)
+    with pytest.raises(UpstreamUnavailableError, match="longer than its deadline"):
+        await client.download(url, tmp_path / "t.mp4")
+    assert not list(tmp_path.iterdir())  # nothing half-written is left, nothing named .mp4
+    fake.faults.clear()
+    got = await client.download(url, tmp_path / "t.mp4")
+    assert got.sha256 == fake.video_sha256(task_id)
+
+
+async def _submitted_task(fake: FakeDashScope) -> str:
+    """A task created on the fake directly (detect, then submit with its boxes)."""
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+    async with httpx2.AsyncClient(base_url=fake.base_url, headers=auth) as http:
+        request = {"model": "emo-detect-v1", "input": {"image_url": PORTRAIT}, "parameters": {"ratio": "1:1"}}
+        boxes = (await http.post("/services/aigc/image2video/face-detect", json=request)).json()["output"]
+        payload = {
+            "model": "emo-v1",
+            "input": {"image_url": PORTRAIT, "audio_url": SPEECH, "face_bbox": boxes["face_bbox"],
+                      "ext_bbox": boxes["ext_bbox"]},
+        }  # fmt: skip
+        answer = await http.post(
+            "/services/aigc/image2video/video-synthesis", json=payload, headers={"X-DashScope-Async": "enable"}
+        )
+    return str(answer.json()["output"]["task_id"])

@@ -158,7 +158,8 @@ async def exchange(
             try:
                 body, problem = await read_capped(response, budget)
             finally:
-                await response.aclose()
+                with anyio.CancelScope(shield=True):  # the connection is closed even when the deadline struck
+                    await response.aclose()
     except TimeoutError as exc:
         if response is None:
             raise NoAnswer(f"no answer within {deadline:.0f}s") from exc
