@@ -10,6 +10,13 @@ new query at all if the task was queried less than one interval ago.
 On start it recovers: stale `.part` files are deleted, a recorded video that is missing on disk
 is downloaded again (or the task is marked `VideoExpired` when the URL no longer works), and a
 submit whose process died before an answer was recorded is reconciled with the task list.
+
+No one task's trouble stops it: whatever a step raises (the upstream, a parser, the disk, a bug) is
+recorded on that task (`last_error` / `download_error`) and the step is retried with a growing
+delay, while every other task goes on. An answer is believed only when it reads as one: a body
+without a known `task_status` is "not known yet", and an answer that would end a task without its
+video (SUCCEEDED with no URL, UNKNOWN for a task this ledger follows) is asked again a few times
+before it is recorded.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
-from server.errors import EmoMcpError, StorageError, TaskNotFoundError, UpstreamError
+from server.errors import EmoMcpError, TaskNotFoundError, UnreadableAnswerError, UpstreamError, as_task_error
 from server.jobs.reconcile import Reconciler, pid_alive
 from server.media.sources import file_sha256
 from server.models import Family
 from server.store.evidence import Evidence
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.upstream.answers import snippet
 from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
@@ -45,7 +53,16 @@ EXPIRED_MESSAGE = (
     "The task SUCCEEDED (and was billed) but its video URL no longer works ({why}); result URLs expire "
     "24 hours after the task ends, so the video could not be saved."
 )
+NO_URL_MESSAGE = (
+    "DashScope reported this task SUCCEEDED (so it was billed) in {n} answers but never gave its video URL, "
+    "so the video could not be saved. Keep the task id and request ids for Alibaba Cloud support."
+)
 DOWNLOAD_BACKOFF_CAP = 300.0
+QUERY_BACKOFF_CAP = 300.0
+# Statuses a task answer may carry (the SDK also knows SUSPENDED); any other value is not believed.
+KNOWN_STATUSES = frozenset({"PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+# An answer that would end a task without its video is believed only after this many in a row.
+DOUBTFUL_ANSWERS = 3
 
 
 def _video_url(output: dict[str, Any]) -> str | None:
@@ -91,6 +108,8 @@ class _State:
     last_query: float = -math.inf
     next_due: float = 0.0
     error: EmoMcpError | None = None
+    query_failures: int = 0
+    doubts: int = 0  # answers in a row that would end the task without its video
     download_error: str | None = None
     download_failures: int = 0
     next_download: float = 0.0
@@ -116,12 +135,19 @@ class Watcher:
         if not self._settings.api_key:
             task_status.started()  # nothing can be queried without a key
             return
-        self.recover()
+        try:
+            self.recover()
+        except Exception:  # a damaged folder or ledger must not keep the server from starting
+            logger.exception("watcher recovery failed; following the ledger's tasks anyway")
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
             while True:
-                delay = self._tick(tg)
+                try:
+                    delay = self._tick(tg)
+                except Exception:  # a locked or damaged ledger: this round is skipped, not the server
+                    logger.exception("watcher: could not read the ledger; trying again in %.2fs", self.interval)
+                    delay = self.interval
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -221,9 +247,9 @@ class Watcher:
     def errors(self, task_id: str) -> tuple[str | None, str | None]:
         """(last query error, last download error) of a task, for its status answer."""
         state = self._states.get(task_id)
-        if state is None:
-            return None, None
-        return (str(state.error) if state.error else None), state.download_error
+        error = state.error if state is not None else None
+        error = error or self.reconciler.errors.get(task_id)
+        return (str(error) if error else None), (state.download_error if state is not None else None)
 
     # ------------------------------------------------------------------ the work
 
@@ -236,8 +262,9 @@ class Watcher:
     async def _reconcile(self) -> None:
         try:
             await self.reconciler.run_once()
-        except (EmoMcpError, OSError, sqlite3.Error) as exc:
-            logger.warning("reconciling unanswered submits failed: %s", exc)
+        except Exception:  # the ledger, the disk or a bug: unanswered submits stay unknown, retried later
+            logger.exception("reconciling unanswered submits failed")
+            self.reconciler.failed()
 
     async def _step(self, task_id: str, done: anyio.Event) -> None:
         """Query the task if it is not finished, then download its video if it succeeded."""
@@ -248,37 +275,47 @@ class Watcher:
                 # The schedule counts from when a query starts, so one lands every interval, not every
                 # interval plus a round trip.
                 began = time.monotonic()
+                state.last_query = began
                 try:
-                    record = await self._poll(task_id, record)
-                    state.error = None
-                except EmoMcpError as exc:
-                    state.error = exc
-                    if not isinstance(exc, TaskNotFoundError):
-                        logger.warning("task %s: query failed: %s", task_id, exc)
+                    record = await self._poll(task_id, record, state)
+                except Exception as exc:  # this task's trouble (upstream, parser, disk, bug), never the server's
+                    self._query_failed(task_id, state, began, exc)
                     return
-                except (OSError, sqlite3.Error) as exc:
-                    # The disk or the ledger, not DashScope: keep the watcher (and the server) alive and retry.
-                    state.error = StorageError(f"Could not record task {task_id} locally ({exc}); retrying.")
-                    logger.warning("task %s: %s", task_id, state.error)
-                    return
-                finally:
-                    state.last_query = began
-                    state.next_due = began + self.interval
+                state.error = None
+                state.query_failures = 0
+                state.next_due = began + self.interval
             if needs_download(record) and record.video_url:
                 try:
                     await self._download(record, state)
-                except (OSError, sqlite3.Error) as exc:  # a full disk, a locked ledger: back off and retry
-                    self._download_failed(record, state, StorageError(f"Could not save the video ({exc})."))
+                except Exception as exc:  # a full disk, a locked ledger, a bug: back off and retry
+                    self._download_failed(record, state, _as_error(exc, "Could not save the video"))
+        except Exception as exc:  # reading the ledger itself failed: retried at the next due time
+            self._query_failed(task_id, state, time.monotonic(), exc)
         finally:
             state.inflight = None
             done.set()
             self.notify(task_id)
 
-    async def _poll(self, task_id: str, record: TaskRecord | None) -> TaskRecord:
+    def _query_failed(self, task_id: str, state: _State, began: float, exc: Exception) -> None:
+        """Record the failure on the task and ask again after a delay that grows with each failure."""
+        state.error = _as_error(exc, f"Could not follow task {task_id}")
+        state.query_failures += 1
+        delay = min(QUERY_BACKOFF_CAP, self.interval * 2**state.query_failures)
+        state.next_due = began + delay
+        if not isinstance(exc, TaskNotFoundError):
+            logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
+
+    async def _poll(self, task_id: str, record: TaskRecord | None, state: _State) -> TaskRecord:
         body = await self._client.get_task(task_id)
-        output = body.get("output") if isinstance(body.get("output"), dict) else {}
-        assert isinstance(output, dict)
-        status = str(output.get("task_status") or "UNKNOWN")
+        output = body.get("output")
+        status = output.get("task_status") if isinstance(output, dict) else None
+        if not isinstance(output, dict) or not isinstance(status, str) or status not in KNOWN_STATUSES:
+            what = "no task_status" if status is None else f"the task_status {snippet(status)!r}, which is not one"
+            again = "call task_status again" if record is None else "it is asked again"
+            raise UnreadableAnswerError(
+                f"DashScope's answer about task {task_id} has {what} this server knows, so the task's state is "
+                f"not known yet (nothing was changed); {again}."
+            )
         if record is None:
             if status == "UNKNOWN":
                 raise TaskNotFoundError(
@@ -289,6 +326,18 @@ class Watcher:
         polls = record.polls + 1
         self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
         fields: dict[str, Any] = {"polls": polls}
+        video_url = _video_url(output) if status == "SUCCEEDED" else None
+        doubtful = (status == "UNKNOWN" and not record.finished) or (status == "SUCCEEDED" and not video_url)
+        doubtful = doubtful or (record.status == "SUCCEEDED" and status == "UNKNOWN")
+        state.doubts = state.doubts + 1 if doubtful else 0
+        if doubtful and state.doubts < DOUBTFUL_ANSWERS:
+            # Would end the task without its video: believed only if it says so again.
+            self._ledger.update_task(task_id, polls=polls)
+            raise UnreadableAnswerError(
+                f"DashScope answered {status} for task {task_id}"
+                + (" without a video URL" if status == "SUCCEEDED" else "")
+                + f" ({state.doubts} of {DOUBTFUL_ANSWERS} such answers before it is believed); asking again."
+            )
         if record.status == "SUCCEEDED" and status == "UNKNOWN":
             # The task id expired before its video URL was recorded: the result is gone.
             fields.update(code=VIDEO_EXPIRED, message=EXPIRED_MESSAGE.format(why="the task id expired"))
@@ -299,10 +348,10 @@ class Watcher:
             if output.get(name):
                 fields[name] = str(output[name])
         if status == "SUCCEEDED":
-            fields["video_url"] = _video_url(output)
+            fields["video_url"] = video_url
             fields["usage"] = body.get("usage") if isinstance(body.get("usage"), dict) else None
-            if not fields["video_url"]:
-                fields.update(code=VIDEO_EXPIRED, message="DashScope reported SUCCEEDED without a video_url.")
+            if not video_url:
+                fields.update(code=VIDEO_EXPIRED, message=NO_URL_MESSAGE.format(n=state.doubts))
         elif status in {"FAILED", "CANCELED"}:
             fields["code"] = str(output.get("code") or status)
             fields["message"] = str(output.get("message") or "")
@@ -367,3 +416,10 @@ class Watcher:
         delay = min(DOWNLOAD_BACKOFF_CAP, self.interval * 2**state.download_failures)
         state.next_download = time.monotonic() + delay
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
+
+
+def _as_error(exc: Exception, doing: str) -> EmoMcpError:
+    error = as_task_error(exc, doing)
+    if not isinstance(exc, EmoMcpError | OSError | sqlite3.Error):
+        logger.error("%s: unexpected %s", doing, type(exc).__name__, exc_info=exc)
+    return error
