@@ -38,7 +38,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
-from server.media.addresses import BlockedAddressError, guard_url, is_loopback
+from server.media.addresses import BlockedAddressError, guard_url, is_loopback, pinned_sync_transport, public_only
 from server.upstream.answers import (
     HTTP_STACK_ERRORS,
     Answer,
@@ -446,10 +446,19 @@ class DashScopeClient:
                 try:
                     # The hash is computed while streaming (never by a second read of a large file).
                     fetched = await download_to_file(
-                        current, part, DOWNLOAD_TIMEOUT, deadline=started + DOWNLOAD_DEADLINE
+                        current,
+                        part,
+                        DOWNLOAD_TIMEOUT,
+                        deadline=started + DOWNLOAD_DEADLINE,
+                        transport=pinned_sync_transport(policy=self._download_policy),
                     )
                 except BadVideoError as exc:
                     raise _DownloadProblem(str(exc)) from exc
+                except BlockedAddressError as exc:  # the name changed its answer after the check
+                    raise UpstreamUnavailableError(
+                        f"The video's URL led to {snippet(current, 120)}, which now resolves to an address this "
+                        f"server refuses to fetch ({exc}); nothing was sent there. The server tries again later."
+                    ) from exc
                 except HTTP_STACK_ERRORS as exc:
                     raise _DownloadProblem(f"{type(exc).__name__}: {exc}") from exc
                 location = fetched.headers.get("location")
@@ -471,6 +480,12 @@ class DashScopeClient:
             raise
         os.replace(part, destination)
         return Downloaded(destination, fetched.size, fetched.sha256, time.monotonic() - started)
+
+    def _download_policy(self, host: str, address: str) -> str | None:
+        """The addresses a download may connect to: public ones, and the configured upstream's own."""
+        if host == self._upstream_host or (is_loopback(self._upstream_host) and is_loopback(host)):
+            return None
+        return public_only(host, address)
 
     async def _vet_hop(self, url: str) -> None:
         """The private-address guard for one hop of a download, before any connection is made.

@@ -73,7 +73,9 @@ class HashingWriter:
     """
 
     def __init__(self, path: Path, *, md5: bool = False) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # not inherited (PEP 446)
+        # Owner-only, whatever the umask (the video is the user's; PEP 446: not inherited).
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(self._fd, 0o600)
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._digest = hashlib.sha256()
         # Only when the storage sent a Content-MD5 to check against (MD5 costs ~1.5 ms per MB).
@@ -154,16 +156,19 @@ def fetch_to_file(
     *,
     deadline: float | None = None,
     max_bytes: int = MAX_VIDEO_BYTES,
+    transport: httpx2.BaseTransport | None = None,
 ) -> Fetched:
     """Blocking: GET `url` (one hop) and write a verified successful body to `path` (truncated first).
 
     `deadline` is a `time.monotonic()` moment; the read timeout of `timeout` is the stall limit.
+    `transport` is the pinned one of `server.media.addresses`: it connects only to the addresses it
+    vetted for the name, so a name that changes its answer after the check cannot reach another host.
     """
     # A client per download: result URLs are one-off signed links on a storage host, so nothing
     # is lost by not pooling, and the loop's shared client is never touched from this thread.
     headers = {"Accept-Encoding": "identity"}  # a video is not compressible; never ask for a bomb
     with (
-        httpx2.Client(timeout=timeout, follow_redirects=False) as http,
+        httpx2.Client(timeout=timeout, follow_redirects=False, transport=transport) as http,
         http.stream("GET", url, headers=headers) as response,
     ):
         if not 200 <= response.status_code < 300:
@@ -221,13 +226,18 @@ def _check_mp4(head: bytes, headers: httpx2.Headers) -> None:
 
 
 async def download_to_file(
-    url: str, path: Path, http_timeout: httpx2.Timeout, *, deadline: float | None = None
+    url: str,
+    path: Path,
+    http_timeout: httpx2.Timeout,
+    *,
+    deadline: float | None = None,
+    transport: httpx2.BaseTransport | None = None,
 ) -> Fetched:
     """`fetch_to_file` on a worker thread; cancelling the caller stops the thread at its next chunk."""
     stop = threading.Event()
 
     def fetch() -> Fetched:
-        return fetch_to_file(url, path, http_timeout, stop, deadline=deadline)
+        return fetch_to_file(url, path, http_timeout, stop, deadline=deadline, transport=transport)
 
     try:
         return await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True)
