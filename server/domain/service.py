@@ -27,13 +27,15 @@ __all__ = ["NEXT_STEP", "Plan", "Service"]
 
 
 class Service:
-    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence) -> None:
+    def __init__(
+        self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, *, recover: bool = True
+    ) -> None:
         self.settings = settings
         self.client = client
         self.ledger = ledger
         self.evidence = evidence
         # The watcher owns every upstream task query and download; runtime.open_service runs it.
-        self.watcher = Watcher(settings, client, ledger, evidence)
+        self.watcher = Watcher(settings, client, ledger, evidence, recover=recover)
         self.tasks = TaskTracker(settings, ledger, self.watcher)
         self.submitter = Submitter(settings, client, ledger, evidence, self.watcher)
         self.uploads = Uploads(client, ledger)

@@ -1,10 +1,14 @@
 """Evidence on disk: what was sent, what came back, every poll, and the video.
 
-Layout under OUTPUT_DIR (one folder per model family, named after the seed skills):
+Layout under OUTPUT_DIR (one folder per model family, named after the seed skills), sharded by
+UTC day so no folder grows without bound (a day's work per folder, one folder per day):
 
-    aliyun-emo/detect/<UTC stamp>-<id>/request.json, response.json
-    aliyun-emo/tasks/<task_id>/request.json, submit.json, polls/0001-RUNNING.json,
-                               result.json, <task_id>.mp4
+    aliyun-emo/detect/<YYYYMMDD>/<UTC stamp>-<id>/request.json, response.json
+    aliyun-emo/tasks/<YYYYMMDD>/<task_id>/request.json, submit.json, polls/0001-RUNNING.json,
+                                          result.json, <task_id>.mp4
+
+Every folder is recorded in the ledger (`evidence_dir`), and nothing is ever looked up by listing
+folders, so older, flat folders (`tasks/<task_id>/`) stay valid as they are.
 
 Files are written atomically (temp file + rename) so a crash never leaves half a JSON file,
 and the API key is scrubbed from anything written, however it got there.
@@ -34,13 +38,20 @@ class Evidence:
         return self.output_dir / EVIDENCE_FOLDER[family]
 
     def new_detection_dir(self, family: Family) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path = self.family_dir(family) / "detect" / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        return self.stamped_dir(family, "detect")
+
+    def stamped_dir(self, family: Family, kind: str) -> Path:
+        """A new folder `<kind>/<YYYYMMDD>/<UTC stamp>-<random>` (detections, submits, dry runs)."""
+        now = time.gmtime()
+        path = self.family_dir(family) / kind / time.strftime("%Y%m%d", now)
+        path = path / f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def task_path(self, family: Family, task_id: str) -> Path:
-        return self.family_dir(family) / "tasks" / _safe_name(task_id)
+        """Where a task first seen now keeps its evidence (today's shard); the ledger remembers it."""
+        day = time.strftime("%Y%m%d", time.gmtime())
+        return self.family_dir(family) / "tasks" / day / _safe_name(task_id)
 
     def task_dir(self, family: Family, task_id: str) -> Path:
         path = self.task_path(family, task_id)
@@ -49,10 +60,7 @@ class Evidence:
 
     def pending_submit_dir(self, family: Family) -> Path:
         """Where a submit's request lives before a task id exists (kept if the outcome is unknown)."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path = self.family_dir(family) / "submits" / f"{stamp}-{uuid.uuid4().hex[:8]}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.stamped_dir(family, "submits")
 
     def write_json(self, path: Path, data: Any) -> Path:
         text = json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True)
