@@ -7,9 +7,11 @@ end, or when it was seen RUNNING) and an expected end (start + output seconds ×
 processing rate). The rate is learned from this ledger's finished tasks (`scheduled_time` to
 `end_time` per `usage.video_duration`), starting from the contract's prior.
 
-`adaptive` (the default) polls sparsely while the expected end is far (every half of the time
-left, capped by `EMO_MCP_POLL_MAX_INTERVAL`), densely (a quarter of `EMO_MCP_POLL_INTERVAL`)
-through a window around it, and backs off to the base interval when a task overruns.
+`adaptive` (the default) leaves a task that waits behind others alone until its expected start
+(at least the base interval, at most `EMO_MCP_POLL_MAX_INTERVAL`): the end of the task ahead of it
+brings its next query forward anyway. A running task is asked about next just before its
+expected end, then densely (an eighth of `EMO_MCP_POLL_INTERVAL`) through a window around it,
+backing off to the base interval when it overruns.
 `fixed` queries every `EMO_MCP_POLL_INTERVAL`, as before. Either way no open task waits longer
 than the maximum interval, so a surprise is caught.
 """
@@ -72,6 +74,7 @@ class Eta:
     start: float | None
     end: float | None
     basis: str
+    queued: bool = False  # waiting behind other tasks of its model
 
 
 def estimate(
@@ -95,12 +98,13 @@ def estimate(
     else:
         start = max(now, ahead_end) if ahead_end is not None else None
         where = f"{ahead_count} task(s) of {entry.model} ahead in this account's queue"
+    queued = status != "RUNNING" and scheduled is None and ahead_count > 0
     if entry.expected_seconds is None or rate is None:
-        return Eta(start, None, f"{where}; {rate_basis if rate is None else 'output length unknown'}")
+        return Eta(start, None, f"{where}; {rate_basis if rate is None else 'output length unknown'}", queued)
     if start is None:
-        return Eta(None, None, f"{where}, whose end is not known; output {entry.expected_seconds:g} s")
+        return Eta(None, None, f"{where}, whose end is not known; output {entry.expected_seconds:g} s", queued)
     end = start + entry.expected_seconds * rate
-    return Eta(start, end, f"{where}; output {entry.expected_seconds:g} s at {rate_basis}")
+    return Eta(start, end, f"{where}; output {entry.expected_seconds:g} s at {rate_basis}", queued)
 
 
 def next_query(
@@ -112,17 +116,21 @@ def next_query(
     max_interval: float,
 ) -> float:
     """When (epoch seconds) the task should be asked about next; `began` is when this query started."""
-    if schedule == "fixed" or eta is None or eta.end is None:
-        if schedule == "adaptive" and eta is not None and eta.start is not None and eta.start > began:
-            # Queued behind others with no expected end of its own: wait for its start, sparsely.
-            return began + min(max_interval, max(interval, (eta.start - began) / 2))
+    if schedule == "fixed" or eta is None:
         return began + min(interval, max_interval)
-    dense = max(min(interval, MIN_DENSE), interval / 4)
+    if eta.queued:
+        # Behind others: its expected start, at least the base interval; the end of the task
+        # ahead brings this forward (Watcher._learn), so a late estimate costs nothing.
+        wait = (eta.start - began) if eta.start is not None else interval
+        return began + min(max_interval, max(interval, wait))
+    if eta.end is None:
+        return began + min(interval, max_interval)
+    dense = max(min(interval, MIN_DENSE), interval / 8)
     run = max(0.0, eta.end - (eta.start if eta.start is not None else began))
     window = max(dense, SPREAD * run)
     remaining = eta.end - began
     if remaining > window:
-        delay = max(dense, min(remaining - window, remaining / 2))
+        delay = remaining - window
     elif remaining > -window:
         delay = dense
     else:

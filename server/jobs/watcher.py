@@ -423,7 +423,7 @@ class Watcher:
                 self.queue.learn(after.model, float(seconds), max(0.0, end - start))
         behind = self.queue.behind(after.model, after.created_at)
         if behind is not None:
-            soon = time.time() + min(self.interval, max(MIN_FOLLOW, self.interval / 4))
+            soon = time.time()  # it has just started: one query gives its real start (scheduled_time)
             self.queue.reschedule(behind.task_id, min(behind.due_at, soon), behind.stage)
             self._wake.set()
 
@@ -533,9 +533,6 @@ class Watcher:
         state.next_download = time.time() + delay
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
 
-
-# The task behind one that just ended is asked about this soon (it has just started).
-MIN_FOLLOW = 0.2
 
 
 def _with_seconds(entry: Entry, seconds: float) -> Entry:

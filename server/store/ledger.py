@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +171,10 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+    def trace(self, callback: Callable[[str], object] | None) -> None:
+        """See every statement this connection runs (the tests check their query plans)."""
+        self._db.set_trace_callback(callback)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -389,7 +393,7 @@ class Ledger:
 
     def recent_videos(self, since: float, batch: int) -> Iterator[list[TaskRecord]]:
         """SUCCEEDED tasks with a recorded video created after `since`, newest first, `batch` at a time."""
-        before = float("inf")
+        before = 1e308  # above any time (SQLite spells infinity "Inf", which its parser then rejects)
         while True:
             rows = self._db.execute(
                 "SELECT * FROM tasks WHERE created_at >= ? AND created_at < ? AND status = 'SUCCEEDED'"
