@@ -125,6 +125,9 @@ def build_history(output_dir: Path, size: Size, fake: FakeDashScope) -> str:
                 evidence_dir=str(folder),
                 fingerprint=hashlib.sha256(task_id.encode()).hexdigest(),
             )
+        # Months of use, not one afternoon: spread the finished history over the last 100 days.
+        ledger.execute("UPDATE tasks SET created_at = created_at - (rowid % 100) * 86400.0 WHERE status = 'SUCCEEDED'")
+        ledger.execute("UPDATE detections SET created_at = created_at - (id % 100) * 86400.0")
     finally:
         ledger.close()
     return sample

@@ -534,7 +534,6 @@ class Watcher:
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
 
 
-
 def _with_seconds(entry: Entry, seconds: float) -> Entry:
     return Entry(
         entry.task_id,
