@@ -9,7 +9,8 @@ from __future__ import annotations
 import configparser
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,20 @@ DEFAULT_RECONCILE_WINDOW = 600.0
 SANDBOX_API_KEY = "sk-sandbox-0000"
 
 KeySource = Literal["env", "key-file", "credentials-file", "sandbox", "none"]
+
+# What an MCP Bundle host passes for an optional setting the user left empty: the manifest's own
+# placeholder, unsubstituted (measured with the official mcpb CLI's substitution code).
+_UNFILLED = re.compile(r"\$\{user_config\.[^}]*\}")
+
+
+def is_unfilled(value: str) -> bool:
+    """True for a value that is only an unsubstituted `${user_config.NAME}`: the setting was left empty."""
+    return _UNFILLED.fullmatch(value.strip()) is not None
+
+
+def without_unfilled(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the settings a bundle host left as placeholders, so each parser sees them as unset."""
+    return {name: value for name, value in env.items() if not is_unfilled(value)}
 
 
 @dataclass(frozen=True)
@@ -162,9 +177,14 @@ def load_settings(
     cwd: Path | None = None,
     sandbox: bool = False,
     sandbox_base_url: str | None = None,
+    allowed_roots: Sequence[str] = (),
 ) -> Settings:
-    """Read settings from `env` (default: the process environment)."""
-    env = os.environ if env is None else env
+    """Read settings from `env` (default: the process environment).
+
+    `allowed_roots` (the command line's `--allowed-root`) replaces EMO_MCP_ALLOWED_ROOTS when it
+    names at least one folder; unfilled bundle placeholders are ignored in both.
+    """
+    env = without_unfilled(os.environ if env is None else env)
     cwd = Path.cwd() if cwd is None else cwd
 
     key_source: KeySource
@@ -207,8 +227,19 @@ def load_settings(
         reconcile_window=_positive_float(env, "EMO_MCP_RECONCILE_WINDOW", DEFAULT_RECONCILE_WINDOW),
         poll_schedule=_poll_schedule(env),
         poll_max_interval=_positive_float(env, "EMO_MCP_POLL_MAX_INTERVAL", DEFAULT_POLL_MAX_INTERVAL),
-        **_media_and_money(env, cwd),
+        **_media_and_money(_with_roots(env, allowed_roots, cwd), cwd),
     )
+
+
+def _with_roots(env: Mapping[str, str], roots: Sequence[str], cwd: Path) -> Mapping[str, str]:
+    """Put `--allowed-root` folders where the media layer reads its roots, each checked first."""
+    from server.media.sources import ROOTS_VARIABLE
+
+    given = [root.strip() for root in roots if root.strip() and not is_unfilled(root)]
+    for root in given:
+        if not (cwd / Path(root).expanduser()).is_dir():
+            raise ConfigError(f"--allowed-root {root!r} is not an existing folder: create it or pick another one.")
+    return {**env, ROOTS_VARIABLE: os.pathsep.join(given)} if given else env
 
 
 def _media_and_money(env: Mapping[str, str], cwd: Path) -> dict[str, Any]:

@@ -4,15 +4,23 @@ since `main` runs its own event loop), checking output, `--json` documents and e
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import av
 import pytest
+from mcp import Client, StdioServerParameters
 
+from server.cli.demo import platform_opener, run_demo
 from server.cli.main import main
 from server.sandbox.fake_dashscope import FakeDashScope
-from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, make_env
+from tests import media_files
+from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, make_env, text_of
 
 
 @pytest.fixture
@@ -204,3 +212,108 @@ def test_options_land_before_or_after_the_command(argv: list[str], expected: tup
 
     args = _parser().parse_args(argv)
     assert (args.command, args.sandbox, args.transport, args.port) == expected
+
+
+def decoded(path: Path) -> tuple[str, int, int, int, bool]:
+    """Codec, frame size, frames actually decoded and whether there is sound: by libavcodec (PyAV)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        has_audio = bool(container.streams.audio)
+        frames = sum(1 for _ in container.decode(video=0))
+        return video.codec_context.name, video.codec_context.width, video.codec_context.height, frames, has_audio
+
+
+def demo_videos(out: str) -> dict[str, Path]:
+    found = re.findall(r"^  (EMO 1:1|EMO 3:4|Emoji), \d+x\d+ +(\S+\.mp4)$", out, flags=re.MULTILINE)
+    return {label: Path(path) for label, path in found}
+
+
+def test_demo_ends_with_videos_a_decoder_plays(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    code, out, _ = run(capsys, "demo")
+    assert code == 0, out
+    videos = demo_videos(out)
+    assert set(videos) == {"EMO 1:1", "EMO 3:4", "Emoji"}
+    expected = {"EMO 1:1": (512, 512, True), "EMO 3:4": (512, 704, True), "Emoji": (512, 512, False)}
+    for label, path in videos.items():
+        assert path.is_relative_to(tmp_path / "output"), path
+        codec, width, height, frames, sound = decoded(path)
+        assert (codec, width, height, sound) == ("h264", *expected[label]), label
+        assert frames >= 15, label  # at least a second of 15 fps actually decodes
+    # Still marked as what they are.
+    assert out.count("[sandbox]") >= 9 and "labelled SANDBOX" in out
+    assert "Open one with: " in out and "dashscope-emo-mcp demo --open" in out
+
+
+@pytest.mark.anyio
+async def test_demo_open_hands_each_video_to_the_viewer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    opened: list[Path] = []
+
+    def viewer(path: Path) -> None:
+        opened.append(path)
+
+    assert await run_demo(open_videos=True, opener=viewer, verb="xdg-open") == 0
+    out = capsys.readouterr().out
+    assert opened == list(demo_videos(out).values()) and len(opened) == 3
+    assert all(path.is_file() for path in opened) and "Opened 3 videos with xdg-open." in out
+
+    assert await run_demo(open_videos=True, opener=None, verb="xdg-open") == 0
+    assert "No viewer found (xdg-open is not on PATH)" in capsys.readouterr().out
+
+
+def test_the_platform_viewer_is_the_usual_one(tmp_path: Path) -> None:
+    log = tmp_path / "opened.txt"
+    viewer = tmp_path / "xdg-open"
+    viewer.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {log}\n')
+    viewer.chmod(0o755)
+    opener, verb = platform_opener("linux", which=lambda name: str(viewer) if name == "xdg-open" else None)
+    assert verb == "xdg-open" and opener is not None
+    launched = opener(tmp_path / "video.mp4")
+    assert isinstance(launched, subprocess.Popen)
+    assert launched.wait(timeout=30) == 0
+    assert log.read_text() == str(tmp_path / "video.mp4")
+    asked: list[str] = []
+
+    def nothing_found(name: str) -> None:
+        asked.append(name)
+
+    assert platform_opener("darwin", which=nothing_found) == (None, "open")
+    assert asked == ["open"]
+    assert platform_opener("linux", which=lambda _: None) == (None, "xdg-open")
+
+
+@pytest.mark.anyio
+async def test_serve_reads_local_files_only_inside_the_allowed_root_folders(
+    fake: FakeDashScope, tmp_path: Path
+) -> None:
+    inside, outside = tmp_path / "pictures", tmp_path / "elsewhere"
+    portrait = media_files.image(inside / "me.png")
+    stranger = media_files.image(outside / "them.png")
+    # As an MCP Bundle host passes it: several folders after one flag, and an unfilled placeholder.
+    args = ["-m", "server", "serve", "--allowed-root", str(inside), str(tmp_path / "voices")]
+    args.append("${user_config.allowed_roots}")
+    (tmp_path / "voices").mkdir()
+    params = StdioServerParameters(command=sys.executable, args=args, env=make_env(fake, tmp_path), cwd=str(tmp_path))
+    with anyio.fail_after(60):
+        async with Client(params) as client:
+            accepted = await client.call_tool("emo_detect", {"image_url": str(portrait)})
+            assert not accepted.is_error, text_of(accepted)
+            refused = await client.call_tool("emo_detect", {"image_url": str(stranger)})
+            assert refused.is_error and str(inside) in text_of(refused) and str(tmp_path / "voices") in text_of(refused)
+    assert len([r for r in fake.requests if r.path == "/oss-upload"]) == 1
+
+
+def test_allowed_root_goes_with_serve() -> None:
+    from server.cli.main import _parser
+
+    args = _parser().parse_args(["serve", "--allowed-root", "a", "b", "--allowed-root", "c", "--sandbox"])
+    assert args.allowed_root == ["a", "b", "c"] and args.sandbox is True
+    assert _parser().parse_args(["serve", "--allowed-root"]).allowed_root == []
+    assert _parser().parse_args([]).allowed_root == []

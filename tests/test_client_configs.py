@@ -45,6 +45,21 @@ def test_every_client_config_launches_the_console_script() -> None:
     assert f"-- uvx --from /absolute/path/to/dashscope-emo-mcp {SCRIPT}" in claude_code
 
 
+def test_the_client_section_leads_with_the_bundle_and_the_installer() -> None:
+    clients = section("Use it from your MCP client")
+    bundle, installer, by_hand = (
+        clients.index(f"### {title}") for title in ("Claude Desktop", "Any client", "By hand")
+    )
+    assert bundle < installer < by_hand
+    assert "python bundle/build.py" in clients and f"{SCRIPT} install claude-desktop" in clients
+    from server.cli.clients import CLIENTS
+
+    assert all(f"`{name}`" in clients or f" {name}" in clients for name in CLIENTS)
+    manifest = json.loads((ROOT / "bundle" / "manifest.json").read_text(encoding="utf-8"))
+    for option in manifest["user_config"].values():
+        assert option["title"].split(" (", 1)[0] in clients, option["title"]
+
+
 def test_registry_manifest_matches_the_package() -> None:
     manifest = json.loads((ROOT / "server.json").read_text(encoding="utf-8"))
     (package,) = manifest["packages"]
@@ -67,5 +82,7 @@ def test_exit_codes_and_commands_are_documented() -> None:
     assert documented == real
     subparsers = next(a for a in _parser()._actions if a.dest == "command")
     names = set(getattr(subparsers, "choices", {}))
-    assert names == {"serve", "demo", "detect", "generate", "status", "templates", "doctor"}
-    assert all(f"{SCRIPT} {name}" in cli for name in names - {"serve"})
+    assert names == {"serve", "demo", "detect", "generate", "status", "templates", "doctor", "install"}
+    assert all(f"{SCRIPT} {name}" in cli for name in names - {"serve", "install"})
+    # `install` is documented where it is used: the client section.
+    assert f"{SCRIPT} install" in section("Use it from your MCP client")

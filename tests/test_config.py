@@ -102,3 +102,40 @@ def test_output_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("x")
     with pytest.raises(ConfigError, match=r"OUTPUT_DIR.*writable"):
         load_settings({"HOME": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "taken")}, cwd=tmp_path)
+
+
+def test_settings_an_mcp_bundle_left_empty_count_as_unset(tmp_path: Path) -> None:
+    """A bundle host passes an empty optional setting as its literal placeholder (the mcpb CLI's own code)."""
+    env = {
+        "HOME": str(tmp_path),
+        "DASHSCOPE_API_KEY": "${user_config.dashscope_api_key}",
+        "OUTPUT_DIR": " ${user_config.output_dir} ",
+        "EMO_MCP_MAX_COST_CNY": "${user_config.max_cost_cny}",
+        "EMO_MCP_CONFIRM_ABOVE_CNY": "${user_config.confirm_above_cny}",
+        "EMO_MCP_ALLOWED_ROOTS": "${user_config.allowed_roots}",
+        "EMO_MCP_POLL_INTERVAL": "${user_config.poll}",
+    }
+    settings = load_settings(env, cwd=tmp_path)
+    assert settings.api_key is None and settings.key_source == "none"
+    assert settings.output_dir == (tmp_path / "output").resolve()
+    assert settings.max_cost_cny is None and settings.confirm_above_cny is None
+    assert settings.allowed_roots == (tmp_path.resolve(),) and settings.poll_interval == 15.0
+    filled = load_settings({**env, "EMO_MCP_MAX_COST_CNY": "2.5", "DASHSCOPE_API_KEY": "sk-real"}, cwd=tmp_path)
+    assert filled.max_cost_cny == 2.5 and filled.api_key == "sk-real"
+    # Anything else that merely contains "${" is still a value, and still checked.
+    with pytest.raises(ConfigError, match="EMO_MCP_MAX_COST_CNY"):
+        load_settings({**env, "EMO_MCP_MAX_COST_CNY": "${user_config.max_cost_cny} CNY"}, cwd=tmp_path)
+
+
+def test_allowed_root_folders_replace_the_variable(tmp_path: Path) -> None:
+    pictures, voices, other = (tmp_path / name for name in ("pictures", "voices", "other"))
+    for folder in (pictures, voices, other):
+        folder.mkdir()
+    env = {"HOME": str(tmp_path), "EMO_MCP_ALLOWED_ROOTS": str(other)}
+    settings = load_settings(env, cwd=tmp_path, allowed_roots=["pictures", str(voices), "${user_config.allowed_roots}"])
+    assert settings.allowed_roots == (pictures.resolve(), voices.resolve())
+    assert load_settings(env, cwd=tmp_path, allowed_roots=["${user_config.allowed_roots}"]).allowed_roots == (
+        other.resolve(),
+    )
+    with pytest.raises(ConfigError, match="--allowed-root 'missing' is not an existing folder"):
+        load_settings(env, cwd=tmp_path, allowed_roots=["missing"])

@@ -6,6 +6,7 @@ served on 127.0.0.1 here: the tests never bind anything but loopback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx2
 import pytest
 from mcp import Client
@@ -27,9 +29,17 @@ from server.cli.main import main
 from server.config import Settings
 from server.errors import ConfigError
 from server.sandbox.fake_dashscope import FakeDashScope
-from server.transport.http import HOSTS_ENV, ORIGINS_ENV, TOKEN_ENV, http_security
+from server.transport.http import (
+    HEADER_TIMEOUT_SECONDS,
+    HOSTS_ENV,
+    ORIGINS_ENV,
+    TOKEN_ENV,
+    build_http_app,
+    http_security,
+    uvicorn_config,
+)
 from tests.conftest import TEST_KEY, TOOL_NAMES, call_ok, detect_emo, emo_arguments, make_env
-from tests.serving import serving
+from tests.serving import _Server, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -218,3 +228,61 @@ async def test_console_script_serves_http_until_stopped(fake: FakeDashScope, tmp
             stderr = b"".join([chunk async for chunk in process.stderr]).decode()
     assert f"serving Streamable HTTP at http://127.0.0.1:{port}/mcp" in stderr
     assert TEST_KEY not in stderr
+
+
+@contextlib.asynccontextmanager
+async def served_with_header_timeout(settings: Settings, seconds: float) -> AsyncIterator[int]:
+    """The production uvicorn configuration (`uvicorn_config`), with a short header deadline."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    app = build_http_app(settings, http_security("127.0.0.1", {}))
+    server = _Server(uvicorn_config(app, "127.0.0.1", port, header_timeout=seconds, access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        with anyio.fail_after(10):
+            await server.ready.wait()
+        yield port
+    finally:
+        server.should_exit = True
+        with anyio.CancelScope(shield=True):
+            await task
+        sock.close()
+
+
+async def until_closed(stream: anyio.abc.SocketStream, trickle: bytes) -> bytes:
+    """Send `trickle` every 0.1 s until the server closes the connection; what it answered meanwhile."""
+    answered = b""
+    while True:
+        with contextlib.suppress(anyio.BrokenResourceError):
+            if trickle:
+                await stream.send(trickle)
+        with anyio.move_on_after(0.1):
+            try:
+                answered += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return answered
+
+
+async def test_a_client_that_trickles_its_headers_is_disconnected(settings: Settings) -> None:
+    """Slowloris: header bytes that never end, on a new connection and on a kept-alive one."""
+    default = uvicorn_config(build_http_app(settings, http_security("127.0.0.1", {})), "127.0.0.1", 1)
+    assert getattr(default.http, "header_timeout", None) == HEADER_TIMEOUT_SECONDS == 10
+    async with served_with_header_timeout(settings, 0.5) as port:
+        with anyio.fail_after(20):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                assert await until_closed(stream, b"X-Slow: 1\r\n") == b""
+
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                assert await until_closed(stream, b"") == b""  # connected, sent nothing
+
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                first = await stream.receive()
+                assert first.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in first
+                await stream.send(b"GET /healthz HTTP/1.1\r\n")  # the next request's headers never end
+                assert await until_closed(stream, b"X-Slow: 1\r\n") == b""
+
+        async with httpx2.AsyncClient() as raw:  # a client that sends its headers at once is served
+            assert (await raw.get(f"http://127.0.0.1:{port}/healthz")).json() == {"status": "ok"}

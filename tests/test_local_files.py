@@ -269,3 +269,53 @@ def test_allowed_roots_are_a_path_list(tmp_path: Path) -> None:
     env = {"OUTPUT_DIR": str(tmp_path), "EMO_MCP_ALLOWED_ROOTS": os.pathsep.join(["a", "b"])}
     assert load_settings(env, cwd=tmp_path).allowed_roots == (tmp_path / "a", tmp_path / "b")
     assert load_settings({"OUTPUT_DIR": str(tmp_path)}, cwd=tmp_path).allowed_roots == (tmp_path,)
+
+
+@pytest.mark.parametrize(
+    ("name", "tool", "expected"),
+    [("huge.png", "emo_detect", "over the 100 MB"), ("huge.wav", "emo_generate", "over the 15 MB")],
+    ids=["image", "audio"],
+)
+async def test_a_huge_sparse_file_is_refused_by_its_size_before_it_is_read(
+    client: Client, fake: FakeDashScope, tmp_path: Path, name: str, tool: str, expected: str
+) -> None:
+    """2 GB that take no disk: a valid header, then a hole. Reading it would take 2 GB of memory."""
+    portrait = media_files.image(tmp_path / "portrait.png")
+    detection = await call_ok(client, "emo_detect", {"image_url": str(portrait)})
+    before = len(fake.requests)
+    huge = tmp_path / name
+    if name.endswith(".png"):
+        media_files.image(huge, (640, 800))
+    else:
+        media_files.wav(huge, seconds=1)
+    os.truncate(huge, 2 * 1024**3)
+    args = {"image_url": str(huge)}
+    if tool == "emo_generate":
+        args = {
+            "image_url": str(portrait),
+            "audio_url": str(huge),
+            "face_bbox": detection["face_bbox"],
+            "ext_bbox": detection["ext_bbox"],
+        }
+    message = await call_error(client, tool, args)
+    assert "2048.0 MB" in message and expected in message, message
+    assert "Nothing was sent; the file was not read" in message
+    assert len(fake.requests) == before  # no upload policy, no upload, no paid call
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("file:///tmp/a%00b.png", "contains a NUL character"),
+        ("file:///tmp/%ff.png", "percent-escapes are not UTF-8"),
+        ("file:///tmp/a.png?x=1", "cannot carry a query"),
+        ("file:///tmp/a.png#top", "cannot carry a query or a fragment"),
+    ],
+    ids=["nul", "not-utf8", "query", "fragment"],
+)
+async def test_a_bad_file_uri_is_refused_like_any_bad_path(
+    client: Client, fake: FakeDashScope, value: str, expected: str
+) -> None:
+    message = await call_error(client, "emo_detect", {"image_url": value})
+    assert expected in message and "EMO_MCP_ALLOWED_ROOTS" in message, message
+    assert fake.requests == []

@@ -25,6 +25,7 @@ from server.sandbox.fake_dashscope import FakeDashScope
 from server.viewer.extension import VIEWER_URI, viewer_html
 from tests.apps import apps_client, image_uri, video_uri
 from tests.conftest import SPEECH, TEST_KEY, call_ok, make_env
+from tests.test_preflight import PORTRAIT_PNG, loopback_hosts, rebinding, stand_in
 from tools import build_tools
 from tools.context import AppContext
 
@@ -282,3 +283,22 @@ async def test_portrait_on_a_private_address_is_not_fetched(settings: Settings, 
         await call_ok(client, "emo_detect", {"image_url": private})
         with pytest.raises(MCPError, match="non-public"):
             await client.read_resource(image_uri(private))
+
+
+async def test_the_viewer_fetch_never_reaches_loopback_through_a_rebinding_name() -> None:
+    """Each connection goes to the address vetted from its own lookup; redirects likewise."""
+    resolve, asked = rebinding("127.0.0.2", "127.0.0.1")
+    async with loopback_hosts({"127.0.0.2": PORTRAIT_PNG, "127.0.0.1": b"internal: secret"}) as (port, hosts):
+        outcomes = []
+        for _ in range(4):
+            try:
+                media = await fetch_image(
+                    f"http://localhost:{port}/p.png", policy=stand_in("127.0.0.2"), resolve=resolve
+                )
+                outcomes.append(media.data)
+            except PreviewUnavailableError as exc:
+                outcomes.append(str(exc).encode())
+    assert hosts["127.0.0.1"].hits == []
+    assert outcomes[0::2] == [PORTRAIT_PNG] * 2
+    assert all(b"non-public addresses" in o and b"127.0.0.1 is a loopback address" in o for o in outcomes[1::2])
+    assert asked == ["localhost"] * 4

@@ -5,13 +5,17 @@ the estimate is above `EMO_MCP_CONFIRM_ABOVE_CNY` (and under the ceiling, and no
 it return an `Elicit` question. A client without elicitation is not asked (the SDK would answer
 with a protocol error the model never reads); the body then refuses with a message naming the
 setting. Any planning failure is left to the body, which reports it as a normal tool error.
+A call that asks nothing is bounded as a whole (`tools.context.CALL_BOUND`), this planning included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit
@@ -20,6 +24,7 @@ from pydantic import BaseModel, Field
 from server.domain.budget import Approval, confirmation_question, needs_confirmation, over_ceiling
 from server.domain.service import Plan, Service
 from server.errors import EmoMcpError
+from tools import context
 from tools.context import service_of
 
 
@@ -33,6 +38,9 @@ class NoQuestion(BaseModel):
     """What the resolver returns when it did not ask (the reason becomes the body's approval)."""
 
     approval: Approval
+    # When the call began (monotonic clock): a call that asks nothing is bounded as a whole, this
+    # resolver's planning included (`tools.context.CALL_BOUND`).
+    began: float | None = None
 
 
 def can_elicit(ctx: Context[Any, Any]) -> bool:
@@ -45,20 +53,32 @@ def can_elicit(ctx: Context[Any, Any]) -> bool:
 async def ask_if_needed(
     ctx: Context[Any, Any], dry_run: bool, plan: Callable[[Service], Awaitable[Plan]]
 ) -> NoQuestion | Elicit[ConfirmSpend]:
+    began = time.monotonic()
     service = service_of(ctx)
     settings = service.settings
     if dry_run or settings.confirm_above_cny is None:
-        return NoQuestion(approval="not-asked")
-    try:
+        return NoQuestion(approval="not-asked", began=began)
+    planned = None
+    # A planning failure is the body's to report (it plans again and raises the same error).
+    with anyio.move_on_after(context.CALL_BOUND), contextlib.suppress(EmoMcpError):
         planned = await plan(service)
-    except EmoMcpError:
-        return NoQuestion(approval="not-asked")  # the body raises the same error, as a tool error
+    if planned is None:
+        # Failed, or out of time: the body plans again in the time left, and refuses a spend that
+        # needed a question ("not-asked" is never a confirmation).
+        return NoQuestion(approval="not-asked", began=began)
     estimate = planned.estimate
     if over_ceiling(settings, estimate) or not needs_confirmation(settings, estimate):
-        return NoQuestion(approval="not-asked")
+        return NoQuestion(approval="not-asked", began=began)
     if not can_elicit(ctx):
-        return NoQuestion(approval="no-elicitation")
+        return NoQuestion(approval="no-elicitation", began=began)
     return Elicit(confirmation_question(str(planned.payload["model"]), estimate, settings), ConfirmSpend)
+
+
+def began_of(outcome: ElicitationResult[ConfirmSpend]) -> float | None:
+    """When a call that asked nothing began; None after a question (the user's answer time is not ours)."""
+    if isinstance(outcome, AcceptedElicitation) and isinstance(outcome.data, NoQuestion):
+        return outcome.data.began
+    return None
 
 
 def approval_of(outcome: ElicitationResult[ConfirmSpend]) -> Approval:

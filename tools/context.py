@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult
 
@@ -13,6 +16,15 @@ from server.domain.service import Service
 from server.errors import EmoMcpError, TaskNotFoundError
 from server.results import _Result
 from tools.results import error_result, structured
+
+logger = logging.getLogger(__name__)
+
+# Seconds a tool call may take, whatever DashScope does (slow answers, 429 retries, a long Retry-After):
+# common MCP clients give up after 60 s, and an answer after that is lost. task_status's wait counts
+# inside it. Out of time, a call answers with what is known; its work goes on in the background.
+CALL_BOUND = 50.0
+# A last resort should a domain call overrun its own bound (a bug): the client still gets an answer.
+BACKSTOP_SECONDS = 5.0
 
 
 @dataclass
@@ -28,12 +40,25 @@ def service_of(ctx: Context[Any, Any]) -> Service:
     return state.service
 
 
-async def run(ctx: Context[Any, Any], call: Callable[[Service], Awaitable[_Result]]) -> CallToolResult:
-    """Run a domain call; anticipated failures come back as `isError` text the model can act on."""
+async def run(
+    ctx: Context[Any, Any], call: Callable[[Service, float], Awaitable[_Result]], *, began: float | None = None
+) -> CallToolResult:
+    """Run a domain call within `CALL_BOUND` seconds of `began` (the call's start, if a resolver ran
+    first); anticipated failures come back as `isError` text the model can act on."""
+    bound = CALL_BOUND  # read per call, so a test (or an embedding host) can lower it
+    if began is not None:
+        bound = max(0.0, bound - (time.monotonic() - began))
     try:
-        result = await call(service_of(ctx))
+        with anyio.move_on_after(bound + BACKSTOP_SECONDS) as backstop:
+            result = await call(service_of(ctx), bound)
     except TaskNotFoundError as exc:
         return error_result(str(exc), {"task_status": "UNKNOWN", "message": str(exc)})
     except EmoMcpError as exc:
         return error_result(str(exc))
+    if backstop.cancelled_caught:  # pragma: no cover - every domain entry point answers by its own bound
+        logger.error("a tool call overran its bound of %g s", bound)
+        return error_result(
+            f"The server did not finish this call within {bound + BACKSTOP_SECONDS:g} s. Work already sent to "
+            "DashScope goes on in the background and is recorded: follow a generate with task_status, or call again."
+        )
     return structured(result)

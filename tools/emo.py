@@ -13,7 +13,7 @@ from server.config import Settings
 from server.models import EMO_DETECT, EMO_GENERATE
 from server.results import EmoDetection, Submitted
 from server.viewer.extension import viewer_meta
-from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
+from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed, began_of
 from tools.context import run
 from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import AllowDuplicate, Box, DryRun, MediaSource, Ratio, StyleLevel, choice
@@ -48,7 +48,7 @@ def build(settings: Settings) -> list[Tool]:
         ] = "1:1",
         model: Annotated[detect_models | None, Field(description="Defaults to emo-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmoDetection]:
-        return await run(ctx, lambda service: service.emo_detect(image_url, ratio, model))
+        return await run(ctx, lambda service, within: service.emo_detect(image_url, ratio, model, within=within))
 
     async def confirm_emo(
         ctx: Context[Any, Any],
@@ -81,7 +81,7 @@ def build(settings: Settings) -> list[Tool]:
         approval = approval_of(confirmation)
         return await run(
             ctx,
-            lambda service: service.emo_generate(
+            lambda service, within: service.emo_generate(
                 image_url,
                 audio_url,
                 face_bbox,
@@ -91,7 +91,9 @@ def build(settings: Settings) -> list[Tool]:
                 dry_run=dry_run,
                 approval=approval,
                 allow_duplicate=allow_duplicate,
+                within=within,
             ),
+            began=began_of(confirmation),
         )
 
     return [

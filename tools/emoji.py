@@ -13,7 +13,7 @@ from server.config import Settings
 from server.models import EMOJI_DETECT, EMOJI_GENERATE, templates
 from server.results import EmojiDetection, Submitted
 from server.viewer.extension import viewer_meta
-from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed
+from tools.confirm import ConfirmSpend, NoQuestion, approval_of, ask_if_needed, began_of
 from tools.context import run
 from tools.registry import DETECT, GENERATE, publish
 from tools.schemas import AllowDuplicate, Box, DryRun, MediaSource, choice
@@ -44,7 +44,7 @@ def build(settings: Settings) -> list[Tool]:
         ctx: Context[Any, Any],
         model: Annotated[detect_models | None, Field(description="Defaults to emoji-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmojiDetection]:
-        return await run(ctx, lambda service: service.emoji_detect(image_url, model))
+        return await run(ctx, lambda service, within: service.emoji_detect(image_url, model, within=within))
 
     async def confirm_emoji(
         ctx: Context[Any, Any],
@@ -73,7 +73,7 @@ def build(settings: Settings) -> list[Tool]:
         approval = approval_of(confirmation)
         return await run(
             ctx,
-            lambda service: service.emoji_generate(
+            lambda service, within: service.emoji_generate(
                 image_url,
                 face_bbox,
                 ext_bbox_face,
@@ -82,7 +82,9 @@ def build(settings: Settings) -> list[Tool]:
                 dry_run=dry_run,
                 approval=approval,
                 allow_duplicate=allow_duplicate,
+                within=within,
             ),
+            began=began_of(confirmation),
         )
 
     return [

@@ -1,4 +1,8 @@
-"""Turning domain results and errors into MCP tool results."""
+"""Turning domain results and errors into MCP tool results.
+
+Every result leaves through here, so here its text and its structured content pass
+`server.redaction` (an upstream error echoing the key, a header quoted in a message).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 from mcp_types import CallToolResult, ContentBlock, ResourceLink, TextContent
 
+from server.redaction import redact, redact_data
 from server.results import _Result
 
 
@@ -17,8 +22,8 @@ def structured(result: _Result) -> CallToolResult:
     A downloaded video also comes as a `resource_link` (file:// on the server's disk), so clients
     can offer to open it.
     """
-    data = result_data(result)
-    text = f"{result.summary()}\n{json.dumps(data, separators=(',', ':'), ensure_ascii=False)}"
+    data = redact_data(result_data(result))
+    text = redact(f"{result.summary()}\n{json.dumps(data, separators=(',', ':'), ensure_ascii=False)}")
     content: list[ContentBlock] = [TextContent(type="text", text=text)]
     link = video_link(result)
     if link is not None:
@@ -55,4 +60,8 @@ def video_link(result: _Result) -> ResourceLink | None:
 
 def error_result(message: str, data: dict[str, Any] | None = None) -> CallToolResult:
     """An `isError` result whose text reaches the model as written (no SDK prefix)."""
-    return CallToolResult(content=[TextContent(type="text", text=message)], structured_content=data, is_error=True)
+    return CallToolResult(
+        content=[TextContent(type="text", text=redact(message))],
+        structured_content=None if data is None else redact_data(data),
+        is_error=True,
+    )

@@ -42,13 +42,13 @@ def build() -> list[Tool]:
             await ctx.report_progress(done, total, message)
 
         wait = min(wait_seconds, schemas.MAX_WAIT_SECONDS)
-        return await run(ctx, lambda service: service.task_status(task_id, wait, progress))
+        return await run(ctx, lambda service, within: service.task_status(task_id, wait, progress, within=within))
 
     async def task_cancel(
         task_id: Annotated[TaskId, Field(description="From emo_generate or emoji_generate.")],
         ctx: Context[Any, Any],
     ) -> Annotated[CallToolResult, TaskStatus]:
-        return await run(ctx, lambda service: service.task_cancel(task_id))
+        return await run(ctx, lambda service, within: service.task_cancel(task_id, within=within))
 
     return [
         publish(task_cancel, title="Cancel a pending task", description=CANCEL_DESCRIPTION, annotations=CANCEL),

@@ -4,7 +4,8 @@ With no arguments it serves MCP over stdio (stdout carries only protocol message
 stderr); `--transport http` serves Streamable HTTP instead (see `server/transport/http.py`). `--sandbox`
 runs everything against the built-in loopback fake of DashScope. The subcommands (`detect`,
 `generate`, `status`, `templates`, `doctor`, `demo`) are implemented in `server/cli/commands.py`,
-`server/cli/doctor.py` and `server/cli/demo.py` on the same domain layer as the tools.
+`server/cli/doctor.py` and `server/cli/demo.py` on the same domain layer as the tools; `install`
+(`server/cli/install.py`) writes this server into an MCP client's configuration.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 
+from server.cli.clients import CLIENTS
 from server.cli.commands import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -65,6 +68,40 @@ def _transport_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=argparse.SUPPRESS, help=f"HTTP port (default {DEFAULT_PORT})")
 
 
+def _allowed_root_option(parser: argparse.ArgumentParser) -> None:
+    # Several folders after one flag too: an MCP Bundle expands a multi-folder setting into separate
+    # arguments only. A value left as the bundle's `${user_config...}` placeholder counts as none.
+    parser.add_argument(
+        "--allowed-root",
+        action="extend",
+        nargs="*",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="a folder local media may be read from (repeatable; replaces EMO_MCP_ALLOWED_ROOTS)",
+    )
+
+
+def _install_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    install = sub.add_parser(
+        "install",
+        parents=[common],
+        help="write this server into an MCP client's configuration (claude-desktop, cursor, vscode, claude-code)",
+    )
+    install.add_argument("client", choices=CLIENTS)
+    install.add_argument("--dry-run", action="store_true", help="show the file and the entry, write nothing")
+    install.add_argument(
+        "--force", action="store_true", help="replace an entry of the same name that runs another server"
+    )
+    install.add_argument("--name", default="dashscope-emo", help="the entry's name (default dashscope-emo)")
+    install.add_argument("--output-dir", metavar="DIR", help="OUTPUT_DIR for videos (default ~/dashscope-emo-output)")
+    install.add_argument(
+        "--uvx-from",
+        metavar="SOURCE",
+        help="run through the absolute uvx with --from SOURCE (a path, git URL or package) instead of this install",
+    )
+    _allowed_root_option(install)
+
+
 def _parser() -> argparse.ArgumentParser:
     from server.app import package_version
 
@@ -81,14 +118,16 @@ def _parser() -> argparse.ArgumentParser:
         help="use a built-in loopback fake of DashScope (no key, no network, nothing billed)",
     )
     _transport_options(parser)
-    parser.set_defaults(transport="stdio", host=None, port=None, json=False)
+    parser.set_defaults(transport="stdio", host=None, port=None, json=False, allowed_root=[], open=False)
 
     common = _common()
     sub = parser.add_subparsers(dest="command", metavar="command")
     serve = sub.add_parser("serve", help="serve MCP (the default; stdio unless --transport http)")
     _transport_options(serve)
     serve.add_argument("--sandbox", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub.add_parser("demo", help="run both chains through an MCP client against the sandbox and print each step")
+    _allowed_root_option(serve)
+    demo = sub.add_parser("demo", help="run the chains through an MCP client against the sandbox and print each step")
+    demo.add_argument("--open", action="store_true", help="open the resulting videos with the platform's viewer")
 
     detect = sub.add_parser("detect", parents=[common], help="check a portrait and print the boxes generate needs")
     detect.add_argument("family", choices=("emo", "emoji"))
@@ -120,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("templates", parents=[common], help="the official Emoji templates")
     sub.add_parser("doctor", parents=[common], help="check key, endpoint, folders and versions")
+    _install_parser(sub, common)
     return parser
 
 
@@ -136,14 +176,16 @@ def _configure_logging(command: str | None) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
-async def _with_settings(sandbox: bool, job: Callable[[Settings], Awaitable[int]]) -> int:
+async def _with_settings(
+    sandbox: bool, job: Callable[[Settings], Awaitable[int]], allowed_roots: Sequence[str] = ()
+) -> int:
     """Run `job` with the environment's settings, or against a sandbox that lives as long as the job."""
     if not sandbox:
-        return await job(load_settings())
-    from server.sandbox.fake_dashscope import FakeDashScope
+        return await job(load_settings(allowed_roots=allowed_roots))
+    from server.sandbox.clips import sandbox_upstream
 
-    async with FakeDashScope().serve() as base_url:
-        return await job(load_settings(sandbox=True, sandbox_base_url=base_url))
+    async with sandbox_upstream().serve() as base_url:
+        return await job(load_settings(sandbox=True, sandbox_base_url=base_url, allowed_roots=allowed_roots))
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -159,7 +201,7 @@ async def _serve(args: argparse.Namespace) -> int:
             await serve_http(settings, host, port, security)
             return EXIT_OK
 
-        return await _with_settings(args.sandbox, run_http)
+        return await _with_settings(args.sandbox, run_http, args.allowed_root)
     if args.host is not None or args.port is not None:
         raise ConfigError("--host and --port apply to --transport http only.")
 
@@ -169,7 +211,7 @@ async def _serve(args: argparse.Namespace) -> int:
         await serve_stdio(create_app(settings))
         return EXIT_OK
 
-    return await _with_settings(args.sandbox, run_stdio)
+    return await _with_settings(args.sandbox, run_stdio, args.allowed_root)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
@@ -180,7 +222,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from server.cli.demo import run_demo
 
-        return await run_demo()
+        return await run_demo(open_videos=args.open)
     if args.command == "templates":
         return commands.templates(args)
     if args.command == "doctor":
@@ -188,12 +230,41 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
         if not args.sandbox:
             return await doctor(args)
-        from server.sandbox.fake_dashscope import FakeDashScope
+        from server.sandbox.clips import sandbox_upstream
 
-        async with FakeDashScope().serve() as base_url:
+        async with sandbox_upstream().serve() as base_url:
             return await doctor(args, sandbox_base_url=base_url)
+    if args.command == "install":
+        return _install(args)
     job = {"detect": commands.detect, "generate": commands.generate, "status": commands.status}[args.command]
     return await _with_settings(args.sandbox, lambda settings: job(settings, args))
+
+
+def _install(args: argparse.Namespace) -> int:
+    import getpass
+
+    from server.cli.clients import Platform
+    from server.cli.commands import emit_json, say
+    from server.cli.install import install, request_from, show
+
+    # Ask only a person at a terminal; a script gets "not stored" and the reason instead of a hang.
+    prompt = getpass.getpass if sys.stdin is not None and sys.stdin.isatty() else None
+    outcome = install(request_from(args), platform=Platform.current(), prompt=prompt)
+    if args.json:
+        emit_json(
+            {
+                "client": outcome.client,
+                "path": str(outcome.path),
+                "change": outcome.change,
+                "written": outcome.written,
+                "backup": None if outcome.backup is None else str(outcome.backup),
+                "entry": outcome.entry,
+                "key": outcome.key,
+            }
+        )
+    else:
+        show(outcome, say)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

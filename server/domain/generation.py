@@ -1,11 +1,13 @@
 """Generation: a checked plan first (free), then the budget, the uploads and one submit (paid).
 
 Planning is separate from carrying out so a cost confirmation can be asked between the two
-(`tools/confirm.py`) and a dry run can stop before anything is uploaded or sent.
+(`tools/confirm.py`) and a dry run can stop before anything is uploaded or sent. Carrying out is
+bounded by the caller's deadline, but the submit itself is not: it runs in the background.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,9 @@ from typing import Any
 from server.config import Settings
 from server.domain.budget import Approval, check_budget, over_ceiling
 from server.domain.inputs import Inputs, resolve_model
-from server.errors import RefusedInputError
-from server.jobs.submits import Submitter
+from server.errors import EmoMcpError, RefusedInputError, UpstreamError, UpstreamUnavailableError
+from server.jobs.submits import PendingSubmit, Submitter
+from server.jobs.tasks import Background, Deadline, Job
 from server.media.preflight import Checked
 from server.media.sources import MediaRef
 from server.models import (
@@ -29,19 +32,33 @@ from server.models import (
 from server.pricing import Estimate, estimate_emo, estimate_emoji
 from server.results import Submitted
 from server.store.evidence import Evidence
-from server.store.ledger import Ledger
+from server.store.ledger import SUBMITTING, Ledger
 from server.store.spend import record_estimate
+
+# How long the refusal of a submit handed off to the background is remembered for its local id.
+HANDED_OFF_KEEP_SECONDS = 24 * 3600.0
 
 
 class Generator:
     """`emo_generate` and `emoji_generate`: plan, then dry run or budget, uploads and submit."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, evidence: Evidence, inputs: Inputs, submitter: Submitter):
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        evidence: Evidence,
+        inputs: Inputs,
+        submitter: Submitter,
+        background: Background,
+    ):
         self.settings = settings
         self.ledger = ledger
         self.evidence = evidence
         self.inputs = inputs
         self.submitter = submitter
+        self.background = background
+        # Submits whose caller left before DashScope answered: a refusal deletes the row, so it is told here.
+        self._handed_off: dict[str, Job[Submitted]] = {}
 
     async def plan_emo(
         self,
@@ -94,24 +111,85 @@ class Generator:
         return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate, [], float(template_max_seconds()))
 
     async def carry_out(
-        self, plan: Plan, *, dry_run: bool, approval: Approval, allow_duplicate: bool = False
+        self,
+        plan: Plan,
+        *,
+        dry_run: bool,
+        approval: Approval,
+        allow_duplicate: bool = False,
+        deadline: Deadline | None = None,
     ) -> Submitted:
-        """A dry run writes the request and stops; a real run passes the budget, uploads, then submits."""
+        """A dry run writes the request and stops; a real run passes the budget, uploads, then submits.
+
+        The uploads and the submit run as background jobs, waited for until `deadline`: out of time
+        (or cancelled by the client), the submit still ends as the real task or SUBMIT_OUTCOME_UNKNOWN.
+        """
         if dry_run:
             return self._dry_run(plan)
         check_budget(self.settings, plan.estimate, approval)
+        deadline = deadline or Deadline()
         model = str(plan.payload["model"])
-        wire_input = {
-            name: await self.inputs.wire_url(value, model) if isinstance(value, MediaRef) else value
-            for name, value in plan.payload["input"].items()
-        }
-        submitted = await self.submitter.submit(
+        # Free, and cached in the ledger once done: an upload slower than the call serves the next call.
+        uploads = self.background.start(lambda: self._wire_input(plan, model))
+        if not await uploads.wait(deadline.left()):
+            raise UpstreamUnavailableError(
+                f"Uploading the local files to DashScope's temporary storage took longer than {deadline.said()}. "
+                f"Nothing was submitted and nothing is billed. The upload goes on in the background: call "
+                f"{plan.family}_generate again in a moment (a finished upload is reused)."
+            )
+        started = self.submitter.begin(
             plan.family,
-            {**plan.payload, "input": wire_input},
+            {**plan.payload, "input": uploads.result()},
             plan.ratio,
             plan.output_size,
             allow_duplicate=allow_duplicate,
         )
+        if isinstance(started, Submitted):  # deduplicated: nothing to send
+            return self._finish(started, plan)
+        # From the row on, the submit is the background's: it records its outcome whatever the caller does.
+        submit = self.background.start(lambda: self._send(started, plan))
+        if await submit.wait(deadline.left()):
+            return submit.result()
+        self._handed_off[started.local_id] = submit
+        return self._in_progress(started, plan, deadline)
+
+    def refusal(self, local_id: str) -> EmoMcpError | None:
+        """Why a submit answered only by its local id was refused after its caller left (its row is gone)."""
+        now = time.monotonic()
+        for old in [k for k, j in self._handed_off.items() if now - (j.finished_at or now) > HANDED_OFF_KEEP_SECONDS]:
+            del self._handed_off[old]
+        job = self._handed_off.get(local_id)
+        if job is None or not job.done:
+            return None
+        try:
+            job.result()
+        except UpstreamError as exc:
+            return type(exc)(
+                exc.status_code,
+                exc.code,
+                f"the submit under local id {local_id} was refused, so no task was created and nothing is "
+                f"billed: {exc.upstream_message or exc.code}",
+                exc.request_id,
+            )
+        except UpstreamUnavailableError as exc:
+            return UpstreamUnavailableError(
+                f"The submit under local id {local_id} never reached DashScope ({exc}); no task was created "
+                "and nothing is billed."
+            )
+        except EmoMcpError:
+            return None  # an unknown outcome: its row is in the ledger, followed as usual
+        return None
+
+    async def _wire_input(self, plan: Plan, model: str) -> dict[str, Any]:
+        return {
+            name: await self.inputs.wire_url(value, model) if isinstance(value, MediaRef) else value
+            for name, value in plan.payload["input"].items()
+        }
+
+    async def _send(self, started: PendingSubmit, plan: Plan) -> Submitted:
+        return self._finish(await self.submitter.send(started), plan)
+
+    def _finish(self, submitted: Submitted, plan: Plan) -> Submitted:
         assert submitted.task_id is not None
         if not submitted.deduplicated:
             self.submitter.expect(submitted.task_id, plan.output_seconds)
@@ -126,6 +204,29 @@ class Generator:
                 "warnings": plan.warnings,
                 "inputs": local,
             }
+        )
+
+    def _in_progress(self, started: PendingSubmit, plan: Plan, deadline: Deadline) -> Submitted:
+        """DashScope has not answered the submit in time: the call says where to follow it."""
+        local_id = started.local_id
+        return Submitted(
+            sandbox=self.settings.sandbox,
+            task_id=local_id,
+            task_status=SUBMITTING,
+            model=started.model,
+            output_size=started.output_size,
+            evidence_dir=str(started.folder),
+            next_step=(
+                f"DashScope has not answered the submit within {deadline.said()}; it is still in progress in the "
+                f"background under local id {local_id}. Call task_status with task_id {local_id} (wait_seconds up "
+                "to 50): it turns into the real task id once the answer arrives, and the video is downloaded when "
+                "the task succeeds. Do NOT submit again: a task may exist and be billed, and an identical "
+                "generate is refused until this one is resolved."
+            ),
+            estimated_cost_cny=plan.estimate.cny,
+            estimate_basis=plan.estimate.basis,
+            warnings=plan.warnings,
+            inputs=plan.inputs(),
         )
 
     def _dry_run(self, plan: Plan) -> Submitted:

@@ -14,7 +14,7 @@ from server.config import Settings
 from server.domain.provenance import require_detection
 from server.domain.uploads import Uploads
 from server.errors import MissingApiKeyError, ProvenanceError, RefusedInputError
-from server.media.preflight import Checked, Preflight
+from server.media.preflight import Checked, Preflight, local_limit
 from server.media.sources import MediaRef, is_remote, resolve_media
 from server.models import Family
 from server.store.evidence import Evidence
@@ -47,10 +47,12 @@ class Inputs:
         self.preflight = preflight
 
     async def media(self, name: str, value: str) -> MediaRef:
+        """A URL as given, or a local file confined to the roots and read once (bounded by its kind)."""
         roots = self.settings.allowed_roots
         if is_remote(value):  # nothing to read from disk: no worker-thread hop
             return resolve_media(name, value, roots)
-        return await anyio.to_thread.run_sync(lambda: resolve_media(name, value, roots))
+        limit = local_limit(name)
+        return await anyio.to_thread.run_sync(lambda: resolve_media(name, value, roots, max_bytes=limit))
 
     async def checked_image(self, image_url: str, family: Family) -> tuple[MediaRef, Checked]:
         image = await self.media("image_url", image_url)

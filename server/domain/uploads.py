@@ -15,9 +15,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-
-import anyio
 
 from server.errors import RefusedInputError, ServiceError
 from server.media.sources import MediaRef
@@ -50,6 +49,21 @@ def object_name(path: Path) -> str:
     suffix = path.suffix.lower()
     suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
     return f"{uuid.uuid4().hex}{suffix}"
+
+
+MB = 1024 * 1024
+
+
+def _policy_limit_mb(policy: Mapping[str, object]) -> float | None:
+    """The policy's own `max_file_size_mb`, when it states a usable one."""
+    value = policy.get("max_file_size_mb")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
 
 
 class Uploads:
@@ -88,9 +102,17 @@ class Uploads:
             "success_action_status": "200",
         }
         path = ref.path
-        content = await anyio.to_thread.run_sync(path.read_bytes)
-        if hashlib.sha256(content).hexdigest() != ref.sha256:
-            raise RefusedInputError(f"{path} changed while it was being read; call again once it is stable.")
+        # The bytes read (and hashed) when the file was confined: the path is not read again, so what is
+        # uploaded is what provenance matched and pre-flight checked, whatever happened to the path since.
+        content = ref.data
+        if content is None or hashlib.sha256(content).hexdigest() != ref.sha256:
+            raise RefusedInputError(f"{path} was not read when it was checked; call again. Nothing was uploaded.")
+        limit_mb = _policy_limit_mb(policy)
+        if limit_mb is not None and len(content) > limit_mb * MB:
+            raise RefusedInputError(
+                f"{path} is {len(content) / MB:.1f} MB; DashScope's temporary storage takes at most {limit_mb:g} MB "
+                f"per file for {model}. Use a smaller file, or a public URL. Nothing was uploaded or billed."
+            )
         uploaded_at = time.time()
         await self._client.upload_form(str(policy["upload_host"]), fields, path.name, content)
         url = "oss://" + key

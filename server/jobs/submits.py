@@ -8,6 +8,8 @@
 - An answer turns the row into the real task; a clear refusal deletes it (nothing was created);
   no answer leaves it SUBMIT_OUTCOME_UNKNOWN for `server.jobs.reconcile` to resolve, and an identical
   submit is refused meanwhile.
+- Writing the row (`begin`) and sending (`send`) are two steps so the caller can hand `send` to a
+  background job: a client that gives up on the call never leaves the row SUBMITTING.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import json
 import logging
 import os
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import anyio
 
 from server.config import Settings
 from server.errors import DuplicateSubmitError, SubmitOutcomeUnknownError, UpstreamError, UpstreamUnavailableError
@@ -43,6 +49,18 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class PendingSubmit:
+    """A submit whose SUBMITTING row is written and whose request is not sent yet."""
+
+    local_id: str
+    family: Family
+    model: str
+    payload: dict[str, Any]
+    folder: Path  # the request's evidence until a task id exists
+    output_size: str
+
+
 class Submitter:
     def __init__(
         self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, watcher: Watcher
@@ -57,7 +75,7 @@ class Submitter:
         """The submitted task's expected output length, for its schedule (a submit is always followed)."""
         self._watcher.expect(task_id, seconds)
 
-    async def submit(
+    def begin(
         self,
         family: Family,
         payload: dict[str, Any],
@@ -65,7 +83,11 @@ class Submitter:
         output_size: str,
         *,
         allow_duplicate: bool = False,
-    ) -> Submitted:
+    ) -> PendingSubmit | Submitted:
+        """The SUBMITTING row, or the task an identical request already has (`deduplicated`).
+
+        Synchronous on purpose: nothing can cancel a caller between this row and the `send` it hands on.
+        """
         model = str(payload["model"])
         local_id = f"submit-{uuid.uuid4().hex[:16]}"
         pending = self._evidence.pending_submit_dir(family)
@@ -84,12 +106,16 @@ class Submitter:
             pending.rmdir()
             return self._reuse(existing, output_size)
         self._evidence.write_json(pending / "request.json", payload)
+        return PendingSubmit(local_id, family, model, payload, pending, output_size)
+
+    async def send(self, submit: PendingSubmit) -> Submitted:
+        """The one paid request; its row becomes the task, is deleted (a clear refusal) or is left to the
+        reconciler (no answer). Run it where a caller's timeout or cancellation cannot cut it short."""
+        local_id, model, pending = submit.local_id, submit.model, submit.folder
         try:
-            body = await self._client.submit(payload)
+            body = await self._client.submit(submit.payload)
         except SubmitOutcomeUnknownError as exc:
-            self._evidence.write_json(pending / "outcome-unknown.json", {"error": str(exc), "local_id": local_id})
-            self._ledger.update_task(local_id, status=SUBMIT_UNKNOWN, message=str(exc))
-            self._watcher.notify(local_id)
+            self._unknown(submit, str(exc))
             raise SubmitOutcomeUnknownError(
                 f"{exc} A {model} task may have been created and may be billed, so do NOT submit again. "
                 f"It is recorded as {local_id} (request saved in {pending}); the server is looking for it in "
@@ -99,30 +125,41 @@ class Submitter:
         except (UpstreamError, UpstreamUnavailableError):
             # A clear refusal (or no connection at all): nothing exists upstream, nothing is billed.
             self._ledger.delete_task(local_id)
+            self._watcher.notify(local_id)
+            raise
+        except anyio.get_cancelled_exc_class():
+            # The server is stopping with the request queued or in flight: a task may exist, so the
+            # reconciler looks for it (here or in the next process) instead of the row staying SUBMITTING.
+            self._unknown(submit, "The server stopped before DashScope answered this submit.")
             raise
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
         task_id = output.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             self._evidence.write_json(pending / "submit.json", body)
-            self._ledger.update_task(local_id, status=SUBMIT_UNKNOWN, message="accepted without a task_id")
-            self._watcher.notify(local_id)
+            self._unknown(submit, "accepted without a task_id")
             raise SubmitOutcomeUnknownError(
                 f"DashScope accepted the submit but returned no task_id; the answer is saved in {pending}. "
                 f"It is recorded as {local_id}; do NOT submit again before task_status {local_id} resolves it."
             )
         status = str(output.get("task_status") or "PENDING")
         request_id = body.get("request_id")
-        task_dir = self._evidence.task_path(family, task_id)
+        task_dir = self._evidence.task_path(submit.family, task_id)
         # The task id goes to the ledger first: if moving the evidence fails, the task is still followed.
-        self._ledger.resolve_submit(
-            local_id,
-            task_id=task_id,
-            status=status,
-            request_id=str(request_id) if request_id else None,
-            evidence_dir=str(task_dir),
-        )
+        adopted = self._ledger.get_task(task_id)
+        if adopted is not None and adopted.task_id == task_id:
+            # Someone asked for this task id (and the watcher adopted it) while the answer was on its way.
+            self._ledger.merge_submit(local_id, task_id)
+        else:
+            self._ledger.resolve_submit(
+                local_id,
+                task_id=task_id,
+                status=status,
+                request_id=str(request_id) if request_id else None,
+                evidence_dir=str(task_dir),
+            )
         self._watcher.watch(task_id)
+        self._watcher.notify(local_id)  # whoever waits by the local id sees the real task now
         try:
             task_dir.mkdir(parents=True, exist_ok=True)
             for item in pending.iterdir():
@@ -137,10 +174,16 @@ class Submitter:
             task_status=status,
             model=model,
             request_id=str(request_id) if request_id else None,
-            output_size=output_size,
+            output_size=submit.output_size,
             evidence_dir=str(task_dir),
             next_step=NEXT_STEP,
         )
+
+    def _unknown(self, submit: PendingSubmit, why: str) -> None:
+        """No answer: the row waits for `server.jobs.reconcile` (an identical submit is refused meanwhile)."""
+        self._evidence.write_json(submit.folder / "outcome-unknown.json", {"error": why, "local_id": submit.local_id})
+        self._ledger.update_task(submit.local_id, status=SUBMIT_UNKNOWN, message=why)
+        self._watcher.notify(submit.local_id)
 
     def _reuse(self, record: TaskRecord, output_size: str) -> Submitted:
         if record.status in LOCAL_STATUSES:

@@ -2,9 +2,10 @@
 
 Limits from the contract: images JPEG/PNG/BMP/WEBP by content, each side 400..7000 px, at most
 10 MB for Emoji; audio WAV or MP3 by content, under 15 MB and under 60 s. Local files are always
-checked. Remote URLs are checked only with `EMO_MCP_PREFLIGHT=remote`, fetched with bounded bytes
-and time through a guard that refuses private, loopback and link-local addresses; a URL that cannot
-be fetched from here only earns a warning (DashScope may still reach it).
+checked, on the bytes read once when the file was confined. Remote URLs are checked only with
+`EMO_MCP_PREFLIGHT=remote`, fetched with bounded bytes and time through the pinned transport
+(`server.media.addresses`), which connects only to public addresses it resolved and vetted itself;
+a URL that cannot be fetched from here only earns a warning (DashScope may still reach it).
 
 Pillow and mutagen are imported inside the functions so server start-up does not pay for them.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -23,8 +24,16 @@ import anyio
 import httpx2
 
 from server.errors import ConfigError, PreflightError
-from server.media.addresses import BlockedAddressError, Resolver, guard_url, system_resolver
-from server.media.sources import MediaRef
+from server.media.addresses import (
+    AddressPolicy,
+    BlockedAddressError,
+    Resolver,
+    check_url,
+    pinned_transport,
+    public_only,
+    system_resolver,
+)
+from server.media.sources import MAX_LOCAL_BYTES, MediaRef
 
 PREFLIGHT_VARIABLE = "EMO_MCP_PREFLIGHT"
 MB = 1024 * 1024
@@ -37,6 +46,7 @@ AUDIO_MAX_SECONDS = 60.0
 REMOTE_IMAGE_BYTES = 10 * MB + 1
 REMOTE_AUDIO_BYTES = AUDIO_MAX_BYTES + 1
 REMOTE_TIMEOUT_SECONDS = 15.0
+REMOTE_HTTP_TIMEOUT = httpx2.Timeout(10.0, connect=5.0)
 MAX_REDIRECTS = 3
 
 Source = Path | bytes
@@ -157,72 +167,96 @@ class FetchFailedError(Exception):
 
 
 async def fetch_bounded(
-    http: httpx2.AsyncClient, url: str, max_bytes: int, resolve: Resolver = system_resolver
+    url: str,
+    max_bytes: int,
+    resolve: Resolver = system_resolver,
+    policy: AddressPolicy = public_only,
+    *,
+    transport: httpx2.AsyncBaseTransport | None = None,
 ) -> tuple[bytes, int | None]:
-    """GET at most `max_bytes` (each redirect re-guarded); returns the bytes and the declared length."""
+    """GET at most `max_bytes`, following at most MAX_REDIRECTS redirects; returns the bytes and the
+    declared length. Every connection goes to an address vetted by `policy` from one lookup (the
+    pinned transport); `transport` replaces it only in tests that serve from memory."""
     current = url
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            await guard_url(current, resolve)
-        except BlockedAddressError as exc:
-            raise FetchFailedError(str(exc)) from exc
-        try:
-            async with http.stream("GET", current, follow_redirects=False) as response:
-                if response.is_redirect and "location" in response.headers:
-                    current = urljoin(current, response.headers["location"])
-                    continue
-                if response.status_code >= 400:
-                    raise FetchFailedError(f"HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                length = int(declared) if declared and declared.isdigit() else None
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body.extend(chunk)
-                    if len(body) >= max_bytes:
-                        break
-                return bytes(body[:max_bytes]), length
-        except httpx2.HTTPError as exc:
-            raise FetchFailedError(f"{type(exc).__name__}") from exc
+    async with httpx2.AsyncClient(
+        transport=transport or pinned_transport(resolve, policy), timeout=REMOTE_HTTP_TIMEOUT, trust_env=False
+    ) as http:
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                check_url(current, policy)  # a literal address or a bad scheme is refused before any connection
+                async with http.stream("GET", current, follow_redirects=False) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        current = urljoin(current, response.headers["location"])
+                        continue
+                    if response.status_code >= 400:
+                        raise FetchFailedError(f"HTTP {response.status_code}")
+                    declared = response.headers.get("content-length")
+                    length = int(declared) if declared and declared.isdigit() else None
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body.extend(chunk)
+                        if len(body) >= max_bytes:
+                            break
+                    return bytes(body[:max_bytes]), length
+            except BlockedAddressError as exc:
+                raise FetchFailedError(str(exc)) from exc
+            except httpx2.HTTPError as exc:
+                raise FetchFailedError(f"{type(exc).__name__}") from exc
     raise FetchFailedError(f"more than {MAX_REDIRECTS} redirects")
 
 
+def local_limit(name: str) -> int:
+    """The most a local file may weigh before it is read: audio under 15 MB, images what the
+    temporary storage takes (Emoji's 10 MB is checked on the bytes, with its own message)."""
+    return AUDIO_MAX_BYTES if name == "audio_url" else MAX_LOCAL_BYTES
+
+
 class Preflight:
-    """Runs the checks for one call; remote checks only when enabled."""
+    """Runs the checks for one call; remote checks only when enabled.
+
+    Local media are checked on the bytes read when they were confined (`MediaRef.data`), never by
+    reading the path again. Remote fetches use a pinned client of their own (`fetch_bounded`).
+    """
 
     def __init__(
         self,
-        http: httpx2.AsyncClient | Callable[[], httpx2.AsyncClient],
+        http: object = None,
         *,
         remote: bool,
         resolve: Resolver = system_resolver,
+        policy: AddressPolicy = public_only,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
-        # A provider keeps start-up free of the HTTP transport (it is built on the first upstream call).
-        self._http_source = http
+        # `http` (the upstream's shared client) is no longer used: its transport resolves names itself,
+        # so a fetch through it could reach an address the guard never saw. Kept so callers still work.
+        del http
         self._remote = remote
         self._resolve = resolve
+        self._policy = policy
+        self._transport = transport
 
     async def image(self, ref: MediaRef, family: str, name: str, checked: Checked) -> None:
         if ref.path is not None:
-            size = ref.size if ref.size is not None else ref.path.stat().st_size
-            path = ref.path
-            checked.image = await anyio.to_thread.run_sync(lambda: check_image(path, size, family, name, ref.shown))
+            data = _local_bytes(ref)
+            checked.image = await anyio.to_thread.run_sync(
+                lambda: check_image(data, len(data), family, name, ref.shown)
+            )
             return
-        data = await self._fetch(ref, name, REMOTE_IMAGE_BYTES, checked)
-        if data is None:
+        fetched = await self._fetch(ref, name, REMOTE_IMAGE_BYTES, checked)
+        if fetched is None:
             return
-        body, size = data  # a truncated body still holds the header, which is all the checks read
+        body, size = fetched  # a truncated body still holds the header, which is all the checks read
         checked.image = await anyio.to_thread.run_sync(lambda: check_image(body, size, family, name, ref.shown))
 
     async def audio(self, ref: MediaRef, name: str, checked: Checked) -> None:
         if ref.path is not None:
-            size = ref.size if ref.size is not None else ref.path.stat().st_size
-            path = ref.path
-            checked.audio = await anyio.to_thread.run_sync(lambda: check_audio(path, size, name, ref.shown))
+            data = _local_bytes(ref)
+            checked.audio = await anyio.to_thread.run_sync(lambda: check_audio(data, len(data), name, ref.shown))
             return
-        data = await self._fetch(ref, name, REMOTE_AUDIO_BYTES, checked)
-        if data is None:
+        fetched = await self._fetch(ref, name, REMOTE_AUDIO_BYTES, checked)
+        if fetched is None:
             return
-        body, size = data
+        body, size = fetched
         checked.audio = await anyio.to_thread.run_sync(lambda: check_audio(body, size, name, ref.shown))
 
     async def _fetch(self, ref: MediaRef, name: str, max_bytes: int, checked: Checked) -> tuple[bytes, int] | None:
@@ -231,8 +265,9 @@ class Preflight:
             return None
         try:
             with anyio.fail_after(REMOTE_TIMEOUT_SECONDS):
-                http = self._http_source if isinstance(self._http_source, httpx2.AsyncClient) else self._http_source()
-                body, declared = await fetch_bounded(http, ref.url, max_bytes, self._resolve)
+                body, declared = await fetch_bounded(
+                    ref.url, max_bytes, self._resolve, self._policy, transport=self._transport
+                )
         except (FetchFailedError, TimeoutError) as exc:
             reason = str(exc) or "timed out"
             checked.warnings.append(
@@ -242,3 +277,9 @@ class Preflight:
             return None
         size = max(declared or 0, len(body))
         return body, size
+
+
+def _local_bytes(ref: MediaRef) -> bytes:
+    if ref.data is None:  # a MediaRef is only built local by `resolve_local`, which reads the file
+        raise PreflightError(f"{ref.shown!r} was not read when it was confined; resolve it again. Nothing was sent.")
+    return ref.data

@@ -5,12 +5,16 @@ through the MCP bridge. Both paths are bounded, because every byte travels base6
 JSON-RPC messages between the server, the host and the frame:
 - a portrait: http(s) only, at most `MAX_IMAGE_BYTES` (DashScope's own limit for a portrait),
   `IMAGE_DEADLINE` seconds in all, and only bytes that start like a PNG, JPEG, BMP or WEBP file;
-- a video: a file inside OUTPUT_DIR of at most `MAX_VIDEO_BYTES`; a larger one is refused with
-  its path, and the viewer shows that path instead of a player.
+- a video: a file inside OUTPUT_DIR of at most `MAX_VIDEO_BYTES`, opened without following links;
+  a larger one is refused with its path, and the viewer shows that path instead of a player;
+- a local portrait: the bytes `server.media.sources` read when it confined the file (never a
+  second read of the path).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,15 @@ import anyio
 import httpx2
 
 from server.errors import EmoMcpError
-from server.media.addresses import BlockedAddressError
+from server.media.addresses import (
+    AddressPolicy,
+    BlockedAddressError,
+    Resolver,
+    check_url,
+    pinned_transport,
+    system_resolver,
+)
+from server.media.sources import MediaRef, open_confined, read_at_most
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_VIDEO_BYTES = 16 * 1024 * 1024
@@ -64,15 +76,21 @@ async def fetch_image(
     deadline: float = IMAGE_DEADLINE,
     transport: httpx2.AsyncBaseTransport | None = None,
     guard: Callable[[str], Awaitable[None]] | None = None,
+    policy: AddressPolicy | None = None,
+    resolve: Resolver = system_resolver,
 ) -> Media:
     """GET a portrait for the viewer, refusing anything that is not a bounded image over http(s).
 
-    `guard` vets the URL and every redirect before a connection is made (the pre-flight address guard:
-    no private, loopback or link-local hosts), so a recorded detection cannot turn the viewer into a
-    way to read the user's own network.
+    With a `policy` (the viewer passes the pre-flight one: no private, loopback or link-local
+    hosts) every connection, redirects included, goes to an address the policy accepted from one
+    lookup (the pinned transport), so a recorded detection cannot turn the viewer into a way to read
+    the user's own network, not even through a name that answers differently the second time.
+    `guard` still vets each request's URL first, for an early and clear refusal.
     """
 
     async def vet(request: httpx2.Request) -> None:
+        if policy is not None:
+            check_url(str(request.url), policy)
         if guard is not None:
             await guard(str(request.url))
 
@@ -81,6 +99,8 @@ async def fetch_image(
         raise PreviewUnavailableError(
             "The viewer can only show portraits given as http(s) URLs; this image_url is not one."
         )
+    if transport is None and policy is not None:
+        transport = pinned_transport(resolve, policy)
     received = bytearray()
     try:
         with anyio.fail_after(deadline):
@@ -91,6 +111,7 @@ async def fetch_image(
                     max_redirects=IMAGE_MAX_REDIRECTS,
                     transport=transport,
                     event_hooks={"request": [vet]},
+                    trust_env=policy is None,
                 ) as http,
                 http.stream("GET", url) as response,
             ):
@@ -121,16 +142,17 @@ async def fetch_image(
     return Media(bytes(received), mime_type)
 
 
-async def read_image(path: Path, *, limit: int = MAX_IMAGE_BYTES) -> Media:
-    """A local portrait (already confined to the allowed roots by `server.media.sources`), bounded like a fetch."""
-    size = (await anyio.Path(path).stat()).st_size
-    if size > limit:
-        raise PreviewUnavailableError(_too_large(size, limit))
-    data = await anyio.Path(path).read_bytes()
-    mime_type = image_mime_type(data[:12])
+def local_image(ref: MediaRef, *, limit: int = MAX_IMAGE_BYTES) -> Media:
+    """A local portrait: the bytes read (and hashed) when `server.media.sources` confined it, bounded
+    like a fetch. The path is not read again, so what is shown is what the detection matched."""
+    if ref.data is None:
+        raise PreviewUnavailableError("The local portrait was not read; ask for it again.")
+    if len(ref.data) > limit:
+        raise PreviewUnavailableError(_too_large(len(ref.data), limit))
+    mime_type = image_mime_type(ref.data[:12])
     if mime_type is None:
         raise PreviewUnavailableError("The local portrait is not a PNG, JPEG, BMP or WEBP image.")
-    return Media(data, mime_type)
+    return Media(ref.data, mime_type)
 
 
 def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
@@ -139,17 +161,42 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
 
 
 async def read_video(path: Path, root: Path, *, limit: int = MAX_VIDEO_BYTES) -> Media:
-    """The downloaded MP4 of a task, if it lies inside `root` and is small enough to send whole."""
-    resolved = await anyio.Path(path).resolve()
-    inside = resolved.is_relative_to(await anyio.Path(root).resolve())
-    if not inside or not await resolved.is_file():
+    """The downloaded MP4 of a task, if it lies inside `root` and is small enough to send whole.
+
+    Opened once from `root` without following links (`open_confined`) and read from that descriptor,
+    so a video swapped for a link after the check cannot send another file.
+    """
+    return await anyio.to_thread.run_sync(_read_video, path, root, limit)
+
+
+def _read_video(path: Path, root: Path, limit: int) -> Media:
+    missing = PreviewUnavailableError(
+        f"The video file {path} is missing (or outside OUTPUT_DIR); call task_status to download it again."
+    )
+    try:
+        resolved, real_root = path.resolve(strict=True), root.resolve(strict=True)
+        if not resolved.is_relative_to(real_root):
+            raise missing
+        fd = open_confined(resolved, real_root)
+    except (OSError, RuntimeError) as exc:
+        raise missing from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise missing
+        if info.st_size > limit:
+            raise PreviewUnavailableError(
+                f"The video is {_megabytes(info.st_size)}, over the {_megabytes(limit)} the viewer sends through "
+                f"the chat host; open it from {path}."
+            )
+        data = read_at_most(fd, limit + 1)
+    except OSError as exc:
+        raise missing from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
         raise PreviewUnavailableError(
-            f"The video file {path} is missing (or outside OUTPUT_DIR); call task_status to download it again."
+            f"The video is more than {_megabytes(limit)}, over what the viewer sends through the chat host; "
+            f"open it from {path}."
         )
-    size = (await resolved.stat()).st_size
-    if size > limit:
-        raise PreviewUnavailableError(
-            f"The video is {_megabytes(size)}, over the {_megabytes(limit)} the viewer sends through the chat "
-            f"host; open it from {path}."
-        )
-    return Media(await resolved.read_bytes(), "video/mp4")
+    return Media(data, "video/mp4")

@@ -10,14 +10,19 @@ UTC day so no folder grows without bound (a day's work per folder, one folder pe
 Every folder is recorded in the ledger (`evidence_dir`), and nothing is ever looked up by listing
 folders, so older, flat folders (`tasks/<task_id>/`) stay valid as they are.
 
-Files are written atomically (temp file + rename) so a crash never leaves half a JSON file,
-and the API key is scrubbed from anything written, however it got there.
+Files are written atomically (temp file + rename) so a crash never leaves half a JSON file, and
+everything written passes `server.redaction.redact` (the API key, Authorization values, bearer
+tokens), however it got there. Evidence holds signed URLs and what was sent: every folder made here
+is 0700 and every file 0600, whatever the umask, and a folder something else made under OUTPUT_DIR
+is narrowed to 0700 before a file is written into it (the video is downloaded into one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 import uuid
@@ -25,14 +30,36 @@ from pathlib import Path
 from typing import Any
 
 from server.models import EVIDENCE_FOLDER, Family
+from server.redaction import redact, register_secret
 
-REDACTED = "***"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_UID = os.getuid() if hasattr(os, "getuid") else -1
+
+
+def private_dir(path: Path, base: Path) -> Path:
+    """Make `path` and every missing folder between `base` and it with mode 0700 (not the umask's),
+    and narrow to 0700 those below `base` that already exist wider (ours; `base` itself is left)."""
+    try:
+        parts = path.relative_to(base).parts
+    except ValueError:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        return path
+    current = base
+    for part in parts:
+        current = current / part
+        with contextlib.suppress(FileExistsError):
+            current.mkdir(mode=DIR_MODE)
+        info = current.lstat()
+        if stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) != DIR_MODE and info.st_uid == _UID:
+            os.chmod(current, DIR_MODE)
+    return path
 
 
 class Evidence:
     def __init__(self, output_dir: Path, api_key: str | None) -> None:
         self.output_dir = output_dir
-        self._api_key = api_key
+        register_secret(api_key)  # redacted everywhere from now on (results, ledger, logs) as well
 
     def family_dir(self, family: Family) -> Path:
         return self.output_dir / EVIDENCE_FOLDER[family]
@@ -44,9 +71,7 @@ class Evidence:
         """A new folder `<kind>/<YYYYMMDD>/<UTC stamp>-<random>` (detections, submits, dry runs)."""
         now = time.gmtime()
         path = self.family_dir(family) / kind / time.strftime("%Y%m%d", now)
-        path = path / f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return private_dir(path / f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}", self.output_dir)
 
     def task_path(self, family: Family, task_id: str) -> Path:
         """Where a task first seen now keeps its evidence (today's shard); the ledger remembers it."""
@@ -54,18 +79,16 @@ class Evidence:
         return self.family_dir(family) / "tasks" / day / _safe_name(task_id)
 
     def task_dir(self, family: Family, task_id: str) -> Path:
-        path = self.task_path(family, task_id)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """The task's folder, made (0700) if needed: the video is downloaded into it."""
+        return private_dir(self.task_path(family, task_id), self.output_dir)
 
     def pending_submit_dir(self, family: Family) -> Path:
         """Where a submit's request lives before a task id exists (kept if the outcome is unknown)."""
         return self.stamped_dir(family, "submits")
 
     def write_json(self, path: Path, data: Any) -> Path:
-        text = json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True)
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, REDACTED)
+        text = redact(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True))
+        private_dir(path.parent, self.output_dir)
         _atomic_write(path, text.encode("utf-8"))
         return path
 
@@ -80,9 +103,10 @@ def _safe_name(text: str) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file 0600 whatever the umask; the rename keeps that mode.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -3,18 +3,27 @@
 It is the memory behind provenance (generate only accepts boxes a passing detection of that
 same image returned) and behind `task_status` across processes sharing one OUTPUT_DIR.
 WAL mode lets several server processes read and write the same file safely.
+
+It holds signed result URLs, so the file (and SQLite's -wal and -shm beside it, which SQLite gives
+the database file's mode) is created 0600 whatever the umask. Free text from upstream (`code`,
+`message`) passes `server.redaction.redact` before it is written: an echoed key never lands here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from server.redaction import redact
 
 LEDGER_FILE = "ledger.sqlite3"
 # A row is written BEFORE a submit is sent (SUBMITTING, keyed by a local id), so a crash between
@@ -78,6 +87,27 @@ _ADDED_COLUMNS = {
     "local_id": "TEXT",  # the id a submit had before upstream answered with a task id
     "owner": "TEXT",  # "<host>:<pid>" of the process sending a submit (to spot dead SUBMITTING rows)
 }
+
+
+FILE_MODE = 0o600
+# SQLite's files beside the database; created with the database file's mode, tightened if older.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+# Columns holding upstream's (or an exception's) free text: redacted on the way in.
+_FREE_TEXT = frozenset({"code", "message"})
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 if missing; narrow it (and its companions) if wider."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    os.close(fd)
+    for name in (path, *(path.with_name(path.name + suffix) for suffix in _COMPANIONS)):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(os.stat(name).st_mode) & 0o077:
+                os.chmod(name, FILE_MODE)
+
+
+def _clean(text: str | None) -> str | None:
+    return None if text is None else redact(text)
 
 
 # A row with one of these statuses does not stop an identical submit: nothing usable exists.
@@ -145,6 +175,7 @@ class Ledger:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LEDGER_FILE
+        _private_file(self.path)
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         self._schemas: set[str] = set()
         self._db.row_factory = sqlite3.Row
@@ -230,8 +261,8 @@ class Ledger:
                     int(check_pass),
                     box_key(face_bbox),
                     box_key(ext_bbox),
-                    code,
-                    message,
+                    _clean(code),
+                    _clean(message),
                     request_id,
                     evidence_dir,
                     time.time(),
@@ -440,6 +471,8 @@ class Ledger:
             raise ValueError(f"not task columns: {sorted(unknown)}")
         if "usage" in fields and fields["usage"] is not None:
             fields["usage"] = json.dumps(fields["usage"])
+        for name in _FREE_TEXT & fields.keys():
+            fields[name] = _clean(fields[name])
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._tx() as db:
             db.execute(

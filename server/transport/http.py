@@ -4,17 +4,27 @@ The SDK turns DNS-rebinding protection on only for a loopback bind and silently 
 else, and has no notion of "this server is now reachable from the network". So the rules live
 here: loopback by default; any other bind needs an access token (`EMO_MCP_HTTP_TOKEN`, checked as
 `Authorization: Bearer`) and an explicit Host allowlist, or the server refuses to start. The
-DashScope key stays the server's own: nothing from a client's request reaches DashScope's headers.
+DashScope key stays the server's own: nothing from a client's request reaches DashScope's headers,
+and the token is registered with `server.redaction`, so no result or log line carries it.
+
+uvicorn bounds how long an idle keep-alive connection stays open, but not how long a client may take
+to send a request's headers (h11 has no such timer either): a client trickling header bytes holds a
+connection forever, and enough of them exhaust the server (slowloris). `HeaderTimeoutProtocol`
+closes a connection whose request headers are not complete `HEADER_TIMEOUT_SECONDS` after its first
+byte (or after the connection opened, for the first request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import h11
 import httpx2
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
@@ -22,10 +32,12 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.config import Settings
 from server.errors import ConfigError
 from server.media.addresses import is_loopback
+from server.redaction import register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +49,8 @@ HEALTH_PATH = "/healthz"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 MIN_TOKEN_LENGTH = 16
+# A client gets this long to send a request's headers (a browser or an SDK needs milliseconds).
+HEADER_TIMEOUT_SECONDS = 10.0
 REALM = "dashscope-emo-mcp"
 
 LOOPBACK_ALLOWED_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
@@ -163,13 +177,75 @@ def build_http_app(settings: Settings, security: HttpSecurity, http: httpx2.Asyn
         transport_security=security.transport_security(),
     )
     if security.token is not None:
+        register_secret(security.token)
         app = BearerTokenMiddleware(app, security.token)
     return app
 
 
-def uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for each request's headers (see the module docstring)."""
+
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            self._arm()  # the first byte of a request (after a keep-alive pause) starts its clock
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm()  # the headers are in: the request is the app's from here on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._disarm()
+        super().on_response_complete()
+
+    def _arm(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+            logger.info("closed the connection of %s: no complete request headers in %g s", client, self.header_timeout)
+            self.transport.close()
+
+
+def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_SECONDS) -> type[HeaderTimeoutProtocol]:
+    """The protocol class uvicorn instantiates per connection, with its header deadline."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+
+
+def uvicorn_config(
+    app: ASGIApp, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT_SECONDS, **options: Any
+) -> uvicorn.Config:
     # log_config=None: uvicorn logs through the root logger, so to stderr like the rest of the server.
-    return uvicorn.Config(app, host=host, port=port, log_config=None, server_header=False, ws="none")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        server_header=False,
+        ws="none",
+        http=header_timeout_protocol(header_timeout),
+        **options,
+    )
 
 
 async def serve_http(settings: Settings, host: str, port: int, security: HttpSecurity) -> None:

@@ -10,25 +10,25 @@ change, so a client without Apps gets exactly what it got before, and nothing is
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 from mcp.server.apps import Apps, client_supports_apps
 from mcp.server.mcpserver import Context, MCPServer, ResourceSecurity
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
 from server.domain.service import Service
 from server.errors import EmoMcpError
-from server.media.addresses import guard_url, is_loopback
+from server.media.addresses import AddressPolicy, blocked_reason, is_loopback
 from server.media.preview import (
     MAX_IMAGE_BYTES,
     MAX_VIDEO_BYTES,
     PreviewUnavailableError,
     fetch_image,
-    read_image,
+    local_image,
     read_video,
 )
 from server.media.sources import resolve_media
@@ -87,18 +87,18 @@ def _require_apps(ctx: Context[Any, Any]) -> None:
         )
 
 
-def _guard_for(service: Service) -> Callable[[str], Awaitable[None]]:
-    """The pre-flight address guard, except that media may live where DashScope itself lives: a
-    loopback endpoint (the sandbox, a local test double) serves its portraits from loopback too."""
-    upstream = urlsplit(service.settings.base_url).hostname or ""
+def _policy_for(service: Service) -> AddressPolicy:
+    """The pre-flight address policy, except that media may live where DashScope itself lives: a
+    loopback endpoint (the sandbox, a local test double) serves its portraits from loopback too.
+    It judges the address each connection actually goes to (the pinned transport)."""
+    upstream_is_local = is_loopback(urlsplit(service.settings.base_url).hostname or "")
 
-    async def guard(url: str) -> None:
-        host = urlsplit(url).hostname or ""
-        if is_loopback(upstream) and is_loopback(host):
-            return
-        await guard_url(url)
+    def policy(host: str, address: str) -> str | None:
+        if upstream_is_local and is_loopback(host) and is_loopback(address):
+            return None
+        return blocked_reason(address)
 
-    return guard
+    return policy
 
 
 def install_viewer(app: MCPServer[Any]) -> None:
@@ -116,9 +116,13 @@ def install_viewer(app: MCPServer[Any]) -> None:
     async def viewer_image(ctx: Context[Any, Any], url: str = "") -> bytes:
         _require_apps(ctx)
         service = _service(ctx)
+        roots = service.settings.allowed_roots
         try:
-            # A local portrait is confined to the allowed roots and keyed by its content, as in provenance.
-            ref = resolve_media("image_url", url, service.settings.allowed_roots) if url else None
+            # A local portrait is confined to the allowed roots and read once: the bytes keyed by their
+            # content here (as in provenance) are the bytes shown.
+            ref = await anyio.to_thread.run_sync(
+                lambda: resolve_media("image_url", url, roots, max_bytes=MAX_IMAGE_BYTES) if url else None
+            )
         except EmoMcpError as exc:
             raise ResourceError(str(exc)) from exc
         if ref is None or not service.ledger.detections_of(ref.identity):
@@ -127,9 +131,7 @@ def install_viewer(app: MCPServer[Any]) -> None:
                 "emo_detect or emoji_detect checked."
             )
         try:
-            media = await (
-                read_image(ref.path) if ref.path is not None else fetch_image(url, guard=_guard_for(service))
-            )
+            media = local_image(ref) if ref.is_local else await fetch_image(url, policy=_policy_for(service))
         except PreviewUnavailableError as exc:
             raise ResourceError(str(exc)) from exc
         return media.data
