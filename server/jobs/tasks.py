@@ -170,12 +170,18 @@ class TaskTracker:
                 # shared with every other caller and at most one query per poll interval.
                 asking = True
                 refresh = self._background.start(lambda: self._watcher.refresh(task_id))
-                if record is None:
+                if record is None or record.status in LOCAL_STATUSES:
                     await refresh.wait()
                     refresh.result()
                 else:
-                    with anyio.move_on_after(FRESH_BOUND):
+                    with anyio.move_on_after(FRESH_BOUND) as fresh:
                         await refresh.wait()
+                    if fresh.cancelled_caught:
+                        note = _joined(
+                            note,
+                            f"No fresh answer from DashScope within {FRESH_BOUND:g} s (queries wait their turn under "
+                            "the rate limit): this is the ledger's view. The query goes on; call task_status again.",
+                        )
                 asking = False
                 record = self._require(task_id)
             left = deadline.left()

@@ -33,6 +33,7 @@ from server.models import EVIDENCE_FOLDER, Family
 from server.redaction import redact, register_secret
 
 DIR_MODE = 0o700
+PRIVATE_CACHE = 4096
 FILE_MODE = 0o600
 _UID = os.getuid() if hasattr(os, "getuid") else -1
 
@@ -60,6 +61,17 @@ class Evidence:
     def __init__(self, output_dir: Path, api_key: str | None) -> None:
         self.output_dir = output_dir
         register_secret(api_key)  # redacted everywhere from now on (results, ledger, logs) as well
+        # Folders this process already made (or narrowed) to 0700: a write into one of them costs no
+        # walk over its parents (every poll writes a file: this is the watcher's hot path).
+        self._private: set[Path] = set()
+
+    def _private_dir(self, path: Path) -> Path:
+        if path not in self._private:
+            private_dir(path, self.output_dir)
+            if len(self._private) > PRIVATE_CACHE:
+                self._private.clear()
+            self._private.add(path)
+        return path
 
     def family_dir(self, family: Family) -> Path:
         return self.output_dir / EVIDENCE_FOLDER[family]
@@ -71,7 +83,7 @@ class Evidence:
         """A new folder `<kind>/<YYYYMMDD>/<UTC stamp>-<random>` (detections, submits, dry runs)."""
         now = time.gmtime()
         path = self.family_dir(family) / kind / time.strftime("%Y%m%d", now)
-        return private_dir(path / f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}", self.output_dir)
+        return self._private_dir(path / f"{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}")
 
     def task_path(self, family: Family, task_id: str) -> Path:
         """Where a task first seen now keeps its evidence (today's shard); the ledger remembers it."""
@@ -80,7 +92,7 @@ class Evidence:
 
     def task_dir(self, family: Family, task_id: str) -> Path:
         """The task's folder, made (0700) if needed: the video is downloaded into it."""
-        return private_dir(self.task_path(family, task_id), self.output_dir)
+        return self._private_dir(self.task_path(family, task_id))
 
     def pending_submit_dir(self, family: Family) -> Path:
         """Where a submit's request lives before a task id exists (kept if the outcome is unknown)."""
@@ -88,8 +100,13 @@ class Evidence:
 
     def write_json(self, path: Path, data: Any) -> Path:
         text = redact(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True))
-        private_dir(path.parent, self.output_dir)
-        _atomic_write(path, text.encode("utf-8"))
+        self._private_dir(path.parent)
+        try:
+            _atomic_write(path, text.encode("utf-8"))
+        except FileNotFoundError:  # the folder went away since it was made (removed by hand): make it again
+            self._private.discard(path.parent)
+            self._private_dir(path.parent)
+            _atomic_write(path, text.encode("utf-8"))
         return path
 
     def write_poll(self, task_dir: Path, number: int, status: str, data: Any) -> Path:
