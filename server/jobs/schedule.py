@@ -119,10 +119,10 @@ def next_query(
     if schedule == "fixed" or eta is None:
         return began + min(interval, max_interval)
     if eta.queued:
-        # Behind others: its expected start (unknown: the longest wait allowed), at least the base
-        # interval; the end of the task ahead brings this forward (Watcher._learn), so a late
-        # estimate costs nothing.
-        wait = (eta.start - began) if eta.start is not None else max_interval
+        # Behind others: its expected start, at least the base interval (which is also what an
+        # unknown start gets: nothing is known); the end of the task ahead brings this forward
+        # (Watcher._learn), so a late estimate costs nothing.
+        wait = (eta.start - began) if eta.start is not None else interval
         return began + min(max_interval, max(interval, wait))
     if eta.end is None:
         return began + min(interval, max_interval)

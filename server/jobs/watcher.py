@@ -38,7 +38,7 @@ from server.media.sources import file_sha256
 from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
-from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry
+from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry, Rate
 from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Watcher:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self.queue = DueQueue(ledger)
+        self._rates: dict[str, Rate] = {}
         self._owner = owner_token()
         self.reconciler = Reconciler(settings, client, ledger, evidence, self._reconciled)
         self.recovered = anyio.Event()
@@ -361,12 +362,12 @@ class Watcher:
             return
         now = time.time()
         if needs_download(record) and record.video_url:
-            self.queue.schedule(record.task_id, record.model, record.created_at, now)
-            self.queue.reschedule(record.task_id, max(now, state.next_download), DOWNLOAD)
+            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.next_download), DOWNLOAD)
             return
         began = state.last_query if state.last_query > -math.inf else time.monotonic()
         began_epoch = now - (time.monotonic() - began)
-        self.queue.schedule(record.task_id, record.model, record.created_at, now)
+        if self.queue.get(record.task_id) is None:  # adopted or restored without a row: queue it first
+            self.queue.schedule(record.task_id, record.model, record.created_at, now)
         eta = self.eta(record) if state.error is None else None
         due = next_query(
             schedule=self._settings.poll_schedule,
@@ -375,14 +376,14 @@ class Watcher:
             interval=self.interval,
             max_interval=self._settings.poll_max_interval,
         )
-        self.queue.reschedule(record.task_id, due, QUERY)
+        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY)
 
     def eta(self, record: TaskRecord) -> Eta | None:
         """The task's expected start and end (and how they were reckoned); filed in the queue too."""
         entry = self.queue.get(record.task_id)
         if entry is None or record.finished:
             return None
-        rate, rate_basis = learned_rate(record.model, self.queue.rate(record.model), prior=self._settings.is_beijing)
+        rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
         if entry.expected_seconds is None:
             entry = _with_seconds(entry, self._assumed_seconds(record.model))
         ahead = self.queue.ahead(entry)
@@ -406,9 +407,16 @@ class Watcher:
         self.queue.estimate(record.task_id, eta.start, eta.end, eta.basis)
         return eta
 
+    def _rate(self, model: str) -> Rate:
+        """The model's learned sums, read once per process and kept current by `_learn`."""
+        rate = self._rates.get(model)
+        if rate is None:
+            rate = self._rates[model] = self.queue.rate(model)
+        return rate
+
     def _assumed_seconds(self, model: str) -> float:
         """An output length for a task whose own is unknown: the mean of finished ones, else a prior."""
-        rate = self.queue.rate(model)
+        rate = self._rate(model)
         if rate.finished:
             return rate.output_seconds / rate.finished
         return float(template_max_seconds()) if model.startswith("emoji") else DEFAULT_OUTPUT_SECONDS
@@ -421,6 +429,7 @@ class Watcher:
             seconds = (after.usage or {}).get("video_duration")
             if start is not None and end is not None and isinstance(seconds, int | float) and seconds > 0:
                 self.queue.learn(after.model, float(seconds), max(0.0, end - start))
+                self._rates.pop(after.model, None)
         behind = self.queue.behind(after.model, after.created_at)
         if behind is not None:
             soon = time.time()  # it has just started: one query gives its real start (scheduled_time)
@@ -440,7 +449,10 @@ class Watcher:
                 )
             record = self._adopt(task_id, body)
         polls = record.polls + 1
-        self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
+        if polls == 1 or status != record.status:
+            # Evidence of every change, not of every answer: a task queued for hours would leave a
+            # file per minute saying the same thing. The ledger counts every query (`polls`).
+            self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
         fields: dict[str, Any] = {"polls": polls}
         if record.status == "SUCCEEDED" and status == "UNKNOWN":
             # The task id expired before its video URL was recorded: the result is gone.

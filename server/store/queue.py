@@ -148,6 +148,14 @@ class DueQueue:
             (task_id, model, created_at, stage, due_at),
         )
 
+    def file(self, task_id: str, model: str, created_at: float, due_at: float, stage: str) -> None:
+        """After a step: the task's next due time (queued if it was not), its claim released."""
+        self._ledger.execute(
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage, claimed_by = NULL",
+            (task_id, model, created_at, stage, due_at),
+        )
+
     def reschedule(self, task_id: str, due_at: float, stage: str) -> None:
         self._ledger.execute(
             "UPDATE due_queue SET due_at = ?, stage = ?, claimed_by = NULL WHERE task_id = ?", (due_at, stage, task_id)
