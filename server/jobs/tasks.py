@@ -165,6 +165,8 @@ class TaskTracker:
         asking = False
         with deadline.scope() as scope:
             record = self._ledger.get_task(task_id)
+            if record is not None and settled(record) and not self._watcher.verify(record):
+                record = self._require(task_id)  # its video was missing or damaged: downloaded again
             if record is None or (not settled(record) and wait_seconds <= 0):
                 # A task this ledger never saw is adopted by one query; an open one gets fresh news,
                 # shared with every other caller and at most one query per poll interval.

@@ -165,6 +165,8 @@ class Watcher:
 
     async def _recover_in_background(self) -> None:
         try:
+            # Recovery yields between bounded batches, so the handshake and calls are never held up.
+            await anyio.lowlevel.checkpoint()
             await self.recover()
         except (OSError, sqlite3.Error) as exc:  # the server goes on; the next start tries again
             logger.warning("recovery after restart stopped early: %s", exc)
@@ -175,7 +177,11 @@ class Watcher:
         """Make the ledger and the disk agree after a crash, in bounded batches through indexes."""
         self.reconciler.mark_dead_submits()
         self._wake.set()
-        removed = self._remove_stale_parts()
+        removed = 0
+        task_ids = self.queue.task_ids()
+        for start in range(0, len(task_ids), RECOVER_BATCH):
+            removed += self._remove_stale_parts(task_ids[start : start + RECOVER_BATCH])
+            await anyio.lowlevel.checkpoint()
         checked = 0
         for batch in self._ledger.recent_videos(time.time() - RECOVER_WINDOW, RECOVER_BATCH):
             for record in batch:
@@ -184,11 +190,11 @@ class Watcher:
             await anyio.lowlevel.checkpoint()  # between batches, calls and polls go first
         logger.info("watcher recovered: %d stale partial download(s) removed, %d video(s) checked", removed, checked)
 
-    def _remove_stale_parts(self) -> int:
+    def _remove_stale_parts(self, task_ids: list[str]) -> int:
         """Partial downloads of dead processes, looked for only in the folders of open tasks (a finished
         download renames its file, so only a task still in the queue can have one)."""
         removed = 0
-        for task_id in self.queue.task_ids():
+        for task_id in task_ids:
             record = self._ledger.get_task(task_id)
             if record is None:
                 continue
@@ -198,6 +204,20 @@ class Watcher:
                     part.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    def verify(self, record: TaskRecord) -> bool:
+        """A caller is about to be told this task's video is saved: check it is (one stat), before
+        recovery's pass reaches it. False when it is missing or damaged (downloaded again)."""
+        if record.video_path is None or record.status != "SUCCEEDED":
+            return True
+        path = Path(record.video_path)
+        try:
+            intact = record.video_bytes is None or path.stat().st_size == record.video_bytes
+        except OSError:
+            intact = False
+        if not intact:
+            self._verify_video(record)
+        return intact
 
     def _verify_video(self, record: TaskRecord) -> None:
         if not record.video_path:
