@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import httpx2
-from mcp.server.mcpserver import MCPServer
+from mcp.server.lowlevel.helper_types import ReadResourceContents
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp_types import GetPromptResult, InputRequiredResult
+from pydantic import AnyUrl
 
 from server.config import Settings
 from server.runtime import open_service
 from server.viewer.extension import install_viewer, viewer_extension
 from tools import build_tools
 from tools.context import AppContext
-from tools.prompts import register_prompts
-from tools.resources import register_resources, register_spend_resource
+from tools.prompts import check_prompt_request, register_prompts
+from tools.resources import not_found_error, register_resources, register_spend_resource
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
@@ -31,6 +36,26 @@ def package_version() -> str:
         return "0.0.0+local"
 
 
+class EmoServer(MCPServer[AppContext]):
+    """MCPServer answering the protocol's error codes where the SDK's defaults are wrong or opaque:
+    an unknown prompt or argument set is -32602 (the SDK: code 0), a missing resource the
+    revision's not-found code (the SDK: -32603 when a handler says not found)."""
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, Any] | None = None, context: Context[AppContext, Any] | None = None
+    ) -> GetPromptResult | InputRequiredResult:
+        check_prompt_request(await self.list_prompts(), name, arguments)
+        return await super().get_prompt(name, arguments, context)
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context[AppContext, Any] | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        try:
+            return await super().read_resource(uri, context)
+        except ResourceNotFoundError as exc:
+            raise not_found_error(str(uri), exc, context.protocol_version if context else None) from exc
+
+
 def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MCPServer[AppContext]:
     """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one."""
 
@@ -39,7 +64,7 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         async with open_service(settings, http) as service:
             yield AppContext(service=service)
 
-    app = MCPServer[AppContext](
+    app = EmoServer(
         name="dashscope-emo-mcp",
         title="DashScope portrait animation (EMO, Emoji)",
         instructions=INSTRUCTIONS,

@@ -159,7 +159,8 @@ def _parse_aliases(raw: str) -> dict[str, tuple[str, ...]]:
 def ensure_writable_dir(path: Path, variable: str) -> Path:
     """Create `path` if needed and prove it is writable, or say which variable to fix."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        # Owner-only when made here: the ledger and the evidence hold signed URLs and what was sent.
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = path / ".write-probe"
         probe.write_bytes(b"")
         probe.unlink()

@@ -7,6 +7,8 @@ the API key.
 
 from __future__ import annotations
 
+import sqlite3
+
 KEY_HELP = (
     "Set the DASHSCOPE_API_KEY environment variable in the MCP client's server config (or "
     "DASHSCOPE_API_KEY_FILE_PATH to a file holding only the key), or put "
@@ -113,6 +115,14 @@ class UpstreamUnavailableError(EmoMcpError):
     """The service could not be reached or did not answer in time (a read; safe to retry)."""
 
 
+class UnreadableAnswerError(UpstreamUnavailableError):
+    """DashScope (or its storage) answered, but with nothing this server can read or trust.
+
+    Nothing is concluded from such an answer: the message says what it means for the call (billed
+    or not, done or not) and whether calling again is safe.
+    """
+
+
 class SubmitOutcomeUnknownError(EmoMcpError):
     """A submit was sent but no answer came back: a task may exist and may be billed."""
 
@@ -178,3 +188,17 @@ class DuplicateSubmitError(RefusedInputError):
 
 class CannotCancelError(EmoMcpError):
     """DashScope cancels only PENDING tasks; this one is running or finished."""
+
+
+def as_task_error(exc: Exception, doing: str) -> EmoMcpError:
+    """Any failure of a background step as the error recorded on its task (what the agent reads).
+
+    Anticipated failures stay as they are; the disk's and the ledger's become a `StorageError`;
+    anything else (a bug, an exception nobody foresaw) is named for what it is.
+    """
+    if isinstance(exc, EmoMcpError):
+        return exc
+    if isinstance(exc, OSError | sqlite3.Error):
+        return StorageError(f"{doing}: the local disk or ledger failed ({exc}); retrying.")
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))[:120]
+    return EmoMcpError(f"{doing}: an unexpected {type(exc).__name__} ({text}); retrying.")

@@ -149,9 +149,14 @@ class TaskStatus(_Result):
             )
         if self.task_status in {"FAILED", "CANCELED", "UNKNOWN", "NOT_FOUND"}:
             return f"{head}: {self.code or ''} {self.message or ''}".rstrip() + "."
-        if self.task_status in {"SUBMITTING", "SUBMIT_OUTCOME_UNKNOWN"}:
+        if self.task_status == "SUBMITTING":
             return (
-                f"{head}: {self.message or 'the submit has no answer yet.'} The server is looking for it in "
+                f"{head}: {self.message or 'DashScope has not answered the submit yet.'} The server is waiting "
+                "for that answer; call task_status again with wait_seconds. Do not submit again."
+            )
+        if self.task_status == "SUBMIT_OUTCOME_UNKNOWN":
+            return (
+                f"{head}: {self.message or 'the submit has no answer.'} The server is looking for it in "
                 "DashScope's task list; call task_status again with wait_seconds. Do not submit again."
             )
         ahead = f" {self.queue_ahead} of this server's tasks are ahead of it." if self.queue_ahead else ""

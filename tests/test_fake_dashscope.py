@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 from typing import Any
 
@@ -9,7 +11,7 @@ import httpx2
 import pytest
 
 from server.config import SANDBOX_API_KEY
-from server.sandbox.fake_dashscope import FakeDashScope, detect_boxes
+from server.sandbox.fake_dashscope import BOMB_BYTES, FakeDashScope, detect_boxes
 
 AUTH = {"Authorization": f"Bearer {SANDBOX_API_KEY}"}
 ASYNC = {**AUTH, "X-DashScope-Async": "enable"}
@@ -234,3 +236,62 @@ def test_serve_in_thread() -> None:
     with fake.serve_in_thread() as base, httpx2.Client() as client:
         assert client.get(base + "/tasks/x", headers=AUTH).json()["output"]["task_status"] == "UNKNOWN"
     assert fake.queries("x")[0].headers["authorization"] == AUTH["Authorization"]
+
+
+@pytest.mark.anyio
+async def test_fault_layer_answers_as_each_kind_says() -> None:
+    """The fault suite trusts these answers: each kind is checked on the wire, not through the product."""
+    fake = FakeDashScope(polls_to_finish=1)
+    async with fake.serve() as base, httpx2.AsyncClient() as client:
+        task_id = await detect_and_submit_emo(client, base, "https://x/a.jpg", "https://x/a.wav")
+        assert (await client.get(base + f"/tasks/{task_id}", headers=AUTH)).json()["output"][
+            "task_status"
+        ] == "SUCCEEDED"
+        video = f"{fake.origin}/files/{task_id}.mp4"
+        whole = (await client.get(video)).content
+        md5 = hashlib.md5(whole, usedforsecurity=False).digest()
+        assert base64.b64decode((await client.get(video)).headers["content-md5"]) == md5
+
+        fake.fault("download", "redirect_private")
+        r = await client.get(video)
+        assert r.status_code == 302 and r.headers["location"] == f"http://10.0.0.1/files/{task_id}.mp4"
+        fake.fault("download", "redirect_loop")
+        assert (await client.get(video)).headers["location"] == video
+        fake.fault("download", "truncated")
+        r = await client.get(video)
+        assert r.content == whole[: len(whole) // 2]  # a complete message, but not the object its MD5 names
+        assert base64.b64decode(r.headers["content-md5"]) == md5
+        fake.fault("download", "length_lie")
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(video)
+        fake.fault("task_query", "bomb")
+        async with client.stream("GET", base + f"/tasks/{task_id}", headers=AUTH) as streamed:
+            raw = b"".join([piece async for piece in streamed.aiter_raw()])
+        assert streamed.headers["content-encoding"] == "gzip" and len(raw) < 128 * 1024
+        assert len(gzip.decompress(raw)) == BOMB_BYTES
+        fake.fault("task_query", "bad_encoding")
+        with pytest.raises(httpx2.DecodingError):
+            await client.get(base + f"/tasks/{task_id}", headers=AUTH)
+        fake.fault("task_query", "stall", seconds=5)
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.get(base + f"/tasks/{task_id}", headers=AUTH, timeout=httpx2.Timeout(0.3))
+
+        # Before the fake acts nothing happens; after, the effect stays although the answer is lost.
+        before = len(fake.tasks)
+        fake.fault("submit", "status", status=500)
+        fake.fault("submit", "html", after=True)
+        out = (await client.post(base + DETECT, json=emo_detect("https://x/b.jpg"), headers=AUTH)).json()["output"]
+        body = {
+            "model": "emo-v1",
+            "input": {"image_url": "https://x/b.jpg", "audio_url": "https://x/b.wav", **{
+                k: out[k] for k in ("face_bbox", "ext_bbox")
+            }},
+        }  # fmt: skip
+        assert (await client.post(base + SYNTH, json=body, headers=ASYNC)).status_code == 500
+        assert len(fake.tasks) == before
+        r = await client.post(base + SYNTH, json=body, headers=ASYNC)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert len(fake.tasks) == before + 1
+        assert not fake.faults.pending()
+    assert fake.faults.served[-2:] == [("submit", "status"), ("submit", "html")]
+    assert not [r for r in fake.requests if "10.0.0.1" in r.headers.get("host", "")]

@@ -183,11 +183,6 @@ async def test_the_ledger_evidence_and_their_folders_are_owner_only(
     assert {name for name, mode in files.items() if mode != 0o600} == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/upstream/streaming.py creates the video 0o644 (HashingWriter); the fix there is 0o600. "
-    "Its folder is 0700 already, so no one else can reach it.",
-)
 async def test_the_video_itself_is_owner_only(fake: FakeDashScope, tmp_path: Path, umask: int) -> None:
     videos = {name: mode for name, mode in (await run_a_chain(fake, tmp_path)).items() if name.endswith(".mp4")}
     assert videos and set(videos.values()) == {0o600}

@@ -17,6 +17,7 @@ from mcp import Client
 
 from server.errors import PermissionDeniedError, UpstreamUnavailableError
 from server.sandbox.fake_dashscope import FakeDashScope
+from server.upstream import client as dashscope
 from server.upstream.client import MAX_READ_RETRIES, DashScopeClient
 from server.upstream.streaming import fetch_to_file
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo
@@ -56,6 +57,10 @@ def raw_http(answer: bytes) -> Iterator[tuple[str, list[int]]]:
         listener.close()
 
 
+# What every saved video must start with: an ftyp box (the server refuses anything else).
+MP4_HEAD = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+
+
 def _answer(body: bytes, declared: int | None = None) -> bytes:
     length = len(body) if declared is None else declared
     return b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: %d\r\n\r\n" % length + body
@@ -87,7 +92,7 @@ async def test_a_video_of_several_megabytes_arrives_whole_with_its_sha256(client
 async def test_a_download_cut_mid_stream_is_retried_then_reported(tmp_path: Path) -> None:
     destination = tmp_path / "t.mp4"
     with (
-        raw_http(_answer(b"x" * 100_000, declared=5_000_000)) as (url, served),
+        raw_http(_answer(MP4_HEAD + b"x" * 100_000, declared=5_000_000)) as (url, served),
         pytest.raises(UpstreamUnavailableError, match="could not be downloaded"),
     ):
         await _client().download(url, destination)
@@ -96,7 +101,7 @@ async def test_a_download_cut_mid_stream_is_retried_then_reported(tmp_path: Path
 
 
 async def test_a_download_returns_size_and_sha256_of_what_was_written(tmp_path: Path) -> None:
-    body = bytes(range(256)) * 4000
+    body = MP4_HEAD + bytes(range(256)) * 4000
     with raw_http(_answer(body)) as (url, _):
         got = await _client().download(url, tmp_path / "t.mp4")
     assert (got.size, got.sha256) == (len(body), hashlib.sha256(body).hexdigest())
@@ -116,7 +121,7 @@ async def test_an_expired_result_url_is_reported_at_once_not_retried(tmp_path: P
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_disk_is_an_os_error() -> None:
-    with raw_http(_answer(b"x" * 3_000_000)) as (url, _), pytest.raises(OSError, match="No space"):
+    with raw_http(_answer(MP4_HEAD + b"x" * 3_000_000)) as (url, _), pytest.raises(OSError, match="No space"):
         fetch_to_file(url, Path("/dev/full"), httpx2.Timeout(10.0), threading.Event())
 
 
@@ -139,3 +144,40 @@ anyio.run(main)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "False"
+
+
+async def test_a_download_that_drips_slower_than_its_deadline_is_cut_off_and_retried(
+    fake: FakeDashScope, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No stall is long enough to trip the read timeout, yet the attempt as a whole must end."""
+    monkeypatch.setattr(dashscope, "DOWNLOAD_DEADLINE", 0.5)
+    fake.video_size = 3 * 64 * 1024
+    fake.auto_progress = False
+    task_id = await _submitted_task(fake)
+    fake.complete(task_id)
+    fake.fault("download", "stall", seconds=1.0, times=1_000)
+    url = f"{fake.origin}/files/{task_id}.mp4"
+    client = DashScopeClient(httpx2.AsyncClient, fake.base_url, "sk-test", sleep=_no_sleep)
+    with pytest.raises(UpstreamUnavailableError, match="longer than its deadline"):
+        await client.download(url, tmp_path / "t.mp4")
+    assert not list(tmp_path.iterdir())  # nothing half-written is left, nothing named .mp4
+    fake.faults.clear()
+    got = await client.download(url, tmp_path / "t.mp4")
+    assert got.sha256 == fake.video_sha256(task_id)
+
+
+async def _submitted_task(fake: FakeDashScope) -> str:
+    """A task created on the fake directly (detect, then submit with its boxes)."""
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+    async with httpx2.AsyncClient(base_url=fake.base_url, headers=auth) as http:
+        request = {"model": "emo-detect-v1", "input": {"image_url": PORTRAIT}, "parameters": {"ratio": "1:1"}}
+        boxes = (await http.post("/services/aigc/image2video/face-detect", json=request)).json()["output"]
+        payload = {
+            "model": "emo-v1",
+            "input": {"image_url": PORTRAIT, "audio_url": SPEECH, "face_bbox": boxes["face_bbox"],
+                      "ext_bbox": boxes["ext_bbox"]},
+        }  # fmt: skip
+        answer = await http.post(
+            "/services/aigc/image2video/video-synthesis", json=payload, headers={"X-DashScope-Async": "enable"}
+        )
+    return str(answer.json()["output"]["task_id"])

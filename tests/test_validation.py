@@ -52,6 +52,13 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
         "ext_bbox",
     ),
     ("emoji_detect", {"image_url": PORTRAIT, "ratio": "1:1"}, "ratio"),
+    ("emo_detect", {"image_url": "https://images.example.com/a\x01b.jpg"}, "U+0001"),
+    ("emo_detect", {"image_url": "https://images.example.com/a\x7f.jpg"}, "U+007F"),
+    ("emo_detect", {"image_url": "https://images.example.com/a\nb.jpg"}, "control characters"),
+    ("emo_detect", {"image_url": "https://images.example.com/a.jpg\r\nHost: evil"}, "RFC 3986"),
+    ("emoji_detect", {"image_url": "https://images.example.com/\x1b[31m.jpg"}, "percent-encode"),
+    ("emoji_detect", {"image_url": "file:///tmp/portrait\x00.jpg"}, "U+0000"),
+    ("emo_generate", with_(EMO_GENERATE, audio_url="https://audio.example.com/a\tb.wav"), "U+0009"),
     ("task_status", {"task_id": ""}, "task_id"),
     ("task_status", {"task_id": "../../etc/passwd"}, "task_id"),
     ("task_status", {"task_id": "abc", "wait_seconds": -1}, "wait_seconds"),
@@ -79,6 +86,8 @@ async def test_published_schemas_are_strict_and_match_runtime(client: Client) ->
         assert tool.output_schema is not None, tool.name
         assert tool.description and tool.title, tool.name
     generate = tools["emo_generate"].input_schema["properties"]
+    for media in ("image_url", "audio_url"):  # the same rule the runtime applies, for schema-checking clients
+        assert generate[media]["pattern"] == "^[^\\u0000-\\u001F\\u007F]*$"
     box = generate["face_bbox"]
     assert box["type"] == "array" and box["minItems"] == 4 and box["maxItems"] == 4
     assert box["items"] == {"minimum": 0, "type": "integer"}

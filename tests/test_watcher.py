@@ -16,6 +16,7 @@ from mcp import Client
 from server.app import create_app
 from server.config import Settings, load_settings
 from server.jobs.submits import fingerprint
+from server.jobs.watcher import DOUBTFUL_ANSWERS
 from server.sandbox.fake_dashscope import FakeDashScope
 from server.store.ledger import Ledger
 from server.upstream import client as dashscope
@@ -233,6 +234,29 @@ async def test_queue_position_counts_earlier_open_tasks_of_the_model(client: Cli
     assert "queue_ahead" not in done
     status = await call_ok(client, "task_status", {"task_id": second["task_id"]})
     assert status["queue_ahead"] == 0
+
+
+async def test_succeeded_without_a_video_url_is_asked_again_before_the_video_is_given_up(
+    fake: FakeDashScope, tmp_path: Path
+) -> None:
+    """One such answer is a glitch, not a lost video: it is recorded only after DOUBTFUL_ANSWERS in a row."""
+    settings = slow_settings(fake, tmp_path, "0.05")
+    lying = {"request_id": "r-1", "output": {"task_status": "SUCCEEDED"}, "usage": {"video_duration": 5.2}}
+    with anyio.fail_after(30):
+        async with Client(create_app(settings)) as client:
+            submitted = await call_ok(client, "emo_generate", emo_args(await detect_emo(client)))
+            task_id = submitted["task_id"]
+            fake.fault("task_query", "shape", body=lying, times=1_000)
+            first = await call_ok(client, "task_status", {"task_id": task_id})
+            while first.get("code") is None:  # the watcher asks again in the background
+                assert first["task_status"] != "SUCCEEDED" or first.get("last_error"), first
+                await anyio.sleep(0.05)
+                first = await call_ok(client, "task_status", {"task_id": task_id})
+    lies = [served for served in fake.faults.served if served == ("task_query", "shape")]
+    assert len(lies) >= DOUBTFUL_ANSWERS
+    assert first["task_status"] == "SUCCEEDED" and first["finished"] is True
+    assert first["code"] == "VideoExpired" and "never gave its video URL" in first["message"]
+    assert "billed" in first["message"] and "video_path" not in first
 
 
 async def test_a_video_url_that_expired_before_the_restart_is_recorded_not_retried(

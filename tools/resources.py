@@ -3,6 +3,9 @@
 Reading a resource never calls DashScope and never costs anything: it reads the catalogue shipped
 with the package, or the SQLite ledger under the configured state folder (its own short-lived
 connection, so it also works while tools run; the ledger is in WAL mode for exactly that).
+
+A resource that does not exist (an unknown URI, a task not in the ledger) is answered with the
+resource-not-found code of the negotiated protocol (`not_found_error`), not the SDK's -32603.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError
-from mcp_types import Annotations
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, LATEST_PROTOCOL_VERSION, Annotations
+from mcp_types.version import is_version_at_least
 
 from server.config import Settings
 from server.jobs.task_views import RECENT_LIMIT, recent_views, task_view
@@ -23,6 +28,21 @@ from server.store.ledger import Ledger
 from server.store.spend import SPEND_URI, spend_today
 
 JSON = "application/json"
+# Resource not found: -32002 up to the 2025-11-25 revision; -32602 from 2026-07-28 on (SEP-2164, a MUST).
+LEGACY_RESOURCE_NOT_FOUND = -32002
+SEP_2164_VERSION = "2026-07-28"
+
+
+def resource_not_found_code(protocol_version: str | None) -> int:
+    """The code the negotiated revision defines for a missing resource (the newest when unknown)."""
+    if is_version_at_least(protocol_version or LATEST_PROTOCOL_VERSION, SEP_2164_VERSION):
+        return INVALID_PARAMS
+    return LEGACY_RESOURCE_NOT_FOUND
+
+
+def not_found_error(uri: str, exc: ResourceNotFoundError, protocol_version: str | None) -> MCPError:
+    """The JSON-RPC error for a missing resource: the revision's code, the reason, and the URI as data."""
+    return MCPError(resource_not_found_code(protocol_version), str(exc), data={"uri": uri})
 
 
 def _json(data: Any) -> str:
@@ -83,7 +103,7 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
         with ledger() as opened:
             record = opened.get_task(task_id)
             if record is None:
-                raise ResourceError(
+                raise ResourceNotFoundError(
                     f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
                     "or call task_status for a task another server submitted."
                 )

@@ -1,13 +1,15 @@
 """Input types of the tools: strict at every level, so an agent cannot pass what it invented.
 
 - URLs are http(s) only and of sane length; media arguments also take a local path or file:// URI
-  (confined to the allowed roots by the service);
+  (confined to the allowed roots by the service); none may hold a control character (U+0000-U+001F,
+  U+007F: RFC 3986 allows none in a URL), refused before anything is sent;
 - a box is exactly four non-negative integers with x1 < x2 and y1 < y2 (no "1" → 1 coercion);
 - enums (ratio, style_level, template_id) are published inline so clients see the choices.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -17,7 +19,23 @@ MAX_URL_LENGTH = 2048
 MAX_WAIT_SECONDS = 50
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The same rule for clients that check arguments against the published schema (ECMA-262 syntax).
+NO_CONTROL_PATTERN = "^[^\\u0000-\\u001F\\u007F]*$"
+
+
+def _refuse_control(value: str) -> None:
+    found = _CONTROL.search(value)
+    if found is not None:
+        code = ord(found.group())
+        raise ValueError(
+            f"must not contain control characters (U+{code:04X} at position {found.start()}): RFC 3986 allows "
+            f"none in a URL; percent-encode it (%{code:02X}) if it is really part of the address"
+        )
+
+
 def _check_url(value: str) -> str:
+    _refuse_control(value)
     if value != value.strip() or not value:
         raise ValueError("must be a non-empty URL without surrounding spaces")
     parts = urlsplit(value)
@@ -53,7 +71,8 @@ def _check_media(value: str) -> str:
     Only the form is checked here; whether a local file exists inside the allowed roots, and
     whether its content qualifies, is the service's job (server/media/sources.py, server/media/preflight.py).
     """
-    if value != value.strip() or not value or "\x00" in value:
+    _refuse_control(value)
+    if value != value.strip() or not value:
         raise ValueError("must be a non-empty URL or path without surrounding spaces")
     parts = urlsplit(value)
     # One-letter "schemes" are Windows drive letters (C:\...), i.e. paths.
@@ -72,7 +91,7 @@ def _check_media(value: str) -> str:
 
 MediaSource = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_URL_LENGTH),
+    Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"pattern": NO_CONTROL_PATTERN}),
     AfterValidator(_check_media),
 ]
 

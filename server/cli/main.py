@@ -34,6 +34,7 @@ from server.cli.commands import (
 from server.config import Settings, load_settings
 from server.errors import ConfigError, EmoMcpError
 from server.models import template_ids
+from server.redaction import install_log_redaction, redact
 from server.transport.http import DEFAULT_HOST, DEFAULT_PORT
 
 EXIT_CONFIG = EXIT_USAGE  # kept for callers of the first version
@@ -174,6 +175,8 @@ def _configure_logging(command: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # Every log line passes the one redaction (keys, Authorization values, bearer tokens).
+    install_log_redaction()
 
 
 async def _with_settings(
@@ -273,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return anyio.run(_dispatch, args)
     except EmoMcpError as exc:
-        sys.stderr.write(f"dashscope-emo-mcp: {exc}\n")
+        said = redact(str(exc))
+        sys.stderr.write(f"dashscope-emo-mcp: {said}\n")
         if args.json:
-            sys.stdout.write(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}) + "\n")
+            sys.stdout.write(json.dumps({"error": {"type": type(exc).__name__, "message": said}}) + "\n")
         return exit_code_for(exc)
     except KeyboardInterrupt:
         if args.command in (None, "serve"):

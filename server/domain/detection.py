@@ -2,7 +2,9 @@
 
 A failed check is a result the agent acts on (pick another portrait), not a tool error; what
 the check returned is recorded either way, because generation accepts only the boxes of a
-passing detection of the same image.
+passing detection of the same image. An answer that is neither a clear pass nor a clear failure
+(a pass without readable boxes, no `output`) is an upstream error that says so: nothing is
+recorded, and the portrait is not blamed for it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from server.config import Settings
 from server.domain.inputs import Inputs, resolve_model
-from server.errors import InvalidInputError
+from server.errors import InvalidInputError, UnreadableAnswerError
 from server.media.sources import MediaRef
 from server.models import EMO_DETECT, EMOJI_DETECT, EMOJI_OUTPUT_SIZE, OUTPUT_SIZE, Family
 from server.results import EmoDetection, EmojiDetection
@@ -23,9 +25,48 @@ from server.upstream.client import DashScopeClient
 
 
 def _box(value: Any) -> list[int] | None:
-    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) for v in value):
-        return [int(v) for v in value]
-    return None
+    """`[x1, y1, x2, y2]` of non-negative integers with x1 < x2 and y1 < y2, or None."""
+    if not (isinstance(value, list) and len(value) == 4):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    x1, y1, x2, y2 = value
+    return [x1, y1, x2, y2] if x1 < x2 and y1 < y2 else None
+
+
+def _billed(body: dict[str, Any]) -> str:
+    usage = body.get("usage")
+    count = usage.get("image_count") if isinstance(usage, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return f"It was billed (usage: {count} image)."
+    return "It may have been billed (one detection)."
+
+
+def _read_answer(family: Family, body: dict[str, Any]) -> tuple[bool, list[int] | None, list[int] | None]:
+    """(check passed, face box, ext box) from a 200 answer, or a `ValueError` saying why it cannot be read."""
+    output = body.get("output")
+    if not isinstance(output, dict):
+        raise ValueError("it has no output object")
+    # Wire names differ: emo answers face_bbox/ext_bbox plus check_pass; emoji answers
+    # bbox_face/ext_bbox_face and signals a failed check only by output.code.
+    face_key, ext_key = ("face_bbox", "ext_bbox") if family == "emo" else ("bbox_face", "ext_bbox_face")
+    if family == "emo":
+        said = output.get("check_pass")
+        if not isinstance(said, bool):
+            raise ValueError(f"its check_pass is {said!r}, not true or false")
+        passed = said
+    else:
+        code = output.get("code")
+        if code is not None and not isinstance(code, str):
+            raise ValueError(f"its code is {code!r}")
+        passed = not code
+    if not passed:
+        return False, None, None
+    face, ext = _box(output.get(face_key)), _box(output.get(ext_key))
+    for key, box in ((face_key, face), (ext_key, ext)):
+        if box is None:
+            raise ValueError(f"it passed the check but its {key} is {str(output.get(key))[:60]}, not a box")
+    return True, face, ext
 
 
 class Detector:
@@ -87,12 +128,17 @@ class Detector:
         body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
-        # Wire names differ: emo answers face_bbox/ext_bbox plus check_pass; emoji answers
-        # bbox_face/ext_bbox_face and signals a failed check only by output.code.
-        face_key, ext_key = ("face_bbox", "ext_bbox") if family == "emo" else ("bbox_face", "ext_bbox_face")
-        face, ext = _box(output.get(face_key)), _box(output.get(ext_key))
-        said_pass = output.get("check_pass") is True if family == "emo" else not output.get("code")
-        check_pass = failure is None and said_pass and face is not None and ext is not None
+        check_pass, face, ext = False, None, None
+        if failure is None:
+            try:
+                check_pass, face, ext = _read_answer(family, body)
+            except ValueError as exc:
+                # Not a verdict on the portrait: nothing is recorded, and the agent is told so.
+                raise UnreadableAnswerError(
+                    f"DashScope's {wire_model} answer could not be read ({exc}). {_billed(body)} This says nothing "
+                    f"about the portrait, which may well be fine: call {family}_detect again (at most one more "
+                    f"detection is billed). The answer is saved in {folder / 'response.json'}."
+                ) from exc
         code = failure.code if failure else (None if check_pass else str(output.get("code") or "CheckFailed"))
         message = failure.upstream_message if failure else output.get("message")
         request_id = failure.request_id if failure else body.get("request_id")

@@ -97,7 +97,7 @@ class Service:
         self.tasks = TaskTracker(settings, ledger, self.watcher, self.background)
         self.submitter = Submitter(settings, client, ledger, evidence, self.watcher)
         self.uploads = Uploads(client, ledger)
-        self.preflight = Preflight(lambda: client.http, remote=settings.preflight_remote)
+        self.preflight = Preflight(remote=settings.preflight_remote)
         self.inputs = Inputs(settings, ledger, evidence, self.uploads, self.preflight)
         self.detector = Detector(settings, client, ledger, evidence, self.inputs)
         self.generator = Generator(settings, ledger, evidence, self.inputs, self.submitter, self.background)

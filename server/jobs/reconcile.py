@@ -12,6 +12,12 @@ created in that window by another client of the same account (not through this l
 taken for ours; the match is recorded in `reconciled.json` beside the request so a person can
 check it. If nothing matches for `EMO_MCP_RECONCILE_WINDOW` seconds after the submit, the row
 becomes NOT_FOUND (most likely nothing was created) and an identical submit is allowed again.
+
+"Not found" frees a second, billed submit, so it is concluded only from a list that reads whole:
+an answer without a `data` list, an entry whose id or creation time is missing or of another type
+(a string, seconds instead of milliseconds), or a page that says more tasks exist than it holds,
+means "cannot tell": the row stays SUBMIT_OUTCOME_UNKNOWN and the list is asked again later, less
+often after each failure.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import anyio
 
 from server.config import Settings
+from server.errors import EmoMcpError, UnreadableAnswerError, as_task_error
 from server.models import Family
 from server.store.evidence import Evidence
 from server.store.ledger import NOT_FOUND, SUBMIT_UNKNOWN, SUBMITTING, Ledger, TaskRecord
@@ -42,6 +49,9 @@ _BEIJING = timezone(timedelta(hours=8))
 MATCH_SKEW = 120.0
 # A SUBMITTING row of a process on another host is considered dead after this long.
 STALE_SUBMIT = max(120.0, (SUBMIT_TIMEOUT.read or 30.0) * 4)
+BACKOFF_CAP = 300.0
+# A gmt_create below this (Sept 2001 in ms) is in seconds or garbage: such a list cannot be matched.
+MIN_CREATED_MS = 1e12
 HOST = socket.gethostname()
 
 Notify = Callable[..., None]
@@ -76,11 +86,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _created(item: dict[str, Any]) -> float | None:
-    value = item.get("gmt_create")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) / 1000.0
-    return None
+def _created(item: dict[str, Any]) -> float:
+    """Creation time in epoch seconds (`listed` has checked the entry)."""
+    return float(item["gmt_create"]) / 1000.0
+
+
+def listed(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of a task-list page, each with a task id and a creation time; anything else raises."""
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise ValueError("the answer has no data list")
+    for item in data:
+        if not isinstance(item, dict):
+            raise ValueError(f"an entry is a {type(item).__name__}, not an object")
+        task_id, created, status = item.get("task_id"), item.get("gmt_create"), item.get("status")
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("an entry has no task_id")
+        if not isinstance(created, int | float) or isinstance(created, bool) or not math.isfinite(created):
+            raise ValueError(f"task {task_id}'s gmt_create is {created!r}, not a time in milliseconds")
+        if created < MIN_CREATED_MS:
+            raise ValueError(f"task {task_id}'s gmt_create {created!r} is not a time in milliseconds")
+        if status is not None and not isinstance(status, str):
+            raise ValueError(f"task {task_id}'s status is {status!r}")
+    total = body.get("total")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)):
+        raise ValueError(f"its total is {total!r}")
+    if isinstance(total, int) and total > len(data):
+        raise ValueError(f"it holds {len(data)} of {total} tasks")
+    return data
 
 
 class Reconciler:
@@ -95,12 +128,21 @@ class Reconciler:
         self._started_at = time.time()
         self._last_run = -math.inf
         self._lock = anyio.Lock()
+        self._failures = 0
+        # Why a pass could not decide, by local id: each such row's `last_error`.
+        self.errors: dict[str, EmoMcpError] = {}
 
     def pending(self) -> bool:
         return bool(self._ledger.rows([SUBMITTING, SUBMIT_UNKNOWN]))
 
     def next_due(self) -> float:
-        return self._last_run + self._settings.poll_interval
+        """One pass every poll interval; after failed passes, less and less often."""
+        interval = self._settings.poll_interval
+        return self._last_run + min(max(BACKOFF_CAP, interval), interval * 2.0**self._failures)
+
+    def failed(self) -> None:
+        """A pass ended in an error: the next one waits longer."""
+        self._failures += 1
 
     def mark_dead_submits(self) -> list[TaskRecord]:
         """SUBMITTING rows whose process is gone become SUBMIT_OUTCOME_UNKNOWN; returns the unknown rows."""
@@ -128,30 +170,48 @@ class Reconciler:
             by_model: dict[str, list[TaskRecord]] = {}
             for row in unknown:
                 by_model.setdefault(row.model, []).append(row)
+            self.errors = {row.task_id: error for row in unknown if (error := self.errors.get(row.task_id))}
+            clean = True
             for model, rows in by_model.items():
-                await self._reconcile_model(model, rows)
+                try:
+                    await self._reconcile_model(model, rows)
+                except Exception as exc:  # one model's trouble: its rows stay unknown, the others go on
+                    clean = False
+                    error = as_task_error(exc, f"Could not look for the lost {model} submit(s)")
+                    if not isinstance(exc, EmoMcpError):
+                        logger.error("reconciling %s failed", model, exc_info=exc)
+                    for row in rows:
+                        self.errors[row.task_id] = error
+                    logger.warning("reconciling %s: %s", model, error)
+                else:
+                    for row in rows:
+                        self.errors.pop(row.task_id, None)
+            self._failures = 0 if clean else self._failures + 1
 
     async def _reconcile_model(self, model: str, rows: list[TaskRecord]) -> None:
         now = time.time()
         start = min(row.created_at for row in rows) - MATCH_SKEW
         body = await self._client.list_tasks(model, beijing_stamp(start), beijing_stamp(now + MATCH_SKEW))
-        data = body.get("data")
-        items = [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
-        ids = [str(item.get("task_id")) for item in items if item.get("task_id")]
+        try:
+            items = listed(body)
+        except ValueError as exc:
+            # Never "not found" from a list that does not read whole: that would free a second, billed submit.
+            raise UnreadableAnswerError(
+                f"DashScope's {model} task list could not be read ({exc}), so it is not known whether the lost "
+                "submit created a task: it stays SUBMIT_OUTCOME_UNKNOWN (an identical generate is still refused) "
+                "and the list is asked again later."
+            ) from exc
+        ids = [str(item["task_id"]) for item in items]
         # A task some other submit of this ledger already owns is not a candidate; one only adopted by id
         # (someone called task_status with it before this pass) still is.
         known = self._ledger.submitted_task_ids(ids)
-        candidates = [
-            item
-            for item in items
-            if item.get("task_id") and not known.get(str(item["task_id"])) and _created(item) is not None
-        ]
+        candidates = [item for item in items if not known.get(str(item["task_id"]))]
         # Closest pairs first: a submit that never reached DashScope must not take the task of a later one.
         pairs = sorted(
-            (abs((_created(c) or 0.0) - row.created_at), index, c_index)
+            (abs(_created(c) - row.created_at), index, c_index)
             for index, row in enumerate(rows)
             for c_index, c in enumerate(candidates)
-            if abs((_created(c) or 0.0) - row.created_at) <= MATCH_SKEW
+            if abs(_created(c) - row.created_at) <= MATCH_SKEW
         )
         matched: dict[int, int] = {}
         for _, index, c_index in pairs:

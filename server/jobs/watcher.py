@@ -13,6 +13,13 @@ time, and each finished step files its task's next due time from its schedule
 (`server/jobs/schedule.py`). Start-up answers the MCP handshake first; recovery then runs in the
 background, in bounded steps: unanswered submits of dead processes are reconciled, stale `.part`
 files of tasks awaiting a download are removed, and recent videos missing on disk are fetched again.
+
+No one task's trouble stops it: whatever a step raises (the upstream, a parser, the disk, a bug) is
+recorded on that task (`last_error` / `download_error`) and the step is retried with a growing
+delay, while every other task goes on. An answer is believed only when it reads as one: a body
+without a known `task_status` is "not known yet", and an answer that would end a task without its
+video (SUCCEEDED with no URL, UNKNOWN for a task this ledger follows) is asked again a few times
+before it is recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
-from server.errors import EmoMcpError, StorageError, TaskNotFoundError, UpstreamError
+from server.errors import EmoMcpError, TaskNotFoundError, UnreadableAnswerError, UpstreamError, as_task_error
 from server.jobs.reconcile import HOST, Reconciler, owner_token, pid_alive
 from server.jobs.schedule import Eta, estimate, learned_rate, next_query, parse_beijing
 from server.media.sources import file_sha256
@@ -39,6 +46,7 @@ from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
 from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry, Rate
+from server.upstream.answers import snippet
 from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,10 @@ EXPIRED_MESSAGE = (
     "The task SUCCEEDED (and was billed) but its video URL no longer works ({why}); result URLs expire "
     "24 hours after the task ends, so the video could not be saved."
 )
+NO_URL_MESSAGE = (
+    "DashScope reported this task SUCCEEDED (so it was billed) in {n} answers but never gave its video URL, "
+    "so the video could not be saved. Keep the task id and request ids for Alibaba Cloud support."
+)
 DOWNLOAD_BACKOFF_CAP = 300.0
 # A claimed task is not handed out again for this long (its step normally files a due time sooner).
 LEASE = 30.0
@@ -59,6 +71,11 @@ RECOVER_WINDOW = 26 * 3600.0
 RECOVER_BATCH = 200
 # Output seconds assumed for an EMO task whose audio length is unknown, until tasks have finished.
 DEFAULT_OUTPUT_SECONDS = 10.0
+QUERY_BACKOFF_CAP = 300.0
+# Statuses a task answer may carry (the SDK also knows SUSPENDED); any other value is not believed.
+KNOWN_STATUSES = frozenset({"PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+# An answer that would end a task without its video is believed only after this many in a row.
+DOUBTFUL_ANSWERS = 3
 
 
 def _video_url(output: dict[str, Any]) -> str | None:
@@ -103,6 +120,9 @@ class _State:
     inflight: anyio.Event | None = None
     last_query: float = -math.inf
     error: EmoMcpError | None = None
+    query_failures: int = 0
+    retry_at: float = 0.0  # epoch seconds: after a failed query, when to ask again (backed off)
+    doubts: int = 0  # answers in a row that would end the task without its video
     download_error: str | None = None
     download_failures: int = 0
     next_download: float = 0.0  # epoch seconds
@@ -146,10 +166,13 @@ class Watcher:
             self.recovered.set()
             task_status.started()  # nothing can be queried without a key
             return
-        self.queue.fill_once(time.time())
-        # Steps a killed process had in flight are due now, not when their lease runs out.
-        dead = [task_id for task_id, owner in self.queue.claims() if _claimer_dead(owner)]
-        self.queue.release(dead, time.time())
+        try:
+            self.queue.fill_once(time.time())
+            # Steps a killed process had in flight are due now, not when their lease runs out.
+            dead = [task_id for task_id, owner in self.queue.claims() if _claimer_dead(owner)]
+            self.queue.release(dead, time.time())
+        except Exception:  # a damaged ledger must not keep the server from starting
+            logger.exception("watcher: could not prepare the due queue; following it as it is")
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
@@ -158,7 +181,11 @@ class Watcher:
             else:
                 self.recovered.set()
             while True:
-                delay = self._tick(tg)
+                try:
+                    delay = self._tick(tg)
+                except Exception:  # a locked or damaged ledger: this round is skipped, not the server
+                    logger.exception("watcher: could not read the ledger; trying again in %.2fs", self.interval)
+                    delay = self.interval
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -168,8 +195,8 @@ class Watcher:
             # Recovery yields between bounded batches, so the handshake and calls are never held up.
             await anyio.lowlevel.checkpoint()
             await self.recover()
-        except (OSError, sqlite3.Error) as exc:  # the server goes on; the next start tries again
-            logger.warning("recovery after restart stopped early: %s", exc)
+        except Exception:  # a damaged folder or ledger: the server goes on; the next start tries again
+            logger.exception("recovery after restart stopped early; following the ledger's tasks anyway")
         finally:
             self.recovered.set()
 
@@ -315,9 +342,9 @@ class Watcher:
     def errors(self, task_id: str) -> tuple[str | None, str | None]:
         """(last query error, last download error) of a task, for its status answer."""
         state = self._states.get(task_id)
-        if state is None:
-            return None, None
-        return (str(state.error) if state.error else None), state.download_error
+        error = state.error if state is not None else None
+        error = error or self.reconciler.errors.get(task_id)
+        return (str(error) if error else None), (state.download_error if state is not None else None)
 
     # ------------------------------------------------------------------ the work
 
@@ -330,8 +357,9 @@ class Watcher:
     async def _reconcile(self) -> None:
         try:
             await self.reconciler.run_once()
-        except (EmoMcpError, OSError, sqlite3.Error) as exc:
-            logger.warning("reconciling unanswered submits failed: %s", exc)
+        except Exception:  # the ledger, the disk or a bug: unanswered submits stay unknown, retried later
+            logger.exception("reconciling unanswered submits failed")
+            self.reconciler.failed()
 
     async def _step(self, task_id: str, done: anyio.Event) -> None:
         """Query the task if it is not finished, then download its video if it succeeded."""
@@ -342,26 +370,21 @@ class Watcher:
                 # The schedule counts from when a query starts, so one lands every interval, not every
                 # interval plus a round trip.
                 began = time.monotonic()
+                state.last_query = began
                 try:
-                    record = await self._poll(task_id, record)
-                    state.error = None
-                except EmoMcpError as exc:
-                    state.error = exc
-                    if not isinstance(exc, TaskNotFoundError):
-                        logger.warning("task %s: query failed: %s", task_id, exc)
+                    record = await self._poll(task_id, record, state)
+                except Exception as exc:  # this task's trouble (upstream, parser, disk, bug), never the server's
+                    self._query_failed(task_id, state, began, exc)
                     return
-                except (OSError, sqlite3.Error) as exc:
-                    # The disk or the ledger, not DashScope: keep the watcher (and the server) alive and retry.
-                    state.error = StorageError(f"Could not record task {task_id} locally ({exc}); retrying.")
-                    logger.warning("task %s: %s", task_id, state.error)
-                    return
-                finally:
-                    state.last_query = began
+                state.error = None
+                state.query_failures = 0
             if needs_download(record) and record.video_url:
                 try:
                     await self._download(record, state)
-                except (OSError, sqlite3.Error) as exc:  # a full disk, a locked ledger: back off and retry
-                    self._download_failed(record, state, StorageError(f"Could not save the video ({exc})."))
+                except Exception as exc:  # a full disk, a locked ledger, a bug: back off and retry
+                    self._download_failed(record, state, _as_error(exc, "Could not save the video"))
+        except Exception as exc:  # reading the ledger itself failed: retried at the next due time
+            self._query_failed(task_id, state, time.monotonic(), exc)
         finally:
             state.inflight = None
             self._inflight.discard(task_id)
@@ -388,7 +411,10 @@ class Watcher:
         began_epoch = now - (time.monotonic() - began)
         if self.queue.get(record.task_id) is None:  # adopted or restored without a row: queue it first
             self.queue.schedule(record.task_id, record.model, record.created_at, now)
-        eta = self.eta(record) if state.error is None else None
+        if state.error is not None:  # the last query failed: ask again after its backed-off delay
+            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY)
+            return
+        eta = self.eta(record)
         due = next_query(
             schedule=self._settings.poll_schedule,
             began=began_epoch,
@@ -456,11 +482,26 @@ class Watcher:
             self.queue.reschedule(behind.task_id, min(behind.due_at, soon), behind.stage)
             self._wake.set()
 
-    async def _poll(self, task_id: str, record: TaskRecord | None) -> TaskRecord:
+    def _query_failed(self, task_id: str, state: _State, began: float, exc: Exception) -> None:
+        """Record the failure on the task and ask again after a delay that grows with each failure."""
+        state.error = _as_error(exc, f"Could not follow task {task_id}")
+        state.query_failures += 1
+        delay = min(QUERY_BACKOFF_CAP, self.interval * 2**state.query_failures)
+        state.retry_at = time.time() + (began + delay - time.monotonic())
+        if not isinstance(exc, TaskNotFoundError):
+            logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
+
+    async def _poll(self, task_id: str, record: TaskRecord | None, state: _State) -> TaskRecord:
         body = await self._client.get_task(task_id)
-        output = body.get("output") if isinstance(body.get("output"), dict) else {}
-        assert isinstance(output, dict)
-        status = str(output.get("task_status") or "UNKNOWN")
+        output = body.get("output")
+        status = output.get("task_status") if isinstance(output, dict) else None
+        if not isinstance(output, dict) or not isinstance(status, str) or status not in KNOWN_STATUSES:
+            what = "no task_status" if status is None else f"the task_status {snippet(status)!r}, which is not one"
+            again = "call task_status again" if record is None else "it is asked again"
+            raise UnreadableAnswerError(
+                f"DashScope's answer about task {task_id} has {what} this server knows, so the task's state is "
+                f"not known yet (nothing was changed); {again}."
+            )
         if record is None:
             if status == "UNKNOWN":
                 raise TaskNotFoundError(
@@ -474,6 +515,18 @@ class Watcher:
             # file per minute saying the same thing. The ledger counts every query (`polls`).
             self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
         fields: dict[str, Any] = {"polls": polls}
+        video_url = _video_url(output) if status == "SUCCEEDED" else None
+        doubtful = (status == "UNKNOWN" and not record.finished) or (status == "SUCCEEDED" and not video_url)
+        doubtful = doubtful or (record.status == "SUCCEEDED" and status == "UNKNOWN")
+        state.doubts = state.doubts + 1 if doubtful else 0
+        if doubtful and state.doubts < DOUBTFUL_ANSWERS:
+            # Would end the task without its video: believed only if it says so again.
+            self._ledger.update_task(task_id, polls=polls)
+            raise UnreadableAnswerError(
+                f"DashScope answered {status} for task {task_id}"
+                + (" without a video URL" if status == "SUCCEEDED" else "")
+                + f" ({state.doubts} of {DOUBTFUL_ANSWERS} such answers before it is believed); asking again."
+            )
         if record.status == "SUCCEEDED" and status == "UNKNOWN":
             # The task id expired before its video URL was recorded: the result is gone.
             fields.update(code=VIDEO_EXPIRED, message=EXPIRED_MESSAGE.format(why="the task id expired"))
@@ -484,10 +537,10 @@ class Watcher:
             if output.get(name):
                 fields[name] = str(output[name])
         if status == "SUCCEEDED":
-            fields["video_url"] = _video_url(output)
+            fields["video_url"] = video_url
             fields["usage"] = body.get("usage") if isinstance(body.get("usage"), dict) else None
-            if not fields["video_url"]:
-                fields.update(code=VIDEO_EXPIRED, message="DashScope reported SUCCEEDED without a video_url.")
+            if not video_url:
+                fields.update(code=VIDEO_EXPIRED, message=NO_URL_MESSAGE.format(n=state.doubts))
         elif status in {"FAILED", "CANCELED"}:
             fields["code"] = str(output.get("code") or status)
             fields["message"] = str(output.get("message") or "")
@@ -586,3 +639,10 @@ def _claimer_dead(owner: str) -> bool:
     if host != HOST or not pid.isdigit():
         return False  # another host's process cannot be checked: its lease runs out
     return int(pid) == os.getpid() or not pid_alive(int(pid))
+
+
+def _as_error(exc: Exception, doing: str) -> EmoMcpError:
+    error = as_task_error(exc, doing)
+    if not isinstance(exc, EmoMcpError | OSError | sqlite3.Error):
+        logger.error("%s: unexpected %s", doing, type(exc).__name__, exc_info=exc)
+    return error

@@ -6,6 +6,12 @@ from the task id). Scenario keywords in URLs select failure paths: ``noface``, `
 ``unreachable`` at detect time, ``failtask`` at generate time. ``/images/<name>.png`` serves a drawn
 portrait whose face sits in the face box detected for that URL. Nothing here writes to stdout:
 the product speaks MCP over stdio.
+
+Misbehaviour on demand: ``inject(...)`` replaces the next answers of a path with a status or a
+JSON body; ``fault(endpoint, kind, ...)`` (the fault layer, `FaultLayer` at the end of this module)
+makes any endpoint answer with HTML, truncated or wrongly shaped 200s, lies in Content-Length,
+resets mid-body, stalls, redirect loops, redirects to private addresses or compressed bombs,
+before or after the fake acted on the request.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import hashlib
 import hmac
 import json
@@ -25,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal, get_args
 
 import anyio
 import uvicorn
@@ -34,6 +41,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from server.config import SANDBOX_API_KEY
 from server.sandbox.sample_media import portrait_png
@@ -261,6 +269,9 @@ class FakeDashScope:
         self._policies: dict[str, _Policy] = {}
         self._images: dict[str, bytes] = {}
         self._injections: list[_Injection] = []
+        self._md5s: dict[tuple[str, int], str] = {}
+        # Planned faults per endpoint (see FaultLayer); `fault(...)` adds one.
+        self.faults = FaultLayer(self)
         self._lock = threading.RLock()
         self._closing = False
         api = "/api/v1"
@@ -312,6 +323,29 @@ class FakeDashScope:
         with self._lock:
             self._injections.clear()
 
+    def fault(
+        self,
+        endpoint: Endpoint,
+        kind: FaultKind,
+        *,
+        after: bool = False,
+        times: int = 1,
+        status: int = 503,
+        retry_after: str | None = None,
+        body: Any = None,
+        seconds: float = 30.0,
+        match: str | None = None,
+    ) -> Fault:
+        """Make the next `times` requests to `endpoint` misbehave as `kind` (see `FaultLayer`).
+
+        With `after` the fake first acts on the request (a task is created, a cancel done, an upload
+        stored) and only its answer is replaced: the answer of a request that worked is lost.
+        `match` limits the fault to paths that contain it (one task's queries or video).
+        """
+        planned = Fault(endpoint, kind, after, times, status, retry_after, body, seconds, match)
+        self.faults.add(planned)
+        return planned
+
     def complete(self, task_id: str) -> None:
         with self._lock:
             self._transition(self.tasks[task_id], "SUCCEEDED")
@@ -360,6 +394,16 @@ class FakeDashScope:
 
     def video_bytes(self, task_id: str) -> bytes:
         return b"".join(self.video_chunks(task_id))
+
+    def video_md5(self, task_id: str) -> str:
+        """The video's MD5 as OSS sends it in Content-MD5 (base64), computed once per task and size."""
+        key = (task_id, self.video_size if self.video is None else -id(self.video))
+        if key not in self._md5s:
+            digest = hashlib.md5(usedforsecurity=False)
+            for chunk in self.video_chunks(task_id):
+                digest.update(chunk)
+            self._md5s[key] = base64.b64encode(digest.digest()).decode()
+        return self._md5s[key]
 
     def video_sha256(self, task_id: str) -> str:
         digest = hashlib.sha256()
@@ -460,6 +504,9 @@ class FakeDashScope:
         with self._lock:
             self.requests.append(record)
             rule = self._take_injection(request.method, path)
+            fault = self.faults.take(request.method, path) if rule is None else None
+        if fault is not None and not fault.after:
+            return self.faults.answer(fault, request, None)
         if rule is not None and not rule.passthrough:
             await self._sleep(rule.delay)
             if rule.body is not None:
@@ -477,6 +524,8 @@ class FakeDashScope:
             await self._sleep(rule.delay)
             for name, value in (rule.headers or {}).items():
                 response.headers[name] = value
+        if fault is not None:
+            return self.faults.answer(fault, request, response)
         return response
 
     async def _read_body(self, request: Request) -> Any:
@@ -662,6 +711,8 @@ class FakeDashScope:
 
     def _transition(self, task: FakeTask, status: str, code: str | None = None, msg: str | None = None) -> None:
         now = time.time()
+        if status == "SUCCEEDED":
+            self.video_md5(task.task_id)  # computed now, not while a download waits for its headers
         task.status = status
         if status == "RUNNING" or status in ("SUCCEEDED", "FAILED"):
             task.scheduled_wall = task.scheduled_wall or now
@@ -802,7 +853,11 @@ class FakeDashScope:
                 yield chunk
 
         given = self._given_video(task.task_id)
-        headers = {"content-length": str(self.video_size if given is None else len(given))}
+        # OSS sends the object's MD5 (base64), which is what lets a client see a body cut short.
+        headers = {
+            "content-length": str(self.video_size if given is None else len(given)),
+            "content-md5": self.video_md5(task.task_id),
+        }
         return StreamingResponse(stream(), headers=headers, media_type="video/mp4")
 
     def image_url(self, name: str) -> str:
@@ -891,3 +946,207 @@ class FakeDashScope:
             return _oss_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size.")
         self.objects[key] = StoredObject(policy.model, data, hashlib.sha256(data).hexdigest())
         return Response(b"", status_code=200)
+
+
+# ================================================================= fault layer
+# Everything below makes the fake misbehave on purpose (tests/test_faults.py); the fake itself
+# only calls `FaultLayer.take` and `FaultLayer.answer` from `_entry`.
+
+Endpoint = Literal["detect", "submit", "task_query", "task_list", "cancel", "download", "upload_policy", "upload"]
+FaultKind = Literal[
+    "status",  # an error status (`status`), with `retry_after` as Retry-After when given
+    "html",  # 200 with an HTML page (a proxy's or a captive portal's)
+    "truncated",  # 200 whose body is cut in half (a complete HTTP message: Content-Length says the cut length)
+    "shape",  # 200 with `body` as JSON (a wrong shape)
+    "length_lie",  # Content-Length says more than is sent, then the connection closes
+    "reset",  # half of the body (chunked), then the connection is reset
+    "stall",  # nothing for `seconds` (after: once the headers, and for a download a first piece, are sent)
+    "redirect",  # 302 to the same URL with an extra query parameter (a legitimate hop)
+    "redirect_loop",  # 302 to the very same URL
+    "redirect_private",  # 302 to the same path on 10.0.0.1 (the client must refuse it without connecting)
+    "bomb",  # Content-Encoding: gzip of BOMB_BYTES zeros (~64 KiB on the wire)
+    "bad_encoding",  # Content-Encoding: gzip on a body that is not gzip
+]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
+BOMB_BYTES = 64 * 1024 * 1024
+PRIVATE_ORIGIN = "http://10.0.0.1"  # never contacted: the client's address guard must refuse it first
+_HTML_PAGE = (
+    b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+)
+_ENDPOINT_PATHS: list[tuple[Endpoint, str, re.Pattern[str]]] = [
+    ("detect", "POST", re.compile(r"/api/v1/services/aigc/image2video/face-detect/?")),
+    ("submit", "POST", re.compile(r"/api/v1/services/aigc/image2video/video-synthesis/?")),
+    ("task_list", "GET", re.compile(r"/api/v1/tasks/?")),
+    ("cancel", "POST", re.compile(r"/api/v1/tasks/[^/]+/cancel/?")),
+    ("task_query", "GET", re.compile(r"/api/v1/tasks/[^/]+/?")),
+    ("upload_policy", "GET", re.compile(r"/api/v1/uploads/?")),
+    ("upload", "POST", re.compile(r"/oss-upload/?")),
+    ("download", "GET", re.compile(r"/files/(?P<task_id>[^/]+)\.mp4")),
+]
+_RESET = object()  # a part of a _FaultAnswer: break the connection here
+
+
+def endpoint_of(method: str, path: str) -> Endpoint | None:
+    for endpoint, expected, pattern in _ENDPOINT_PATHS:
+        if method == expected and pattern.fullmatch(path):
+            return endpoint
+    return None
+
+
+@dataclass
+class Fault:
+    """One planned fault; `served` counts the answers it replaced."""
+
+    endpoint: Endpoint
+    kind: FaultKind
+    after: bool = False
+    times: int = 1
+    status: int = 503
+    retry_after: str | None = None
+    body: Any = None
+    seconds: float = 30.0
+    match: str | None = None
+    served: int = 0
+
+
+class _FaultAnswer(Response):
+    """An answer sent piece by piece in raw ASGI, so it can lie about its length, stall or break off."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        parts: list[Any],
+        sleep: Callable[[float], Any],
+        *,
+        silence: float = 0.0,
+    ) -> None:
+        super().__init__(status_code=status)
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self._parts = parts
+        self._pause = sleep
+        self._silence = silence  # before the headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._silence:
+            await self._pause(self._silence)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for part in self._parts:
+            if part is _RESET:
+                # uvicorn closes the connection of an app that fails mid-answer: the client sees a cut body.
+                raise ConnectionResetError("connection reset by the fake's fault layer")
+            if isinstance(part, float):
+                await self._pause(part)
+            else:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class FaultLayer:
+    """Planned faults per endpoint, used in the order they were added, each for its `times` requests."""
+
+    _bomb: bytes | None = None
+
+    def __init__(self, fake: FakeDashScope) -> None:
+        self._fake = fake
+        self._planned: list[Fault] = []
+        self.served: list[tuple[Endpoint, FaultKind]] = []  # what was sent, in order
+
+    def add(self, fault: Fault) -> None:
+        if fault.endpoint not in ENDPOINTS or fault.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {fault.endpoint}/{fault.kind}")
+        with self._fake._lock:
+            self._planned.append(fault)
+
+    def clear(self) -> None:
+        """Drop every planned fault not yet used: the upstream behaves again."""
+        with self._fake._lock:
+            self._planned.clear()
+
+    def pending(self) -> list[Fault]:
+        with self._fake._lock:
+            return list(self._planned)
+
+    def take(self, method: str, path: str) -> Fault | None:
+        """The fault for this request, if one is planned (called under the fake's lock)."""
+        endpoint = endpoint_of(method, path)
+        for fault in self._planned:
+            if fault.endpoint == endpoint and (fault.match is None or fault.match in path):
+                fault.served += 1
+                if fault.served >= fault.times:
+                    self._planned.remove(fault)
+                self.served.append((fault.endpoint, fault.kind))
+                return fault
+        return None
+
+    @classmethod
+    def bomb(cls) -> bytes:
+        if cls._bomb is None:
+            cls._bomb = gzip.compress(bytes(BOMB_BYTES), compresslevel=9)  # zeros: ~1000:1
+        return cls._bomb
+
+    def answer(self, fault: Fault, request: Request, acted: Response | None) -> Response:
+        """The faulty answer; `acted` is the fake's own answer when it acted first (an `after` fault)."""
+        download = fault.endpoint == "download"
+        media = "video/mp4" if download else "application/json"
+        body = self._body(fault, request, acted)
+        headers: dict[str, str] = {"content-type": media}
+        if fault.retry_after is not None:
+            headers["retry-after"] = fault.retry_after
+        sleep = self._fake._sleep
+        kind = fault.kind
+        if kind == "status":
+            if download or fault.endpoint == "upload":
+                error = _oss_error(fault.status, "InternalError", "Injected fault.")
+            else:
+                code, message = _DEFAULT_CODES.get(fault.status, ("InternalError", "An internal error has occurred."))
+                error = JSONResponse(_error_body(code, message), fault.status)
+            for name, value in headers.items():
+                if name != "content-type":
+                    error.headers[name] = value
+            return error
+        if kind in ("redirect", "redirect_loop", "redirect_private"):
+            here = str(request.url)
+            if kind == "redirect":
+                here += ("&" if request.url.query else "?") + f"hop={fault.served}"
+            elif kind == "redirect_private":
+                here = PRIVATE_ORIGIN + request.url.path
+            return Response(b"", 302, headers={"location": here})
+        if kind == "html":
+            return Response(_HTML_PAGE, 200, media_type="text/html")
+        if kind == "shape":
+            return JSONResponse(fault.body if fault.body is not None else {"request_id": _request_id()}, 200)
+        if kind == "truncated":
+            cut = body[: max(1, len(body) // 2)]
+            if download:
+                headers["content-md5"] = self._fake.video_md5(self._task_id(request))  # the whole object's
+            return _FaultAnswer(200, {**headers, "content-length": str(len(cut))}, [cut], sleep)
+        if kind == "length_lie":
+            return _FaultAnswer(200, {**headers, "content-length": str(len(body) + 4096)}, [body, _RESET], sleep)
+        if kind == "reset":
+            return _FaultAnswer(200, headers, [body[: len(body) // 2], _RESET], sleep)
+        if kind == "stall" and (fault.after or download):
+            # Chunked (no Content-Length): even an empty body is not complete until its last chunk.
+            first = body[:CHUNK_SIZE] if download else b""
+            return _FaultAnswer(200, headers, [first, float(fault.seconds), body[len(first) :]], sleep)
+        if kind == "stall":  # before acting: silence, then a refusal (if anyone still listens)
+            refused = json.dumps(_error_body("InternalError", "stalled")).encode()
+            return _FaultAnswer(fault.status, headers, [refused], sleep, silence=float(fault.seconds))
+        if kind == "bomb":
+            headers.update({"content-encoding": "gzip", "content-length": str(len(self.bomb()))})
+            return _FaultAnswer(200, headers, [self.bomb()], sleep)
+        headers.update({"content-encoding": "gzip", "content-length": str(len(body))})  # bad_encoding
+        return _FaultAnswer(200, headers, [body], sleep)
+
+    def _task_id(self, request: Request) -> str:
+        match = _ENDPOINT_PATHS[-1][2].fullmatch(request.url.path)
+        return match.group("task_id") if match else ""
+
+    def _body(self, fault: Fault, request: Request, acted: Response | None) -> bytes:
+        """What the faulty answer carries: the video, the fake's own answer, or a plausible one."""
+        if fault.endpoint == "download":
+            return self._fake.video_bytes(self._task_id(request))
+        if acted is not None and not isinstance(acted, StreamingResponse):
+            return bytes(acted.body)
+        return json.dumps({"request_id": _request_id(), "output": {"task_status": "PENDING"}}).encode()

@@ -2,19 +2,20 @@
 
 Rules from the contract that live here and nowhere else:
 - detect is synchronous and never sends `X-DashScope-Async`; a submit always does;
-- task reads are retried (429 / 5xx / transport) with capped, jittered backoff honouring
-  `Retry-After`; a submit is never retried once it may have reached the service;
+- task reads are retried (429 / 5xx / transport / an unreadable answer) with capped, jittered
+  backoff honouring `Retry-After`; a submit is never retried once it may have reached the service;
 - every call waits for its slot in `server.upstream.limits` (task queries per process, detect/submit per
   model), and a 429 pauses that whole limiter, not just the one request;
+- an answer is read through `server.upstream.answers` (bounded, redirects not followed), and
+  whatever goes wrong is said in terms of the call: billed or not, done or not, safe to repeat or not;
 - the result URL is fetched without the API key (it is a signed storage URL on another host),
-  streamed (on a worker thread, see `server/upstream/streaming.py`) to a per-process temporary file with its
-  sha256 computed on the way, checked against Content-Length and flushed to disk, then renamed: a
-  `.mp4` is always complete.
+  each redirect hop vetted by the private-address guard, streamed (on a worker thread, see
+  `server/upstream/streaming.py`) to a per-process temporary file, verified (MP4 start,
+  Content-Length, Content-MD5) and flushed to disk, then renamed: a `.mp4` is always complete.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import os
@@ -24,20 +25,35 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx2
 
 from server.errors import (
     MissingApiKeyError,
-    ServiceError,
     SubmitOutcomeUnknownError,
+    UnreadableAnswerError,
     UpstreamError,
     UpstreamUnavailableError,
     upstream_error,
 )
+from server.media.addresses import BlockedAddressError, guard_url, is_loopback, pinned_sync_transport, public_only
+from server.upstream.answers import (
+    HTTP_STACK_ERRORS,
+    Answer,
+    NoAnswer,
+    NotSent,
+    Unreadable,
+    exchange,
+    parse_retry_after,
+    refusal,
+    snippet,
+)
 from server.upstream.limits import Limits, RateLimiter
-from server.upstream.streaming import download_to_file
+from server.upstream.streaming import BadVideoError, download_to_file
+
+__all__ = ["DashScopeClient", "Downloaded", "backoff_delay", "parse_retry_after", "part_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +67,35 @@ UPLOAD_TIMEOUT = httpx2.Timeout(120.0, connect=10.0)
 # A submit that outlives this is "outcome unknown" (kept apart so tests can shorten it alone).
 SUBMIT_TIMEOUT = DEFAULT_TIMEOUT
 DETECT_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
+# The read timeout is the download's stall limit (no byte for this long); the deadline bounds an attempt.
 DOWNLOAD_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)
+DOWNLOAD_DEADLINE = 900.0
+MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_READ_RETRIES = 4
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 8.0
 RETRY_AFTER_CAP = 60.0
+UPLOAD_ANSWER_BYTES = 64 * 1024
+UPLOAD_POLICY_QPS = 100.0
 
 Sleep = Callable[[float], Awaitable[None]]
 # Building an httpx2 client imports its transport and a TLS context (~80 ms): too slow for start-up.
 HttpFactory = Callable[[], httpx2.AsyncClient]
+
+DETECT_NOT_SENT = (
+    "DashScope could not be reached for detection ({why}); nothing was sent and nothing billed. "
+    "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
+)
+DETECT_UNREADABLE = (
+    "DashScope {what} ({why}). {billed} This says nothing about the portrait, which may well be fine: "
+    "call the detect tool again (safe; at most one more detection is billed)."
+)
+CANCEL_UNKNOWN = (
+    "DashScope {what} ({why}), so whether task {task_id} was cancelled is not known{likely}. Call task_status "
+    "to see whether it is CANCELED; calling task_cancel again is safe (it costs nothing and cancels only a "
+    "PENDING task)."
+)
 
 
 @dataclass(frozen=True)
@@ -70,21 +106,6 @@ class Downloaded:
     seconds: float = 0.0  # the successful attempt, request to rename (recorded in video.json)
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
     """Full-jitter exponential backoff; a server's Retry-After wins (capped)."""
     if retry_after is not None:
@@ -92,35 +113,16 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt)))
 
 
-def _error_from_response(response: httpx2.Response) -> UpstreamError:
-    code, message, request_id = f"HTTP{response.status_code}", "", None
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    if isinstance(body, dict):
-        code = str(body.get("code") or code)
-        message = str(body.get("message") or "")
-        request_id = body.get("request_id")
-    elif response.text:
-        message = response.text[:200]
-    return upstream_error(
-        response.status_code,
-        code,
-        message,
-        str(request_id) if request_id else None,
-        parse_retry_after(response.headers.get("retry-after")),
-    )
+def _not_a_verdict(answer: Answer) -> str:
+    """Why a non-error answer without a readable body (a redirect, an odd status) is not an answer."""
+    if answer.status in REDIRECT_STATUSES:
+        where = answer.headers.get("location", "nowhere")
+        return f"HTTP {answer.status}, a redirect to {snippet(where, 120)} that this server does not follow"
+    return f"HTTP {answer.status}"
 
 
-def _json_body(response: httpx2.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(response.status_code, "BadResponse", "DashScope answered with non-JSON") from exc
-    if not isinstance(body, dict):
-        raise ServiceError(response.status_code, "BadResponse", "DashScope answered with a non-object")
-    return body
+class _DownloadProblem(Exception):
+    """One attempt at the video failed in a way another attempt may not (the message says how)."""
 
 
 class DashScopeClient:
@@ -137,9 +139,12 @@ class DashScopeClient:
     ) -> None:
         self._http_or_factory = http
         self._base_url = base_url.rstrip("/")
+        self._upstream_host = urlsplit(self._base_url).hostname or ""
         self._api_key = api_key
         self._sleep = sleep
         self.limits = limits or Limits()
+        # Policy calls have their own limit (100 QPS per account and model), not the task queries'.
+        self._policies = RateLimiter(UPLOAD_POLICY_QPS)
 
     @property
     def _http(self) -> httpx2.AsyncClient:
@@ -147,6 +152,11 @@ class DashScopeClient:
         if not isinstance(self._http_or_factory, httpx2.AsyncClient):
             self._http_or_factory = self._http_or_factory()
         return self._http_or_factory
+
+    @property
+    def http(self) -> httpx2.AsyncClient:
+        """The shared HTTP client (pre-flight fetches reuse its connection pool)."""
+        return self._http
 
     def _headers(self, *, asynchronous: bool = False, oss: bool = False) -> dict[str, str]:
         if not self._api_key:
@@ -158,6 +168,8 @@ class DashScopeClient:
             headers["X-DashScope-OssResourceResolve"] = "enable"
         return headers
 
+    # ------------------------------------------------------------------ paid calls
+
     async def detect(self, model: str, image_url: str, ratio: str | None) -> dict[str, Any]:
         """POST face-detect. Billed per call, so only a 429 (refused, not billed) is retried."""
         payload: dict[str, Any] = {"model": model, "input": {"image_url": image_url}}
@@ -168,21 +180,38 @@ class DashScopeClient:
         for attempt in range(MAX_READ_RETRIES + 1):
             await limiter.acquire()
             try:
-                response = await self._http.post(
-                    self._base_url + DETECT_PATH, json=payload, headers=headers, timeout=DETECT_TIMEOUT
-                )
-            except httpx2.TransportError as exc:
-                raise UpstreamUnavailableError(
-                    f"DashScope could not be reached for detection ({type(exc).__name__}). "
-                    "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
+                answer = await exchange(
+                    self._http, "POST", self._base_url + DETECT_PATH, json=payload, headers=headers,
+                    http_timeout=DETECT_TIMEOUT,
+                )  # fmt: skip
+            except NotSent as exc:
+                raise UpstreamUnavailableError(DETECT_NOT_SENT.format(why=exc)) from exc
+            except NoAnswer as exc:
+                raise UnreadableAnswerError(
+                    DETECT_UNREADABLE.format(
+                        what="did not answer the detection",
+                        why=exc,
+                        billed="It may or may not have been billed (one detection).",
+                    )
                 ) from exc
-            if response.status_code == 429 and attempt < MAX_READ_RETRIES:
-                error = _error_from_response(response)
-                await self._throttled(limiter, attempt, error.retry_after)
+            if answer.status == 429 and attempt < MAX_READ_RETRIES:
+                await self._throttled(limiter, attempt, answer.refusal().retry_after)
                 continue
-            if response.status_code >= 400:
-                raise _error_from_response(response)
-            return _json_body(response)
+            if answer.status >= 400:
+                raise answer.refusal()
+            try:
+                if not answer.ok:
+                    raise Unreadable(_not_a_verdict(answer))
+                return answer.data()
+            except Unreadable as exc:
+                billed = "It was probably billed (one detection)." if answer.ok else "It was probably not billed."
+                raise UnreadableAnswerError(
+                    DETECT_UNREADABLE.format(
+                        what=f"answered the detection with HTTP {answer.status} but the answer was unreadable",
+                        why=exc,
+                        billed=billed,
+                    )
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -192,33 +221,34 @@ class DashScopeClient:
         limiter = self.limits.model(str(payload.get("model")))
         await limiter.acquire()
         try:
-            response = await self._http.post(
-                self._base_url + SUBMIT_PATH, json=payload, headers=headers, timeout=SUBMIT_TIMEOUT
-            )
-        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+            answer = await exchange(
+                self._http, "POST", self._base_url + SUBMIT_PATH, json=payload, headers=headers,
+                http_timeout=SUBMIT_TIMEOUT,
+            )  # fmt: skip
+        except NotSent as exc:
             # The connection was never made (or never got a pooled one), so nothing reached the service.
             raise UpstreamUnavailableError(
-                f"DashScope could not be reached ({type(exc).__name__}); nothing was submitted. "
+                f"DashScope could not be reached ({exc}); nothing was submitted. "
                 "Check the network and DASHSCOPE_HTTP_BASE_URL, then call again."
             ) from exc
-        except httpx2.TransportError as exc:
-            raise SubmitOutcomeUnknownError(
-                f"The submit was sent but no answer came back ({type(exc).__name__})."
-            ) from exc
-        if response.status_code >= 500:
-            error = _error_from_response(response)
+        except NoAnswer as exc:
+            raise SubmitOutcomeUnknownError(f"The submit was sent but no answer came back ({exc}).") from exc
+        if answer.status >= 500:
+            error = answer.refusal()
             raise SubmitOutcomeUnknownError(str(error)) from error
-        if response.status_code >= 400:
-            error = _error_from_response(response)
-            if response.status_code == 429:
+        if answer.status >= 400:
+            error = answer.refusal()
+            if answer.status == 429:
                 limiter.pause(backoff_delay(0, error.retry_after))
             raise error
         try:
-            return _json_body(response)
-        except ServiceError as exc:
-            # Accepted (2xx) but unreadable: a task may well exist, so this is not a refusal.
+            if not answer.ok:
+                raise Unreadable(_not_a_verdict(answer))
+            return answer.data()
+        except Unreadable as exc:
+            # Accepted (2xx), or bounced somewhere on the way: a task may well exist, so this is not a refusal.
             raise SubmitOutcomeUnknownError(
-                f"DashScope accepted the submit but its answer was unreadable ({exc})."
+                f"DashScope answered the submit with HTTP {answer.status} but the answer was unreadable ({exc})."
             ) from exc
 
     async def _throttled(self, limiter: RateLimiter, attempt: int, retry_after: float | None) -> float:
@@ -227,6 +257,8 @@ class DashScopeClient:
         limiter.pause(delay)
         await self._sleep(delay)
         return delay
+
+    # ------------------------------------------------------------------ tasks
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         """GET /tasks/{id}, retried: a read is safe to repeat."""
@@ -246,138 +278,233 @@ class DashScopeClient:
     async def cancel_task(self, task_id: str) -> dict[str, Any]:
         """POST /tasks/{id}/cancel once; the service refuses it unless the task is PENDING."""
         headers = {"Authorization": self._headers()["Authorization"]}
-        while True:
-            await self.limits.queries.acquire()
-            try:
-                response = await self._http.post(
-                    f"{self._base_url}/tasks/{task_id}/cancel", headers=headers, timeout=DEFAULT_TIMEOUT
+        await self.limits.queries.acquire()
+        try:
+            answer = await exchange(
+                self._http, "POST", f"{self._base_url}/tasks/{task_id}/cancel", headers=headers,
+                http_timeout=DEFAULT_TIMEOUT,
+            )  # fmt: skip
+        except NotSent as exc:
+            raise UpstreamUnavailableError(
+                f"DashScope could not be reached for the cancel ({exc}); task {task_id} was not cancelled. "
+                "Check the network, then call task_cancel again."
+            ) from exc
+        except NoAnswer as exc:
+            raise UpstreamUnavailableError(
+                CANCEL_UNKNOWN.format(what="did not answer the cancel", why=exc, task_id=task_id, likely="")
+            ) from exc
+        if answer.status == 429:
+            error = answer.refusal()
+            self.limits.queries.pause(backoff_delay(0, error.retry_after))
+            raise error
+        if 400 <= answer.status < 500:
+            raise answer.refusal()  # a refusal: the service says why (not PENDING, no such task)
+        if answer.status >= 500 or not answer.ok:
+            why = str(answer.refusal()) if answer.status >= 500 else _not_a_verdict(answer)
+            raise UpstreamUnavailableError(
+                CANCEL_UNKNOWN.format(
+                    what=f"answered the cancel with HTTP {answer.status}", why=why, task_id=task_id, likely=""
                 )
-            except httpx2.TransportError as exc:
-                raise UpstreamUnavailableError(
-                    f"DashScope did not answer the cancel ({type(exc).__name__}); call task_status to see "
-                    "whether the task was canceled, then task_cancel again if it is still PENDING."
-                ) from exc
-            if response.status_code == 429:
-                error = _error_from_response(response)
-                self.limits.queries.pause(backoff_delay(0, error.retry_after))
-                raise error
-            if response.status_code >= 400:
-                raise _error_from_response(response)
-            return _json_body(response) if response.content else {}
+            )
+        if answer.problem is None and not answer.body.strip():
+            return {}
+        try:
+            return answer.data()
+        except Unreadable as exc:
+            raise UnreadableAnswerError(
+                CANCEL_UNKNOWN.format(
+                    what=f"accepted the cancel (HTTP {answer.status}) but its answer was unreadable",
+                    why=exc,
+                    task_id=task_id,
+                    likely=" for sure (most likely it was: a cancelled PENDING task is not billed)",
+                )
+            ) from exc
 
-    async def _read(self, url: str, params: dict[str, str] | None, what: str) -> dict[str, Any]:
+    async def _read(
+        self, url: str, params: dict[str, str] | None, what: str, limiter: RateLimiter | None = None
+    ) -> dict[str, Any]:
+        """GET a JSON object, retried on anything but a clear refusal (a read is safe to repeat)."""
+        limiter = limiter or self.limits.queries
         headers = {"Authorization": self._headers()["Authorization"]}
         last: Exception | None = None
         for attempt in range(MAX_READ_RETRIES + 1):
-            await self.limits.queries.acquire()
+            await limiter.acquire()
             retry_after: float | None = None
             try:
-                response = await self._http.get(url, params=params, headers=headers, timeout=DEFAULT_TIMEOUT)
-            except httpx2.TransportError as exc:
+                answer = await exchange(
+                    self._http, "GET", url, params=params, headers=headers, http_timeout=DEFAULT_TIMEOUT
+                )
+            except (NotSent, NoAnswer) as exc:
                 last = exc
             else:
-                if response.status_code < 400:
-                    return _json_body(response)
-                error = _error_from_response(response)
-                if response.status_code != 429 and response.status_code < 500:
-                    raise error
-                last, retry_after = error, error.retry_after
-                if response.status_code == 429:
-                    # Everyone waits, not just this request: the account is throttled.
-                    self.limits.queries.pause(backoff_delay(attempt, retry_after))
+                if answer.ok:
+                    try:
+                        return answer.data()
+                    except Unreadable as exc:
+                        last = exc
+                elif answer.status == 429 or answer.status >= 500:
+                    error = answer.refusal()
+                    last, retry_after = error, error.retry_after
+                    if answer.status == 429:
+                        # Everyone waits, not just this request: the account is throttled.
+                        limiter.pause(backoff_delay(attempt, retry_after))
+                elif answer.status >= 400:
+                    raise answer.refusal()
+                else:
+                    last = Unreadable(_not_a_verdict(answer))
             if attempt < MAX_READ_RETRIES:
                 delay = backoff_delay(attempt, retry_after)
-                logger.info("%s retry %d in %.2fs after %s", what, attempt + 1, delay, type(last).__name__)
+                logger.info("%s retry %d in %.2fs after %s", what, attempt + 1, delay, last)
                 await self._sleep(delay)
         if isinstance(last, UpstreamError):
             raise last
+        if isinstance(last, Unreadable):
+            raise UnreadableAnswerError(
+                f"DashScope's answers to the {what} were unreadable after {MAX_READ_RETRIES + 1} tries ({last}); "
+                "nothing was concluded from them. Nothing is lost: call again later."
+            ) from last
         raise UpstreamUnavailableError(
             f"DashScope did not answer the {what} after {MAX_READ_RETRIES + 1} tries "
-            f"({type(last).__name__}). The task is safe; call task_status again later."
+            f"({last}). The task is safe; call task_status again later."
         ) from last
 
-    async def download(self, url: str, destination: Path) -> Downloaded:
-        """Stream `url` to `destination` via a `.part` file; a broken stream restarts from scratch."""
-        last: Exception | None = None
-        for attempt in range(MAX_READ_RETRIES + 1):
-            try:
-                return await self._download_once(url, destination)
-            except (httpx2.TransportError, _ShortDownloadError) as exc:
-                last = exc
-            except UpstreamError as exc:
-                if exc.status_code != 429 and exc.status_code < 500:
-                    raise
-                last = exc
-            if attempt < MAX_READ_RETRIES:
-                await self._sleep(backoff_delay(attempt, getattr(last, "retry_after", None)))
-        raise UpstreamUnavailableError(
-            f"The video could not be downloaded ({type(last).__name__}); the task is recorded and "
-            "the server keeps trying in the background (the URL stays valid for 24 h after the task ends)."
-        ) from last
-
-    @property
-    def http(self) -> httpx2.AsyncClient:
-        """The shared HTTP client (pre-flight fetches reuse its connection pool)."""
-        return self._http
+    # ------------------------------------------------------------------ temporary uploads
 
     async def upload_policy(self, model: str) -> dict[str, Any]:
-        """GET /uploads?action=getPolicy: a form policy for `model`'s temporary storage (free)."""
-        headers = {"Authorization": self._headers()["Authorization"]}
+        """GET /uploads?action=getPolicy: a form policy for `model`'s temporary storage (free, retried)."""
         params = {"action": "getPolicy", "model": model}
         try:
-            response = await self._http.get(
-                self._base_url + UPLOADS_PATH, params=params, headers=headers, timeout=DEFAULT_TIMEOUT
-            )
-        except httpx2.TransportError as exc:
-            raise UpstreamUnavailableError(
-                f"DashScope could not be reached for an upload policy ({type(exc).__name__}); nothing was "
-                "submitted. Check the network, then call again."
+            body = await self._read(self._base_url + UPLOADS_PATH, params, "upload policy request", self._policies)
+        except UpstreamUnavailableError as exc:
+            raise type(exc)(f"{exc} Nothing was uploaded, submitted or billed.") from exc
+        except UpstreamError as exc:
+            raise upstream_error(
+                exc.status_code,
+                exc.code,
+                f"{exc.upstream_message.rstrip('.')}; nothing was uploaded, submitted or billed",
+                exc.request_id,
+                exc.retry_after,
             ) from exc
-        if response.status_code >= 400:
-            raise _error_from_response(response)
-        data = _json_body(response).get("data")
+        data = body.get("data")
         if not isinstance(data, dict):
-            raise ServiceError(response.status_code, "BadResponse", "The upload policy answer has no data object")
+            raise UnreadableAnswerError(
+                "DashScope's upload policy answer has no data object; nothing was uploaded, submitted or billed. "
+                "Call again."
+            )
         return data
 
     async def upload_form(self, host: str, fields: dict[str, str], filename: str, content: bytes) -> None:
         """Multipart POST to the storage host; the policy authorises it, so the API key is not sent."""
         try:
-            response = await self._http.post(
-                host, data=fields, files={"file": (filename, content)}, timeout=UPLOAD_TIMEOUT
-            )
-        except httpx2.TransportError as exc:
+            answer = await exchange(
+                self._http, "POST", host, data=fields, files={"file": (filename, content)}, http_timeout=UPLOAD_TIMEOUT,
+                budget=UPLOAD_ANSWER_BYTES,
+            )  # fmt: skip
+        except (NotSent, NoAnswer) as exc:
             raise UpstreamUnavailableError(
-                f"The upload to DashScope's temporary storage failed ({type(exc).__name__}); nothing was "
-                "submitted. Call again."
+                f"The upload to DashScope's temporary storage failed ({exc}); nothing was submitted or billed. "
+                "Call again (a new upload is made)."
             ) from exc
-        if response.status_code != 200:
+        if answer.status != 200:
+            text = answer.refusal().upstream_message if answer.status >= 400 else _not_a_verdict(answer)
             raise upstream_error(
-                response.status_code, "UploadFailed", f"temporary storage answered: {response.text[:200]}", None
+                answer.status,
+                "UploadFailed",
+                f"temporary storage answered: {text}; nothing was submitted or billed",
+                None,
             )
+
+    # ------------------------------------------------------------------ the result video
+
+    async def download(self, url: str, destination: Path) -> Downloaded:
+        """Stream `url` to `destination` via a `.part` file; a failed attempt restarts from scratch."""
+        last: Exception | None = None
+        for attempt in range(MAX_READ_RETRIES + 1):
+            retry_after: float | None = None
+            try:
+                return await self._download_once(url, destination)
+            except UpstreamError as exc:
+                if exc.status_code != 429 and exc.status_code < 500:
+                    raise  # the storage refuses the signed URL (expired, gone): another try cannot help
+                last, retry_after = exc, exc.retry_after
+            except _DownloadProblem as exc:
+                last = exc
+            if attempt < MAX_READ_RETRIES:
+                await self._sleep(backoff_delay(attempt, retry_after))
+        raise UpstreamUnavailableError(
+            f"The video could not be downloaded ({last}); the task is recorded and "
+            "the server keeps trying in the background (the URL stays valid for 24 h after the task ends)."
+        ) from last
 
     async def _download_once(self, url: str, destination: Path) -> Downloaded:
         part = part_path(destination)
         started = time.monotonic()
+        current = url
         try:
-            # The hash is computed while streaming (never by a second read of a large file).
-            fetched = await download_to_file(url, part, DOWNLOAD_TIMEOUT)
-            if fetched.response.status_code >= 400:
-                raise _error_from_response(fetched.response)
-            expected = fetched.response.headers.get("content-length")
-            if expected is not None and expected.isdigit() and int(expected) != fetched.size:
-                raise _ShortDownloadError(f"expected {expected} bytes, got {fetched.size}")
+            for _hop in range(MAX_REDIRECTS + 1):
+                await self._vet_hop(current)
+                try:
+                    # The hash is computed while streaming (never by a second read of a large file).
+                    fetched = await download_to_file(
+                        current,
+                        part,
+                        DOWNLOAD_TIMEOUT,
+                        deadline=started + DOWNLOAD_DEADLINE,
+                        transport=pinned_sync_transport(policy=self._download_policy),
+                    )
+                except BadVideoError as exc:
+                    raise _DownloadProblem(str(exc)) from exc
+                except BlockedAddressError as exc:  # the name changed its answer after the check
+                    raise UpstreamUnavailableError(
+                        f"The video's URL led to {snippet(current, 120)}, which now resolves to an address this "
+                        f"server refuses to fetch ({exc}); nothing was sent there. The server tries again later."
+                    ) from exc
+                except HTTP_STACK_ERRORS as exc:
+                    raise _DownloadProblem(f"{type(exc).__name__}: {exc}") from exc
+                location = fetched.headers.get("location")
+                if fetched.status in REDIRECT_STATUSES and location:
+                    try:
+                        current = str(httpx2.URL(current).join(location))
+                    except (httpx2.InvalidURL, ValueError) as exc:
+                        raise _DownloadProblem(f"a redirect to an invalid URL: {snippet(location)!r}") from exc
+                    continue
+                if fetched.status >= 400:
+                    raise refusal(fetched.status, fetched.headers, fetched.body)
+                if not 200 <= fetched.status < 300:
+                    raise _DownloadProblem(f"HTTP {fetched.status}")
+                break
+            else:
+                raise _DownloadProblem(f"more than {MAX_REDIRECTS} redirects (the last to {snippet(current)})")
         except BaseException:
             part.unlink(missing_ok=True)
             raise
         os.replace(part, destination)
         return Downloaded(destination, fetched.size, fetched.sha256, time.monotonic() - started)
 
+    def _download_policy(self, host: str, address: str) -> str | None:
+        """The addresses a download may connect to: public ones, and the configured upstream's own."""
+        if host == self._upstream_host or (is_loopback(self._upstream_host) and is_loopback(host)):
+            return None
+        return public_only(host, address)
+
+    async def _vet_hop(self, url: str) -> None:
+        """The private-address guard for one hop of a download, before any connection is made.
+
+        The configured upstream's own host is exempt, and so is any loopback host when the upstream
+        is on loopback (the sandbox, a local test double), as for the viewer's portraits.
+        """
+        host = urlsplit(url).hostname or ""
+        if host == self._upstream_host or (is_loopback(self._upstream_host) and is_loopback(host)):
+            return
+        try:
+            await guard_url(url)
+        except BlockedAddressError as exc:
+            raise UpstreamUnavailableError(
+                f"The video's URL led to {snippet(url, 120)}, which this server refuses to fetch ({exc}); "
+                "nothing was sent there. The task is recorded; the server tries the URL again later."
+            ) from exc
+
 
 def part_path(destination: Path) -> Path:
     """Per-process temporary name, so two servers sharing OUTPUT_DIR never write the same file."""
     return destination.with_name(f"{destination.name}.{os.getpid()}.part")
-
-
-class _ShortDownloadError(Exception):
-    """The stream ended before Content-Length bytes arrived, or the disk disagrees with the stream."""
