@@ -176,14 +176,10 @@ class TaskTracker:
                     await refresh.wait()
                     refresh.result()
                 else:
-                    with anyio.move_on_after(FRESH_BOUND) as fresh:
+                    # No note: the ledger's view is as fresh as the last answer, and `last_error` is kept
+                    # for what went wrong (a query that is only waiting its turn has not).
+                    with anyio.move_on_after(FRESH_BOUND):
                         await refresh.wait()
-                    if fresh.cancelled_caught:
-                        note = _joined(
-                            note,
-                            f"No fresh answer from DashScope within {FRESH_BOUND:g} s (queries wait their turn under "
-                            "the rate limit): this is the ledger's view. The query goes on; call task_status again.",
-                        )
                 asking = False
                 record = self._require(task_id)
             left = deadline.left()

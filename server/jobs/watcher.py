@@ -409,12 +409,14 @@ class Watcher:
             return
         began = state.last_query if state.last_query > -math.inf else time.monotonic()
         began_epoch = now - (time.monotonic() - began)
-        if self.queue.get(record.task_id) is None:  # adopted or restored without a row: queue it first
-            self.queue.schedule(record.task_id, record.model, record.created_at, now)
         if state.error is not None:  # the last query failed: ask again after its backed-off delay
             self.queue.file(record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY)
             return
-        eta = self.eta(record)
+        entry = self.queue.get(record.task_id)
+        if entry is None:  # adopted or restored without a row: queue it first
+            self.queue.schedule(record.task_id, record.model, record.created_at, now)
+            entry = self.queue.get(record.task_id)
+        eta = self._estimate(record, entry) if entry is not None else None
         due = next_query(
             schedule=self._settings.poll_schedule,
             began=began_epoch,
@@ -422,13 +424,18 @@ class Watcher:
             interval=self.interval,
             max_interval=self._settings.poll_max_interval,
         )
-        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY)
+        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta)
 
     def eta(self, record: TaskRecord) -> Eta | None:
         """The task's expected start and end (and how they were reckoned); filed in the queue too."""
         entry = self.queue.get(record.task_id)
         if entry is None or record.finished:
             return None
+        eta = self._estimate(record, entry)
+        self.queue.estimate(record.task_id, eta.start, eta.end, eta.basis)
+        return eta
+
+    def _estimate(self, record: TaskRecord, entry: Entry) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
         if entry.expected_seconds is None:
             entry = _with_seconds(entry, self._assumed_seconds(record.model))
@@ -440,7 +447,7 @@ class Watcher:
                 seconds = ahead.expected_seconds or self._assumed_seconds(ahead.model)
                 ahead_end = (ahead.expected_start or time.time()) + seconds * rate
         scheduled = parse_beijing(record.scheduled_time) if record.status == "RUNNING" else None
-        eta = estimate(
+        return estimate(
             entry,
             now=time.time(),
             status=record.status,
@@ -450,8 +457,6 @@ class Watcher:
             rate=rate,
             rate_basis=rate_basis,
         )
-        self.queue.estimate(record.task_id, eta.start, eta.end, eta.basis)
-        return eta
 
     def _rate(self, model: str) -> Rate:
         """The model's learned sums, read once per process and kept current by `_learn`."""

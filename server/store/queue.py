@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger
 
@@ -70,6 +71,17 @@ class Entry:
     expected_start: float | None
     expected_end: float | None
     basis: str | None
+
+
+class Estimate(Protocol):
+    """What the queue keeps of a schedule estimate (`server.jobs.schedule.Eta` has these)."""
+
+    @property
+    def start(self) -> float | None: ...
+    @property
+    def end(self) -> float | None: ...
+    @property
+    def basis(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -148,12 +160,25 @@ class DueQueue:
             (task_id, model, created_at, stage, due_at),
         )
 
-    def file(self, task_id: str, model: str, created_at: float, due_at: float, stage: str) -> None:
-        """After a step: the task's next due time (queued if it was not), its claim released."""
+    def file(
+        self, task_id: str, model: str, created_at: float, due_at: float, stage: str, eta: Estimate | None = None
+    ) -> None:
+        """After a step: the task's next due time (queued if it was not), its claim released, and its
+        new estimate if one was made: one statement, as this runs after every query."""
+        if eta is None:
+            self._ledger.execute(
+                "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage,"
+                " claimed_by = NULL",
+                (task_id, model, created_at, stage, due_at),
+            )
+            return
         self._ledger.execute(
-            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage, claimed_by = NULL",
-            (task_id, model, created_at, stage, due_at),
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at, expected_start, expected_end, basis)"
+            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at,"
+            " stage = excluded.stage, claimed_by = NULL, expected_start = excluded.expected_start,"
+            " expected_end = excluded.expected_end, basis = excluded.basis",
+            (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis),
         )
 
     def reschedule(self, task_id: str, due_at: float, stage: str) -> None:
