@@ -24,6 +24,9 @@ DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
 SANDBOX_POLL_INTERVAL = 0.5
 DEFAULT_MAX_QUERY_QPS = 20.0
+# No open task waits longer than this between two queries, whatever its estimate says.
+DEFAULT_POLL_MAX_INTERVAL = 60.0
+POLL_SCHEDULES = ("adaptive", "fixed")
 # How long after an unanswered submit the task list is searched before concluding nothing was created.
 DEFAULT_RECONCILE_WINDOW = 600.0
 
@@ -69,6 +72,10 @@ class Settings:
     # Upstream task queries per second across all tasks (the documented account limit is 20).
     max_query_qps: float = DEFAULT_MAX_QUERY_QPS
     reconcile_window: float = DEFAULT_RECONCILE_WINDOW
+    # Polling (server/jobs/schedule.py): "adaptive" follows each task's expected end, "fixed" polls
+    # every poll_interval; neither leaves a task unqueried longer than poll_max_interval.
+    poll_schedule: Literal["adaptive", "fixed"] = "adaptive"
+    poll_max_interval: float = DEFAULT_POLL_MAX_INTERVAL
 
     @property
     def is_beijing(self) -> bool:
@@ -121,6 +128,15 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
     return value
+
+
+def _poll_schedule(env: Mapping[str, str]) -> Literal["adaptive", "fixed"]:
+    raw = (env.get("EMO_MCP_POLL_SCHEDULE") or "adaptive").strip().lower()
+    if raw == "fixed":
+        return "fixed"
+    if raw != "adaptive":
+        raise ConfigError(f"EMO_MCP_POLL_SCHEDULE must be one of {', '.join(POLL_SCHEDULES)}, got {raw!r}")
+    return "adaptive"
 
 
 def _parse_aliases(raw: str) -> dict[str, tuple[str, ...]]:
@@ -210,6 +226,8 @@ def load_settings(
         model_aliases=_parse_aliases(env.get("EMO_MCP_MODEL_ALIASES", "")),
         max_query_qps=_positive_float(env, "EMO_MCP_MAX_QUERY_QPS", DEFAULT_MAX_QUERY_QPS),
         reconcile_window=_positive_float(env, "EMO_MCP_RECONCILE_WINDOW", DEFAULT_RECONCILE_WINDOW),
+        poll_schedule=_poll_schedule(env),
+        poll_max_interval=_positive_float(env, "EMO_MCP_POLL_MAX_INTERVAL", DEFAULT_POLL_MAX_INTERVAL),
         **_media_and_money(_with_roots(env, allowed_roots, cwd), cwd),
     )
 

@@ -125,6 +125,9 @@ class TaskStatus(_Result):
     download_error: str | None = None
     last_error: str | None = Field(None, description="Last upstream error while polling (retried).")
     queue_ahead: int | None = None
+    eta_seconds: float | None = Field(None, description="Seconds until the expected end; eta_basis says how.")
+    expected_end: str | None = Field(None, description="Expected end, ISO 8601 UTC.")
+    eta_basis: str | None = None
     local_id: str | None = Field(None, description="The id you asked by: the submit's, before its outcome was known.")
     evidence_dir: str | None = Field(None, description="Request/response folder; left out when it holds video_path.")
     actual_cost_cny: float | None = Field(default=None, description="Billed: usage.video_duration x rate.")
@@ -157,4 +160,5 @@ class TaskStatus(_Result):
                 "DashScope's task list; call task_status again with wait_seconds. Do not submit again."
             )
         ahead = f" {self.queue_ahead} of this server's tasks are ahead of it." if self.queue_ahead else ""
-        return f"{head}.{ahead} Not finished; call task_status again with wait_seconds to keep waiting."
+        eta = f" Expected to finish in about {self.eta_seconds:.0f} s." if self.eta_seconds is not None else ""
+        return f"{head}.{ahead}{eta} Not finished; call task_status again with wait_seconds to keep waiting."

@@ -25,8 +25,13 @@ logger = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def open_service(settings: Settings, http: httpx2.AsyncClient | None = None) -> AsyncIterator[Service]:
-    """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is built lazily and closed."""
+async def open_service(
+    settings: Settings, http: httpx2.AsyncClient | None = None, *, recover: bool = True
+) -> AsyncIterator[Service]:
+    """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is built lazily and closed.
+
+    `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
+    """
     ledger = Ledger(settings.state_dir)
     owned: list[httpx2.AsyncClient] = []
 
@@ -46,7 +51,7 @@ async def open_service(settings: Settings, http: httpx2.AsyncClient | None = Non
             settings.key_source,
             settings.sandbox,
         )
-        service = Service(settings, client, ledger, evidence)
+        service = Service(settings, client, ledger, evidence, recover=recover)
         # The caller's own exception is re-raised as itself after the watcher stops, not wrapped in an
         # ExceptionGroup by the task group (callers such as the CLI catch `EmoMcpError`).
         failure: BaseException | None = None

@@ -123,7 +123,9 @@ async def test_evidence_holds_requests_boxes_polls_and_video(
     assert read_json(detect_dir / "request.json")["input"]["image_url"] == PORTRAIT
     assert read_json(detect_dir / "response.json")["output"]["face_bbox"] == detection["face_bbox"]
 
-    task_dir = settings.output_dir / "aliyun-emo" / "tasks" / submitted["task_id"]
+    task_dir = Path(submitted["evidence_dir"])
+    assert task_dir.name == submitted["task_id"]
+    assert task_dir.is_relative_to(settings.output_dir / "aliyun-emo" / "tasks")
     assert read_json(task_dir / "request.json")["parameters"] == {"style_level": "normal"}
     assert read_json(task_dir / "submit.json")["output"]["task_id"] == submitted["task_id"]
     polls = sorted((task_dir / "polls").iterdir())

@@ -101,12 +101,14 @@ async def test_every_task_survives_sigkill_at_each_point_of_its_life(fake: FakeD
         fake.video_size = 8 * 64 * 1024
         fake.download_chunk_delay = 0.5
         async with server(env, tmp_path) as (client, kill):
-            third = (await call_ok(client, "emo_generate", emo_args(detection, 3)))["task_id"]
+            submitted = await call_ok(client, "emo_generate", emo_args(detection, 3))
+            third, third_dir = submitted["task_id"], Path(submitted["evidence_dir"])
+            assert third_dir.is_relative_to(tasks_root)  # in its day's shard
             fake.complete(third)
-            await until(lambda: any((tasks_root / third).glob("*.part")))
+            await until(lambda: any(third_dir.glob("*.part")))
             kill()
-        assert not (tasks_root / third / f"{third}.mp4").exists()
-        assert list((tasks_root / third).glob("*.part"))  # a half-written file was left behind
+        assert not (third_dir / f"{third}.mp4").exists()
+        assert list(third_dir.glob("*.part"))  # a half-written file was left behind
 
         # 4. Killed after sending a submit, before its answer arrived.
         fake.inject("POST", SUBMIT_PATH, delay=30, passthrough=True)

@@ -70,7 +70,8 @@ async def test_a_task_nobody_polls_is_downloaded_anyway(
 ) -> None:
     submitted = await call_ok(client, "emo_generate", emo_args(await detect_emo(client)))
     task_id = submitted["task_id"]
-    video = settings.output_dir / "aliyun-emo" / "tasks" / task_id / f"{task_id}.mp4"
+    video = Path(submitted["evidence_dir"]) / f"{task_id}.mp4"
+    assert video.is_relative_to(settings.output_dir / "aliyun-emo" / "tasks")
     with anyio.fail_after(20):
         await wait_for_file(video)
     assert hashlib.sha256(video.read_bytes()).hexdigest() == fake.video_sha256(task_id)

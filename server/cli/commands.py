@@ -205,7 +205,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def status(settings: Settings, args: argparse.Namespace) -> int:
-    async with open_service(settings) as service:
+    async with open_service(settings, recover=False) as service:
         if args.task_id is None:
             views = recent_views(service.ledger, service.settings.prices, args.limit)
             if args.json:

@@ -86,7 +86,7 @@ async def _accepted_check(settings: Settings) -> Check:
         return Check("key accepted", "fail", "not checked: no key")
     probe = f"doctor-probe-{uuid.uuid4().hex}"
     try:
-        async with open_service(settings) as service:
+        async with open_service(settings, recover=False) as service:
             body = await service.client.get_task(probe)
     except AuthenticationError as exc:
         return Check(

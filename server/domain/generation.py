@@ -8,7 +8,6 @@ bounded by the caller's deadline, but the submit itself is not: it runs in the b
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,7 @@ class Generator:
             "parameters": {"style_level": style_level},
         }
         estimate = estimate_emo(self.settings.prices, ratio, seconds)
-        return Plan("emo", payload, ratio, OUTPUT_SIZE.get(ratio, "512x512"), estimate, checked.warnings)
+        return Plan("emo", payload, ratio, OUTPUT_SIZE.get(ratio, "512x512"), estimate, checked.warnings, seconds)
 
     async def plan_emoji(
         self,
@@ -109,7 +108,7 @@ class Generator:
             "input": {"image_url": image, "driven_id": template_id, "face_bbox": face_bbox, "ext_bbox": ext_bbox_face},
         }
         estimate = estimate_emoji(self.settings.prices, float(template_max_seconds()))
-        return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate)
+        return Plan("emoji", payload, "standard", EMOJI_OUTPUT_SIZE, estimate, [], float(template_max_seconds()))
 
     async def carry_out(
         self,
@@ -192,6 +191,8 @@ class Generator:
 
     def _finish(self, submitted: Submitted, plan: Plan) -> Submitted:
         assert submitted.task_id is not None
+        if not submitted.deduplicated:
+            self.submitter.expect(submitted.task_id, plan.output_seconds)
         record_estimate(self.ledger, submitted.task_id, plan.family, plan.estimate.cny, plan.estimate.basis)
         local = plan.inputs()
         if local:  # the evidence names the files behind the opaque oss:// keys
@@ -230,8 +231,7 @@ class Generator:
 
     def _dry_run(self, plan: Plan) -> Submitted:
         payload = plan.shown_payload()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        folder = self.evidence.family_dir(plan.family) / "dry-runs" / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        folder = self.evidence.stamped_dir(plan.family, "dry-runs")
         self.evidence.write_json(folder / "request.json", payload)
         estimate = {"estimated_cost_cny": plan.estimate.cny, "basis": plan.estimate.basis}
         self.evidence.write_json(folder / "estimate.json", estimate)
@@ -268,6 +268,9 @@ class Plan:
     output_size: str
     estimate: Estimate
     warnings: list[str] = field(default_factory=list)
+    # The output length the task is expected to have (EMO: the audio's; Emoji: its template's), if known:
+    # the watcher's schedule estimates the task's end from it.
+    output_seconds: float | None = None
 
     def media(self) -> dict[str, MediaRef]:
         return {name: v for name, v in self.payload["input"].items() if isinstance(v, MediaRef)}

@@ -65,9 +65,16 @@ class _HostingWatcher(Watcher):
     """
 
     def __init__(
-        self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, background: Background
+        self,
+        settings: Settings,
+        client: DashScopeClient,
+        ledger: Ledger,
+        evidence: Evidence,
+        background: Background,
+        *,
+        recover: bool = True,
     ) -> None:
-        super().__init__(settings, client, ledger, evidence)
+        super().__init__(settings, client, ledger, evidence, recover=recover)
         self._background = background
 
     async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -77,14 +84,16 @@ class _HostingWatcher(Watcher):
 
 
 class Service:
-    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence) -> None:
+    def __init__(
+        self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, *, recover: bool = True
+    ) -> None:
         self.settings = settings
         self.client = client
         self.ledger = ledger
         self.evidence = evidence
         self.background = Background()
         # The watcher owns every upstream task query and download; runtime.open_service runs it.
-        self.watcher: Watcher = _HostingWatcher(settings, client, ledger, evidence, self.background)
+        self.watcher: Watcher = _HostingWatcher(settings, client, ledger, evidence, self.background, recover=recover)
         self.tasks = TaskTracker(settings, ledger, self.watcher, self.background)
         self.submitter = Submitter(settings, client, ledger, evidence, self.watcher)
         self.uploads = Uploads(client, ledger)

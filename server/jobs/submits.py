@@ -71,6 +71,10 @@ class Submitter:
         self._evidence = evidence
         self._watcher = watcher
 
+    def expect(self, task_id: str, seconds: float | None) -> None:
+        """The submitted task's expected output length, for its schedule (a submit is always followed)."""
+        self._watcher.expect(task_id, seconds)
+
     def begin(
         self,
         family: Family,

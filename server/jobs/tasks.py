@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -40,6 +41,9 @@ T = TypeVar("T")
 __all__ = ["UNKNOWN_MESSAGE", "Background", "Job", "Progress", "TaskTracker"]
 
 PROGRESS_EVERY = 5.0
+# `task_status(wait_seconds=0)` on a task the ledger knows: fresh news if it can be had this soon,
+# else the ledger's answer at once (a query may be queued behind the rate limit); the query goes on.
+FRESH_BOUND = 1.0
 
 
 class Job(Generic[T]):
@@ -161,13 +165,21 @@ class TaskTracker:
         asking = False
         with deadline.scope() as scope:
             record = self._ledger.get_task(task_id)
+            if record is not None and settled(record) and not self._watcher.verify(record):
+                record = self._require(task_id)  # its video was missing or damaged: downloaded again
             if record is None or (not settled(record) and wait_seconds <= 0):
                 # A task this ledger never saw is adopted by one query; an open one gets fresh news,
                 # shared with every other caller and at most one query per poll interval.
                 asking = True
                 refresh = self._background.start(lambda: self._watcher.refresh(task_id))
-                await refresh.wait()
-                refresh.result()
+                if record is None or record.status in LOCAL_STATUSES:
+                    await refresh.wait()
+                    refresh.result()
+                else:
+                    # No note: the ledger's view is as fresh as the last answer, and `last_error` is kept
+                    # for what went wrong (a query that is only waiting its turn has not).
+                    with anyio.move_on_after(FRESH_BOUND):
+                        await refresh.wait()
                 asking = False
                 record = self._require(task_id)
             left = deadline.left()
@@ -177,8 +189,7 @@ class TaskTracker:
                 if remaining <= 0:
                     break
                 if progress is not None:
-                    elapsed = time.monotonic() - started
-                    await progress(elapsed, total, f"{record.status}: waited {elapsed:.0f}s")
+                    await progress(*self._progress(record, time.monotonic() - started, total))
                 await self._watcher.wait_change(
                     record.task_id, min(remaining, max(self._settings.poll_interval, PROGRESS_EVERY))
                 )
@@ -197,6 +208,19 @@ class TaskTracker:
             )
         return self.to_result(found, asked=task_id, note=note)
 
+    def _progress(self, record: TaskRecord, waited: float, wait_seconds: float) -> tuple[float, float, str]:
+        """A real fraction where the task has an expected end (elapsed / expected), else the time waited."""
+        entry = self._watcher.queue.get(record.task_id)
+        if entry is not None and entry.expected_end is not None and entry.expected_end > record.created_at:
+            now = time.time()
+            total = entry.expected_end - record.created_at
+            elapsed = now - record.created_at
+            left = max(0.0, entry.expected_end - now)
+            # Progress must increase: past the expected end it creeps towards the total instead.
+            done = min(elapsed, total * (1 - 0.05 / (1 + max(0.0, elapsed - total))))
+            return done, total, f"{record.status}: about {left:.0f}s left (expected end {_iso(entry.expected_end)})"
+        return waited, wait_seconds, f"{record.status}: waited {waited:.0f}s"
+
     def _require(self, task_id: str) -> TaskRecord:
         record = self._ledger.get_task(task_id)
         if record is None:  # pragma: no cover - the watcher adopts or raises first
@@ -209,6 +233,8 @@ class TaskTracker:
         `note` says why the answer may lag behind DashScope (it rides in `last_error`)."""
         query_error, download_error = self._watcher.errors(record.task_id)
         open_task = not record.finished and record.status not in LOCAL_STATUSES
+        entry = self._watcher.queue.get(record.task_id) if open_task else None
+        eta_end = entry.expected_end if entry is not None else None
         # The video is saved in the evidence folder: that folder is said once, as video_path's parent.
         video_in_evidence = bool(
             record.video_path and record.evidence_dir and Path(record.video_path).parent == Path(record.evidence_dir)
@@ -231,7 +257,10 @@ class TaskTracker:
             message=record.message,
             download_error=download_error if not settled(record) else None,
             last_error=_joined(note, query_error if not settled(record) else None),
-            queue_ahead=self._ledger.queue_ahead(record) if open_task else None,
+            queue_ahead=self._watcher.queue.position(record.model, record.created_at) if open_task else None,
+            eta_seconds=round(max(0.0, eta_end - time.time()), 1) if eta_end is not None else None,
+            expected_end=_iso(eta_end) if eta_end is not None else None,
+            eta_basis=entry.basis if entry is not None and eta_end is not None else None,
             local_id=record.local_id if asked == record.local_id and record.local_id != record.task_id else None,
             evidence_dir=None if video_in_evidence else record.evidence_dir,
             # Costs belong to every answer about a task (task_status and task_cancel alike).
@@ -242,3 +271,7 @@ class TaskTracker:
 
 def _joined(*parts: str | None) -> str | None:
     return " ".join(part for part in parts if part) or None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -2,14 +2,17 @@
 
 Why: agents forget to poll, clients give up after ~60 s, processes crash, and a result URL
 expires 24 h after the task ends. So the watcher, not the agent, follows each open task in the
-ledger at `EMO_MCP_POLL_INTERVAL`, downloads a video the moment its task succeeds (whether or
-not anyone asks), and records failures. `task_status` callers only wait on the watcher's state;
-a caller that wants fresh news (`wait_seconds=0`) shares the one query in flight, and gets no
-new query at all if the task was queried less than one interval ago.
+ledger, downloads a video the moment its task succeeds (whether or not anyone asks), and records
+failures. `task_status` callers only wait on the watcher's state; a caller that wants fresh news
+(`wait_seconds=0`) shares the one query in flight, and gets no new query at all if the task was
+queried less than one interval ago.
 
-On start it recovers: stale `.part` files are deleted, a recorded video that is missing on disk
-is downloaded again (or the task is marked `VideoExpired` when the URL no longer works), and a
-submit whose process died before an answer was recorded is reconciled with the task list.
+Work is found through the due queue (`server/store/queue.py`), never by scanning the ledger: a
+tick claims the tasks that are due (as many as the query rate allows), sleeps until the next due
+time, and each finished step files its task's next due time from its schedule
+(`server/jobs/schedule.py`). Start-up answers the MCP handshake first; recovery then runs in the
+background, in bounded steps: unanswered submits of dead processes are reconciled, stale `.part`
+files of tasks awaiting a download are removed, and recent videos missing on disk are fetched again.
 
 No one task's trouble stops it: whatever a step raises (the upstream, a parser, the disk, a bug) is
 recorded on that task (`last_error` / `download_error`) and the step is retried with a growing
@@ -31,15 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
 from server.errors import EmoMcpError, TaskNotFoundError, UnreadableAnswerError, UpstreamError, as_task_error
-from server.jobs.reconcile import Reconciler, pid_alive
+from server.jobs.reconcile import HOST, Reconciler, owner_token, pid_alive
+from server.jobs.schedule import Eta, estimate, learned_rate, next_query, parse_beijing
 from server.media.sources import file_sha256
-from server.models import Family
+from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
+from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry, Rate
 from server.upstream.answers import snippet
 from server.upstream.client import DashScopeClient
 
@@ -58,6 +64,13 @@ NO_URL_MESSAGE = (
     "so the video could not be saved. Keep the task id and request ids for Alibaba Cloud support."
 )
 DOWNLOAD_BACKOFF_CAP = 300.0
+# A claimed task is not handed out again for this long (its step normally files a due time sooner).
+LEASE = 30.0
+# Recent enough that a missing video can still be fetched again (result URLs live 24 h).
+RECOVER_WINDOW = 26 * 3600.0
+RECOVER_BATCH = 200
+# Output seconds assumed for an EMO task whose audio length is unknown, until tasks have finished.
+DEFAULT_OUTPUT_SECONDS = 10.0
 QUERY_BACKOFF_CAP = 300.0
 # Statuses a task answer may carry (the SDK also knows SUSPENDED); any other value is not believed.
 KNOWN_STATUSES = frozenset({"PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
@@ -106,42 +119,67 @@ class _State:
 
     inflight: anyio.Event | None = None
     last_query: float = -math.inf
-    next_due: float = 0.0
     error: EmoMcpError | None = None
     query_failures: int = 0
+    retry_at: float = 0.0  # epoch seconds: after a failed query, when to ask again (backed off)
     doubts: int = 0  # answers in a row that would end the task without its video
     download_error: str | None = None
     download_failures: int = 0
-    next_download: float = 0.0
+    next_download: float = 0.0  # epoch seconds
     changed: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Watcher:
-    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: DashScopeClient,
+        ledger: Ledger,
+        evidence: Evidence,
+        *,
+        recover: bool = True,
+    ) -> None:
         self._settings = settings
         self._client = client
         self._ledger = ledger
         self._evidence = evidence
         self.interval = settings.poll_interval
+        self._recover_on_start = recover
         self._states: dict[str, _State] = {}
+        self._inflight: set[str] = set()
+        # Steps in flight at once: what the query limit can serve in about a second (more would only
+        # queue inside the limiter, in front of a caller's fresh query).
+        self._budget = max(2, math.ceil(settings.max_query_qps))
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
-        self.reconciler = Reconciler(settings, client, ledger, evidence, self.notify)
+        self.queue = DueQueue(ledger)
+        self._rates: dict[str, Rate] = {}
+        self._owner = owner_token()
+        self.reconciler = Reconciler(settings, client, ledger, evidence, self._reconciled)
+        self.recovered = anyio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Recover, then follow every open task until cancelled."""
+        """Follow every open task until cancelled; recovery runs beside it, after the handshake."""
         if not self._settings.api_key:
+            self.recovered.set()
             task_status.started()  # nothing can be queried without a key
             return
         try:
-            self.recover()
-        except Exception:  # a damaged folder or ledger must not keep the server from starting
-            logger.exception("watcher recovery failed; following the ledger's tasks anyway")
+            self.queue.fill_once(time.time())
+            # Steps a killed process had in flight are due now, not when their lease runs out.
+            dead = [task_id for task_id, owner in self.queue.claims() if _claimer_dead(owner)]
+            self.queue.release(dead, time.time())
+        except Exception:  # a damaged ledger must not keep the server from starting
+            logger.exception("watcher: could not prepare the due queue; following it as it is")
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
+            if self._recover_on_start:
+                tg.start_soon(self._recover_in_background)
+            else:
+                self.recovered.set()
             while True:
                 try:
                     delay = self._tick(tg)
@@ -152,61 +190,118 @@ class Watcher:
                     await self._wake.wait()
                 self._wake = anyio.Event()
 
-    def recover(self) -> None:
-        """Make the ledger and the disk agree after a crash; downloads then happen in the loop."""
-        removed = 0
-        for part in self._settings.output_dir.glob("*/tasks/*/*.part"):
-            owner = part.suffixes[-2].lstrip(".") if len(part.suffixes) >= 2 else ""
-            if not owner.isdigit() or int(owner) == os.getpid() or not pid_alive(int(owner)):
-                part.unlink(missing_ok=True)
-                removed += 1
-        for record in self._ledger.succeeded_rows():
-            destination = video_destination(record)
-            if record.video_path and Path(record.video_path).is_file():
-                if record.video_bytes is not None and Path(record.video_path).stat().st_size != record.video_bytes:
-                    logger.warning("task %s: video on disk has the wrong size; downloading again", record.task_id)
-                    # Kept aside, not deleted: if the URL has expired it is all there is.
-                    Path(record.video_path).replace(record.video_path + ".wrong-size")
-                    self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
-            elif destination.is_file():
-                # Renamed only after verification, so it is complete: the crash came before the ledger write.
-                self._ledger.update_task(
-                    record.task_id,
-                    video_path=str(destination),
-                    video_sha256=file_sha256(destination),
-                    video_bytes=destination.stat().st_size,
-                )
-            elif record.video_path:
-                self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
+    async def _recover_in_background(self) -> None:
+        try:
+            # Recovery yields between bounded batches, so the handshake and calls are never held up.
+            await anyio.lowlevel.checkpoint()
+            await self.recover()
+        except Exception:  # a damaged folder or ledger: the server goes on; the next start tries again
+            logger.exception("recovery after restart stopped early; following the ledger's tasks anyway")
+        finally:
+            self.recovered.set()
+
+    async def recover(self) -> None:
+        """Make the ledger and the disk agree after a crash, in bounded batches through indexes."""
         self.reconciler.mark_dead_submits()
-        logger.info("watcher recovered: %d stale partial download(s) removed", removed)
+        self._wake.set()
+        removed = 0
+        task_ids = self.queue.task_ids()
+        for start in range(0, len(task_ids), RECOVER_BATCH):
+            removed += self._remove_stale_parts(task_ids[start : start + RECOVER_BATCH])
+            await anyio.lowlevel.checkpoint()
+        checked = 0
+        for batch in self._ledger.recent_videos(time.time() - RECOVER_WINDOW, RECOVER_BATCH):
+            for record in batch:
+                self._verify_video(record)
+            checked += len(batch)
+            await anyio.lowlevel.checkpoint()  # between batches, calls and polls go first
+        logger.info("watcher recovered: %d stale partial download(s) removed, %d video(s) checked", removed, checked)
+
+    def _remove_stale_parts(self, task_ids: list[str]) -> int:
+        """Partial downloads of dead processes, looked for only in the folders of open tasks (a finished
+        download renames its file, so only a task still in the queue can have one)."""
+        removed = 0
+        for task_id in task_ids:
+            record = self._ledger.get_task(task_id)
+            if record is None:
+                continue
+            for part in Path(record.evidence_dir).glob("*.part"):
+                owner = part.suffixes[-2].lstrip(".") if len(part.suffixes) >= 2 else ""
+                if not owner.isdigit() or int(owner) == os.getpid() or not pid_alive(int(owner)):
+                    part.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def verify(self, record: TaskRecord) -> bool:
+        """A caller is about to be told this task's video is saved: check it is (one stat), before
+        recovery's pass reaches it. False when it is missing or damaged (downloaded again)."""
+        if record.video_path is None or record.status != "SUCCEEDED":
+            return True
+        path = Path(record.video_path)
+        try:
+            intact = record.video_bytes is None or path.stat().st_size == record.video_bytes
+        except OSError:
+            intact = False
+        if not intact:
+            self._verify_video(record)
+        return intact
+
+    def _verify_video(self, record: TaskRecord) -> None:
+        if not record.video_path:
+            return
+        path = Path(record.video_path)
+        if path.is_file():
+            if record.video_bytes is not None and path.stat().st_size != record.video_bytes:
+                logger.warning("task %s: video on disk has the wrong size; downloading again", record.task_id)
+                # Kept aside, not deleted: if the URL has expired it is all there is.
+                path.replace(record.video_path + ".wrong-size")
+            else:
+                return
+        self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
+        self.queue.schedule(record.task_id, record.model, record.created_at, time.time(), DOWNLOAD)
+        self._wake.set()
 
     def _tick(self, tg: TaskGroup) -> float:
-        """Start every due step; return how long to sleep before the next one is due."""
-        now = time.monotonic()
+        """Start the due steps the rate allows; return how long to sleep before the next one is due."""
+        now = time.time()
         wake = now + self.interval
         if self.reconciler.pending():
             due = self.reconciler.next_due()
-            if due <= now:
+            if due <= time.monotonic():
                 tg.start_soon(self._reconcile)
-                due = now + self.interval
-            wake = min(wake, due)
-        for record in self._ledger.open_rows():
-            state = self._state(record.task_id)
+                due = time.monotonic() + self.interval
+            wake = min(wake, now + (due - time.monotonic()))
+        free = self._budget - len(self._inflight)
+        for task_id in self.queue.claim(now, free, LEASE, self._owner):
+            state = self._state(task_id)
             if state.inflight is not None:
-                continue
-            due = state.next_download if needs_download(record) and record.video_url else state.next_due
-            if due <= now:
-                state.inflight = anyio.Event()
-                tg.start_soon(self._step, record.task_id, state.inflight)
-            else:
-                wake = min(wake, due)
-        return max(0.0, wake - time.monotonic())
+                continue  # a caller's fresh query is running it; its end files the next due time
+            state.inflight = anyio.Event()
+            self._inflight.add(task_id)
+            tg.start_soon(self._step, task_id, state.inflight)
+        if len(self._inflight) < self._budget:
+            upcoming = self.queue.next_due()
+            if upcoming is not None:
+                wake = min(wake, upcoming)
+        # With every slot busy, a finishing step wakes the loop (notify), so no busy wait.
+        return max(0.0, wake - time.time())
 
-    def watch(self, task_id: str) -> None:
+    def watch(self, task_id: str, expected_seconds: float | None = None) -> None:
         """A task was just submitted or adopted: look at it now."""
-        self._state(task_id).next_due = 0.0
+        record = self._ledger.get_task(task_id)
+        if record is not None and record.status not in LOCAL_STATUSES and not settled(record):
+            self.queue.schedule(record.task_id, record.model, record.created_at, time.time())
         self._wake.set()
+
+    def expect(self, task_id: str, seconds: float | None) -> None:
+        """The output length a submitted task is expected to have (its audio, its template)."""
+        self.queue.expect(task_id, seconds)
+
+    def _reconciled(self, *task_ids: str) -> None:
+        """The reconciler found (or gave up on) an unanswered submit: queue what is now a real task."""
+        for task_id in task_ids:
+            self.watch(task_id)
+        self.notify(*task_ids)
 
     def notify(self, *task_ids: str) -> None:
         """Wake everyone waiting on these tasks (and the loop: work may be due)."""
@@ -283,7 +378,6 @@ class Watcher:
                     return
                 state.error = None
                 state.query_failures = 0
-                state.next_due = began + self.interval
             if needs_download(record) and record.video_url:
                 try:
                     await self._download(record, state)
@@ -293,15 +387,112 @@ class Watcher:
             self._query_failed(task_id, state, time.monotonic(), exc)
         finally:
             state.inflight = None
+            self._inflight.discard(task_id)
+            try:
+                self._file_next(task_id, state)
+            except (OSError, sqlite3.Error) as exc:  # the lease brings it back if this could not be written
+                logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
             done.set()
             self.notify(task_id)
+
+    def _file_next(self, task_id: str, state: _State) -> None:
+        """After a step: the task's next due time from its schedule, or out of the queue once settled."""
+        record = self._ledger.get_task(task_id)
+        if record is None or record.status in LOCAL_STATUSES or settled(record):
+            self.queue.remove(task_id)
+            if record is not None and record.task_id != task_id:
+                self.queue.remove(record.task_id)
+            return
+        now = time.time()
+        if needs_download(record) and record.video_url:
+            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.next_download), DOWNLOAD)
+            return
+        began = state.last_query if state.last_query > -math.inf else time.monotonic()
+        began_epoch = now - (time.monotonic() - began)
+        if state.error is not None:  # the last query failed: ask again after its backed-off delay
+            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY)
+            return
+        entry = self.queue.get(record.task_id)
+        if entry is None:  # adopted or restored without a row: queue it first
+            self.queue.schedule(record.task_id, record.model, record.created_at, now)
+            entry = self.queue.get(record.task_id)
+        eta = self._estimate(record, entry) if entry is not None else None
+        due = next_query(
+            schedule=self._settings.poll_schedule,
+            began=began_epoch,
+            eta=eta,
+            interval=self.interval,
+            max_interval=self._settings.poll_max_interval,
+        )
+        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta)
+
+    def eta(self, record: TaskRecord) -> Eta | None:
+        """The task's expected start and end (and how they were reckoned); filed in the queue too."""
+        entry = self.queue.get(record.task_id)
+        if entry is None or record.finished:
+            return None
+        eta = self._estimate(record, entry)
+        self.queue.estimate(record.task_id, eta.start, eta.end, eta.basis)
+        return eta
+
+    def _estimate(self, record: TaskRecord, entry: Entry) -> Eta:
+        rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
+        if entry.expected_seconds is None:
+            entry = _with_seconds(entry, self._assumed_seconds(record.model))
+        ahead = self.queue.ahead(entry)
+        ahead_end = None
+        if ahead is not None:
+            ahead_end = ahead.expected_end
+            if ahead_end is None and rate is not None:
+                seconds = ahead.expected_seconds or self._assumed_seconds(ahead.model)
+                ahead_end = (ahead.expected_start or time.time()) + seconds * rate
+        scheduled = parse_beijing(record.scheduled_time) if record.status == "RUNNING" else None
+        return estimate(
+            entry,
+            now=time.time(),
+            status=record.status,
+            scheduled=scheduled,
+            ahead_end=ahead_end,
+            ahead_count=self.queue.position(record.model, record.created_at),
+            rate=rate,
+            rate_basis=rate_basis,
+        )
+
+    def _rate(self, model: str) -> Rate:
+        """The model's learned sums, read once per process and kept current by `_learn`."""
+        rate = self._rates.get(model)
+        if rate is None:
+            rate = self._rates[model] = self.queue.rate(model)
+        return rate
+
+    def _assumed_seconds(self, model: str) -> float:
+        """An output length for a task whose own is unknown: the mean of finished ones, else a prior."""
+        rate = self._rate(model)
+        if rate.finished:
+            return rate.output_seconds / rate.finished
+        return float(template_max_seconds()) if model.startswith("emoji") else DEFAULT_OUTPUT_SECONDS
+
+    def _learn(self, before: TaskRecord | None, after: TaskRecord) -> None:
+        """A task just finished: its run time per output second joins its model's rate, and the task
+        behind it (which starts now) is asked about soon, not at its old estimate."""
+        if after.status == "SUCCEEDED" and (before is None or before.status != "SUCCEEDED"):
+            start, end = parse_beijing(after.scheduled_time), parse_beijing(after.end_time)
+            seconds = (after.usage or {}).get("video_duration")
+            if start is not None and end is not None and isinstance(seconds, int | float) and seconds > 0:
+                self.queue.learn(after.model, float(seconds), max(0.0, end - start))
+                self._rates.pop(after.model, None)
+        behind = self.queue.behind(after.model, after.created_at)
+        if behind is not None:
+            soon = time.time()  # it has just started: one query gives its real start (scheduled_time)
+            self.queue.reschedule(behind.task_id, min(behind.due_at, soon), behind.stage)
+            self._wake.set()
 
     def _query_failed(self, task_id: str, state: _State, began: float, exc: Exception) -> None:
         """Record the failure on the task and ask again after a delay that grows with each failure."""
         state.error = _as_error(exc, f"Could not follow task {task_id}")
         state.query_failures += 1
         delay = min(QUERY_BACKOFF_CAP, self.interval * 2**state.query_failures)
-        state.next_due = began + delay
+        state.retry_at = time.time() + (began + delay - time.monotonic())
         if not isinstance(exc, TaskNotFoundError):
             logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
 
@@ -324,7 +515,10 @@ class Watcher:
                 )
             record = self._adopt(task_id, body)
         polls = record.polls + 1
-        self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
+        if polls == 1 or status != record.status:
+            # Evidence of every change, not of every answer: a task queued for hours would leave a
+            # file per minute saying the same thing. The ledger counts every query (`polls`).
+            self._evidence.write_poll(Path(record.evidence_dir), polls, status, body)
         fields: dict[str, Any] = {"polls": polls}
         video_url = _video_url(output) if status == "SUCCEEDED" else None
         doubtful = (status == "UNKNOWN" and not record.finished) or (status == "SUCCEEDED" and not video_url)
@@ -361,6 +555,8 @@ class Watcher:
         updated = self._reread(task_id)
         if status in TERMINAL_STATUSES:
             self._evidence.write_json(Path(updated.evidence_dir) / "result.json", body)
+            if not record.finished:
+                self._learn(record, updated)
         return updated
 
     def _reread(self, task_id: str) -> TaskRecord:
@@ -386,6 +582,16 @@ class Watcher:
 
     async def _download(self, record: TaskRecord, state: _State) -> None:
         assert record.video_url
+        destination = video_destination(record)
+        if destination.is_file():
+            # Renamed only after verification, so it is complete: the crash came before the ledger write.
+            self._ledger.update_task(
+                record.task_id,
+                video_path=str(destination),
+                video_sha256=file_sha256(destination),
+                video_bytes=destination.stat().st_size,
+            )
+            return
         try:
             got = await self._client.download(record.video_url, video_destination(record))
         except UpstreamError as exc:
@@ -414,8 +620,30 @@ class Watcher:
         state.download_failures += 1
         state.download_error = str(exc)
         delay = min(DOWNLOAD_BACKOFF_CAP, self.interval * 2**state.download_failures)
-        state.next_download = time.monotonic() + delay
+        state.next_download = time.time() + delay
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
+
+
+def _with_seconds(entry: Entry, seconds: float) -> Entry:
+    return Entry(
+        entry.task_id,
+        entry.model,
+        entry.created_at,
+        entry.stage,
+        entry.due_at,
+        seconds,
+        entry.expected_start,
+        entry.expected_end,
+        entry.basis,
+    )
+
+
+def _claimer_dead(owner: str) -> bool:
+    """At start: a claim of a dead process on this host (or of an earlier process with our pid)."""
+    host, _, pid = owner.rpartition(":")
+    if host != HOST or not pid.isdigit():
+        return False  # another host's process cannot be checked: its lease runs out
+    return int(pid) == os.getpid() or not pid_alive(int(pid))
 
 
 def _as_error(exc: Exception, doing: str) -> EmoMcpError:

@@ -109,6 +109,8 @@ class FakeTask:
     end_wall: float | None = None
     code: str | None = None
     message: str | None = None
+    # The output length a simulated account reports in usage (None: the fake's fixed figure).
+    video_duration: float | None = None
 
 
 @dataclass
@@ -763,10 +765,10 @@ class FakeDashScope:
                 out["results"] = {"video_url": video_url}
                 ext = task.input["ext_bbox"]
                 ratio = "1:1" if ext[2] - ext[0] == ext[3] - ext[1] else "3:4"
-                answer["usage"] = {"video_duration": 5.2, "video_ratio": ratio}
+                answer["usage"] = {"video_duration": task.video_duration or 5.2, "video_ratio": ratio}
             else:
                 out["video_url"] = video_url
-                answer["usage"] = {"video_duration": 3, "video_ratio": "standard"}
+                answer["usage"] = {"video_duration": task.video_duration or 3, "video_ratio": "standard"}
         elif task.status == "FAILED":
             out["code"], out["message"] = task.code, task.message
         return JSONResponse(answer)

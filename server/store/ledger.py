@@ -17,7 +17,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,11 +190,22 @@ class Ledger:
             for name, kind in _ADDED_COLUMNS.items():
                 if name not in have:
                     db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
+            # Every lookup a tool, resource, tick or CLI command makes has an index to serve it, so its
+            # cost follows what it returns, not how long the history is (tests/test_engine.py checks
+            # the query plans).
             db.execute("CREATE INDEX IF NOT EXISTS tasks_by_fingerprint ON tasks (fingerprint)")
             db.execute("CREATE INDEX IF NOT EXISTS tasks_by_local_id ON tasks (local_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status)")
+            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at)")
+            db.execute("CREATE INDEX IF NOT EXISTS detections_by_url ON detections (image_url)")
+            db.execute("CREATE INDEX IF NOT EXISTS detections_by_created ON detections (created_at)")
 
     def close(self) -> None:
         self._db.close()
+
+    def trace(self, callback: Callable[[str], object] | None) -> None:
+        """See every statement this connection runs (the tests check their query plans)."""
+        self._db.set_trace_callback(callback)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -411,28 +422,19 @@ class Ledger:
         ).fetchall()
         return [_task(row) for row in rows]
 
-    def open_rows(self) -> list[TaskRecord]:
-        """Tasks the watcher owns: not finished upstream, or SUCCEEDED with no video recorded yet."""
-        marks = ",".join("?" * len(TERMINAL_STATUSES))
-        rows = self._db.execute(
-            f"SELECT * FROM tasks WHERE (status NOT IN ({marks}))"  # noqa: S608 (no user text)
-            " OR (status = 'SUCCEEDED' AND video_path IS NULL AND COALESCE(code, '') != ?) ORDER BY created_at",
-            (*sorted(TERMINAL_STATUSES), VIDEO_EXPIRED),
-        ).fetchall()
-        return [_task(row) for row in rows if row["status"] not in LOCAL_STATUSES]
-
-    def succeeded_rows(self) -> list[TaskRecord]:
-        rows = self._db.execute("SELECT * FROM tasks WHERE status = 'SUCCEEDED' ORDER BY created_at").fetchall()
-        return [_task(row) for row in rows]
-
-    def queue_ahead(self, record: TaskRecord) -> int:
-        """How many of this ledger's unfinished tasks of the same model were submitted earlier."""
-        marks = ",".join("?" * len(TERMINAL_STATUSES | LOCAL_STATUSES))
-        row = self._db.execute(
-            f"SELECT COUNT(*) FROM tasks WHERE model = ? AND created_at < ? AND status NOT IN ({marks})",  # noqa: S608
-            (record.model, record.created_at, *sorted(TERMINAL_STATUSES | LOCAL_STATUSES)),
-        ).fetchone()
-        return int(row[0])
+    def recent_videos(self, since: float, batch: int) -> Iterator[list[TaskRecord]]:
+        """SUCCEEDED tasks with a recorded video created after `since`, newest first, `batch` at a time."""
+        before = 1e308  # above any time (SQLite spells infinity "Inf", which its parser then rejects)
+        while True:
+            rows = self._db.execute(
+                "SELECT * FROM tasks WHERE created_at >= ? AND created_at < ? AND status = 'SUCCEEDED'"
+                " AND video_path IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+                (since, before, batch),
+            ).fetchall()
+            if not rows:
+                return
+            yield [_task(row) for row in rows]
+            before = float(rows[-1]["created_at"])
 
     def submitted_task_ids(self, task_ids: Sequence[str]) -> dict[str, bool]:
         """Which of `task_ids` this ledger knows: True if submitted through it, False if only adopted by id."""

@@ -7,7 +7,6 @@ Served as the `spend://today` resource (`tools/resources.py`) and by the `doctor
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -78,29 +77,37 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
     )
     detections = sum(int(row["n"]) for row in detect_rows)
     detect_cny = sum(int(row["n"]) * prices.detect(str(row["family"])).cny for row in detect_rows)
-    task_rows = ledger.execute(
-        "SELECT t.task_id, t.family, t.status, t.usage, e.estimated_cny FROM tasks t"
-        " LEFT JOIN spend_estimates e ON e.task_id = t.task_id WHERE t.created_at >= ? AND t.created_at < ?",
+    # Aggregated by SQLite over the indexed day range (tasks_by_created), a row per kind of task, so
+    # the cost follows the number of kinds, not of tasks (a busy day holds thousands).
+    groups = ledger.execute(
+        "SELECT t.family AS family, json_extract(t.usage, '$.video_ratio') AS ratio,"
+        " COALESCE(json_type(t.usage, '$.video_duration') IN ('integer', 'real'), 0) AS billed,"
+        " t.status IN ('FAILED', 'CANCELED', 'UNKNOWN') AS dead, COUNT(*) AS n,"
+        " SUM(COALESCE(e.estimated_cny, 0)) AS estimated,"
+        " SUM(CASE WHEN json_type(t.usage, '$.video_duration') IN ('integer', 'real')"
+        " THEN json_extract(t.usage, '$.video_duration') ELSE 0 END) AS seconds"
+        " FROM tasks t LEFT JOIN spend_estimates e ON e.task_id = t.task_id"
+        " WHERE t.created_at >= ? AND t.created_at < ? GROUP BY 1, 2, 3, 4",
         (start, end),
     )
     estimated = actual = total = 0.0
-    unfinished = 0
-    for row in task_rows:
-        estimate = float(row["estimated_cny"]) if row["estimated_cny"] is not None else 0.0
-        usage = json.loads(row["usage"]) if row["usage"] else None
-        cost = actual_cost(prices, str(row["family"]), usage)
-        estimated += estimate
-        if cost is not None:
+    unfinished = tasks = 0
+    for row in groups:
+        tasks += int(row["n"])
+        estimated += float(row["estimated"] or 0.0)
+        if row["billed"]:
+            usage = {"video_duration": float(row["seconds"] or 0.0), "video_ratio": row["ratio"]}
+            cost = actual_cost(prices, str(row["family"]), usage) or 0.0
             actual += cost
             total += cost
-        elif row["status"] not in {"FAILED", "CANCELED", "UNKNOWN"}:
-            unfinished += 1
-            total += estimate
+        elif not row["dead"]:
+            unfinished += int(row["n"])
+            total += float(row["estimated"] or 0.0)
     return SpendToday(
         day=moment.strftime("%Y-%m-%d"),
         detections=detections,
         detect_cny=round(detect_cny, 4),
-        tasks=len(task_rows),
+        tasks=tasks,
         estimated_cny=round(estimated, 4),
         actual_cny=round(actual, 4),
         unfinished_tasks=unfinished,

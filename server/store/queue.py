@@ -1,0 +1,269 @@
+"""The due queue: when each open task next needs the watcher, and what it is expected to do.
+
+Why a table of its own: the watcher asks "what is due now?" and "when is the next one due?"
+after every finished step; both are one indexed lookup here, so a tick costs the number of
+due tasks, not the number of rows the ledger has ever held. A row exists only while a task
+needs work (a query, or its video's download) and goes when the task settles.
+
+Claiming moves a row's `due_at` forward by a lease, so a step in flight is not started twice,
+and a step whose process died is taken up again once the lease runs out. The same shape carries
+to PostgreSQL, where a claim becomes `FOR UPDATE SKIP LOCKED`.
+
+The row also holds the task's schedule estimate (expected output seconds, start and end, how
+they were reckoned), and `model_rates` holds each model's learned processing rate as running
+sums, so an estimate never reads the history either.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger
+
+# "query": the task is PENDING/RUNNING upstream (in this account's queue); "download": it
+# SUCCEEDED and its video is not on disk yet.
+QUERY, DOWNLOAD = "query", "download"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS due_queue (
+    task_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    stage TEXT NOT NULL,
+    due_at REAL NOT NULL,
+    expected_seconds REAL,
+    expected_start REAL,
+    expected_end REAL,
+    basis TEXT,
+    claimed_by TEXT
+);
+CREATE INDEX IF NOT EXISTS due_queue_by_due ON due_queue (due_at);
+CREATE INDEX IF NOT EXISTS due_queue_by_model ON due_queue (model, stage, created_at);
+CREATE TABLE IF NOT EXISTS model_rates (
+    model TEXT PRIMARY KEY,
+    finished INTEGER NOT NULL,
+    output_seconds REAL NOT NULL,
+    run_seconds REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS due_queue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_FILL_OPEN = (
+    "INSERT OR IGNORE INTO due_queue (task_id, model, created_at, stage, due_at)"  # noqa: S608 (no user text)
+    " SELECT task_id, model, created_at, ?, ? FROM tasks WHERE status NOT IN ("
+    + ",".join("?" * len(TERMINAL_STATUSES | LOCAL_STATUSES))
+    + ") RETURNING task_id"
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One task's place in the queue and its estimate (times are epoch seconds)."""
+
+    task_id: str
+    model: str
+    created_at: float
+    stage: str
+    due_at: float
+    expected_seconds: float | None
+    expected_start: float | None
+    expected_end: float | None
+    basis: str | None
+
+
+class Estimate(Protocol):
+    """What the queue keeps of a schedule estimate (`server.jobs.schedule.Eta` has these)."""
+
+    @property
+    def start(self) -> float | None: ...
+    @property
+    def end(self) -> float | None: ...
+    @property
+    def basis(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A model's learned processing rate, as running sums over its finished tasks."""
+
+    finished: int
+    output_seconds: float
+    run_seconds: float
+
+
+class DueQueue:
+    """The due queue and the learned rates, in the ledger's file (and transactions)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        ledger.ensure_schema(_SCHEMA)
+
+    def fill_once(self, now: float) -> int:
+        """A ledger from before the due queue: queue its open tasks, once (one pass, then never again)."""
+        if self._ledger.execute("SELECT value FROM due_queue_meta WHERE key = 'filled'"):
+            return 0
+        statuses = sorted(TERMINAL_STATUSES | LOCAL_STATUSES)
+        open_rows = self._ledger.execute(_FILL_OPEN, (QUERY, now, *statuses))
+        downloads = self._ledger.execute(
+            "INSERT OR IGNORE INTO due_queue (task_id, model, created_at, stage, due_at)"
+            " SELECT task_id, model, created_at, ?, ? FROM tasks WHERE status = 'SUCCEEDED' AND video_path IS NULL"
+            " AND COALESCE(code, '') != ? RETURNING task_id",
+            (DOWNLOAD, now, VIDEO_EXPIRED),
+        )
+        self._ledger.execute("INSERT OR REPLACE INTO due_queue_meta (key, value) VALUES ('filled', '1')")
+        return len(open_rows) + len(downloads)
+
+    # ------------------------------------------------------------------ the watcher's questions
+
+    def claim(self, now: float, limit: int, lease: float, owner: str) -> list[str]:
+        """Up to `limit` due tasks, earliest first; each is pushed `lease` seconds ahead while in flight."""
+        if limit <= 0:
+            return []
+        rows = self._ledger.execute(
+            "UPDATE due_queue SET due_at = ?, claimed_by = ? WHERE task_id IN"
+            " (SELECT task_id FROM due_queue WHERE due_at <= ? ORDER BY due_at LIMIT ?) RETURNING task_id",
+            (now + lease, owner, now, limit),
+        )
+        return [str(row[0]) for row in rows]
+
+    def claims(self) -> list[tuple[str, str]]:
+        """(task id, claimer) of the steps in flight (a few rows: the claimed ones only)."""
+        rows = self._ledger.execute("SELECT task_id, claimed_by FROM due_queue WHERE claimed_by IS NOT NULL")
+        return [(str(row[0]), str(row[1])) for row in rows]
+
+    def release(self, task_ids: Sequence[str], now: float) -> None:
+        """Claims of a process that died: due at once, for whoever runs now."""
+        for task_id in task_ids:
+            self._ledger.execute("UPDATE due_queue SET due_at = ?, claimed_by = NULL WHERE task_id = ?", (now, task_id))
+
+    def next_due(self) -> float | None:
+        rows = self._ledger.execute("SELECT MIN(due_at) FROM due_queue")
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+    def task_ids(self) -> list[str]:
+        """Every queued task (the queue holds open tasks only: this never reads the history)."""
+        return [str(row[0]) for row in self._ledger.execute("SELECT task_id FROM due_queue")]
+
+    def size(self) -> int:
+        return int(self._ledger.execute("SELECT COUNT(*) FROM due_queue")[0][0])
+
+    # ------------------------------------------------------------------ changes
+
+    def schedule(self, task_id: str, model: str, created_at: float, due_at: float, stage: str = QUERY) -> None:
+        """Queue a task (or move it): its estimate, if any, is kept."""
+        self._ledger.execute(
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (task_id) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), stage = excluded.stage",
+            (task_id, model, created_at, stage, due_at),
+        )
+
+    def file(
+        self, task_id: str, model: str, created_at: float, due_at: float, stage: str, eta: Estimate | None = None
+    ) -> None:
+        """After a step: the task's next due time (queued if it was not), its claim released, and its
+        new estimate if one was made: one statement, as this runs after every query."""
+        if eta is None:
+            self._ledger.execute(
+                "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage,"
+                " claimed_by = NULL",
+                (task_id, model, created_at, stage, due_at),
+            )
+            return
+        self._ledger.execute(
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at, expected_start, expected_end, basis)"
+            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at,"
+            " stage = excluded.stage, claimed_by = NULL, expected_start = excluded.expected_start,"
+            " expected_end = excluded.expected_end, basis = excluded.basis",
+            (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis),
+        )
+
+    def reschedule(self, task_id: str, due_at: float, stage: str) -> None:
+        self._ledger.execute(
+            "UPDATE due_queue SET due_at = ?, stage = ?, claimed_by = NULL WHERE task_id = ?", (due_at, stage, task_id)
+        )
+
+    def expect(self, task_id: str, seconds: float | None) -> None:
+        """The task's expected output length (audio, template), known at submit."""
+        self._ledger.execute("UPDATE due_queue SET expected_seconds = ? WHERE task_id = ?", (seconds, task_id))
+
+    def estimate(self, task_id: str, start: float | None, end: float | None, basis: str) -> None:
+        self._ledger.execute(
+            "UPDATE due_queue SET expected_start = ?, expected_end = ?, basis = ? WHERE task_id = ?",
+            (start, end, basis, task_id),
+        )
+
+    def remove(self, task_id: str) -> None:
+        self._ledger.execute("DELETE FROM due_queue WHERE task_id = ?", (task_id,))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, task_id: str) -> Entry | None:
+        rows = self._ledger.execute("SELECT * FROM due_queue WHERE task_id = ?", (task_id,))
+        return _entry(rows[0]) if rows else None
+
+    def ahead(self, entry: Entry) -> Entry | None:
+        """The task just before this one in its model's queue (this account runs them one at a time)."""
+        rows = self._ledger.execute(
+            "SELECT * FROM due_queue WHERE model = ? AND stage = ? AND created_at < ? ORDER BY created_at DESC LIMIT 1",
+            (entry.model, QUERY, entry.created_at),
+        )
+        return _entry(rows[0]) if rows else None
+
+    def behind(self, model: str, created_at: float) -> Entry | None:
+        """The task just after this moment in the model's queue: the next to start when one ends."""
+        rows = self._ledger.execute(
+            "SELECT * FROM due_queue WHERE model = ? AND stage = ? AND created_at > ? ORDER BY created_at LIMIT 1",
+            (model, QUERY, created_at),
+        )
+        return _entry(rows[0]) if rows else None
+
+    def position(self, model: str, created_at: float) -> int:
+        """How many open tasks of this model were submitted earlier (an index range, not a scan)."""
+        rows = self._ledger.execute(
+            "SELECT COUNT(*) FROM due_queue WHERE model = ? AND stage = ? AND created_at < ?",
+            (model, QUERY, created_at),
+        )
+        return int(rows[0][0])
+
+    # ------------------------------------------------------------------ learned rates
+
+    def rate(self, model: str) -> Rate:
+        rows = self._ledger.execute(
+            "SELECT finished, output_seconds, run_seconds FROM model_rates WHERE model = ?", (model,)
+        )
+        if not rows:
+            return Rate(0, 0.0, 0.0)
+        return Rate(int(rows[0][0]), float(rows[0][1]), float(rows[0][2]))
+
+    def learn(self, model: str, output_seconds: float, run_seconds: float) -> None:
+        """One finished task's output length and run time join the model's running sums."""
+        self._ledger.execute(
+            "INSERT INTO model_rates (model, finished, output_seconds, run_seconds) VALUES (?, 1, ?, ?)"
+            " ON CONFLICT (model) DO UPDATE SET finished = finished + 1,"
+            " output_seconds = output_seconds + excluded.output_seconds,"
+            " run_seconds = run_seconds + excluded.run_seconds",
+            (model, output_seconds, run_seconds),
+        )
+
+    def explain(self, sql: str, params: Sequence[object]) -> list[str]:
+        """SQLite's query plan of a statement (for the tests that keep hot paths indexed)."""
+        return [str(row[3]) for row in self._ledger.execute("EXPLAIN QUERY PLAN " + sql, tuple(params))]
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    get = row.__getitem__
+    return Entry(
+        task_id=str(get("task_id")),
+        model=str(get("model")),
+        created_at=float(get("created_at")),
+        stage=str(get("stage")),
+        due_at=float(get("due_at")),
+        expected_seconds=None if get("expected_seconds") is None else float(get("expected_seconds")),
+        expected_start=None if get("expected_start") is None else float(get("expected_start")),
+        expected_end=None if get("expected_end") is None else float(get("expected_end")),
+        basis=get("basis"),
+    )
