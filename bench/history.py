@@ -127,6 +127,10 @@ def build_history(output_dir: Path, size: Size, fake: FakeDashScope) -> str:
                 evidence_dir=str(folder),
                 fingerprint=hashlib.sha256(task_id.encode()).hexdigest(),
             )
+            # Followed before, as an open task of a real history is: its first answer is on record.
+            status = "RUNNING" if index == 0 else "PENDING"
+            evidence.write_poll(folder, 1, status, {"output": {"task_id": task_id, "task_status": status}})
+            ledger.update_task(task_id, polls=1)
         # Months of use, not one afternoon: the finished history spread over the 100 days before today.
         ledger.execute(
             "UPDATE tasks SET created_at = created_at - (1 + rowid % 100) * 86400.0 WHERE status = 'SUCCEEDED'"

@@ -232,6 +232,11 @@ class Ledger:
         with self._tx() as db:
             return db.execute(sql, tuple(params)).fetchall()
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One read, without a write transaction around it (a SELECT sees a consistent snapshot by
+        itself): the watcher reads the due queue after every query, so the saving counts."""
+        return self._db.execute(sql, tuple(params)).fetchall()
+
     # detections -------------------------------------------------------------
 
     def add_detection(

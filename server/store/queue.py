@@ -102,7 +102,7 @@ class DueQueue:
 
     def fill_once(self, now: float) -> int:
         """A ledger from before the due queue: queue its open tasks, once (one pass, then never again)."""
-        if self._ledger.execute("SELECT value FROM due_queue_meta WHERE key = 'filled'"):
+        if self._ledger.query("SELECT value FROM due_queue_meta WHERE key = 'filled'"):
             return 0
         statuses = sorted(TERMINAL_STATUSES | LOCAL_STATUSES)
         open_rows = self._ledger.execute(_FILL_OPEN, (QUERY, now, *statuses))
@@ -130,7 +130,7 @@ class DueQueue:
 
     def claims(self) -> list[tuple[str, str]]:
         """(task id, claimer) of the steps in flight (a few rows: the claimed ones only)."""
-        rows = self._ledger.execute("SELECT task_id, claimed_by FROM due_queue WHERE claimed_by IS NOT NULL")
+        rows = self._ledger.query("SELECT task_id, claimed_by FROM due_queue WHERE claimed_by IS NOT NULL")
         return [(str(row[0]), str(row[1])) for row in rows]
 
     def release(self, task_ids: Sequence[str], now: float) -> None:
@@ -139,16 +139,16 @@ class DueQueue:
             self._ledger.execute("UPDATE due_queue SET due_at = ?, claimed_by = NULL WHERE task_id = ?", (now, task_id))
 
     def next_due(self) -> float | None:
-        rows = self._ledger.execute("SELECT MIN(due_at) FROM due_queue")
+        rows = self._ledger.query("SELECT MIN(due_at) FROM due_queue")
         value = rows[0][0] if rows else None
         return None if value is None else float(value)
 
     def task_ids(self) -> list[str]:
         """Every queued task (the queue holds open tasks only: this never reads the history)."""
-        return [str(row[0]) for row in self._ledger.execute("SELECT task_id FROM due_queue")]
+        return [str(row[0]) for row in self._ledger.query("SELECT task_id FROM due_queue")]
 
     def size(self) -> int:
-        return int(self._ledger.execute("SELECT COUNT(*) FROM due_queue")[0][0])
+        return int(self._ledger.query("SELECT COUNT(*) FROM due_queue")[0][0])
 
     # ------------------------------------------------------------------ changes
 
@@ -202,12 +202,12 @@ class DueQueue:
     # ------------------------------------------------------------------ reads
 
     def get(self, task_id: str) -> Entry | None:
-        rows = self._ledger.execute("SELECT * FROM due_queue WHERE task_id = ?", (task_id,))
+        rows = self._ledger.query("SELECT * FROM due_queue WHERE task_id = ?", (task_id,))
         return _entry(rows[0]) if rows else None
 
     def ahead(self, entry: Entry) -> Entry | None:
         """The task just before this one in its model's queue (this account runs them one at a time)."""
-        rows = self._ledger.execute(
+        rows = self._ledger.query(
             "SELECT * FROM due_queue WHERE model = ? AND stage = ? AND created_at < ? ORDER BY created_at DESC LIMIT 1",
             (entry.model, QUERY, entry.created_at),
         )
@@ -215,7 +215,7 @@ class DueQueue:
 
     def behind(self, model: str, created_at: float) -> Entry | None:
         """The task just after this moment in the model's queue: the next to start when one ends."""
-        rows = self._ledger.execute(
+        rows = self._ledger.query(
             "SELECT * FROM due_queue WHERE model = ? AND stage = ? AND created_at > ? ORDER BY created_at LIMIT 1",
             (model, QUERY, created_at),
         )
@@ -223,7 +223,7 @@ class DueQueue:
 
     def position(self, model: str, created_at: float) -> int:
         """How many open tasks of this model were submitted earlier (an index range, not a scan)."""
-        rows = self._ledger.execute(
+        rows = self._ledger.query(
             "SELECT COUNT(*) FROM due_queue WHERE model = ? AND stage = ? AND created_at < ?",
             (model, QUERY, created_at),
         )
@@ -232,7 +232,7 @@ class DueQueue:
     # ------------------------------------------------------------------ learned rates
 
     def rate(self, model: str) -> Rate:
-        rows = self._ledger.execute(
+        rows = self._ledger.query(
             "SELECT finished, output_seconds, run_seconds FROM model_rates WHERE model = ?", (model,)
         )
         if not rows:

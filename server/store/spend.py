@@ -38,7 +38,7 @@ def record_estimate(ledger: Ledger, task_id: str, family: str, estimated_cny: fl
 
 def estimate_of(ledger: Ledger, task_id: str) -> float | None:
     ledger.ensure_schema(_SCHEMA)
-    rows = ledger.execute("SELECT estimated_cny FROM spend_estimates WHERE task_id = ?", (task_id,))
+    rows = ledger.query("SELECT estimated_cny FROM spend_estimates WHERE task_id = ?", (task_id,))
     return float(rows[0]["estimated_cny"]) if rows else None
 
 
@@ -71,7 +71,7 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
     moment = datetime.fromtimestamp(time.time() if now is None else now)
     start = moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     end = start + 86400
-    detect_rows = ledger.execute(
+    detect_rows = ledger.query(
         "SELECT family, COUNT(*) AS n FROM detections WHERE created_at >= ? AND created_at < ? GROUP BY family",
         (start, end),
     )
@@ -79,7 +79,7 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
     detect_cny = sum(int(row["n"]) * prices.detect(str(row["family"])).cny for row in detect_rows)
     # Aggregated by SQLite over the indexed day range (tasks_by_created), a row per kind of task, so
     # the cost follows the number of kinds, not of tasks (a busy day holds thousands).
-    groups = ledger.execute(
+    groups = ledger.query(
         "SELECT t.family AS family, json_extract(t.usage, '$.video_ratio') AS ratio,"
         " COALESCE(json_type(t.usage, '$.video_duration') IN ('integer', 'real'), 0) AS billed,"
         " t.status IN ('FAILED', 'CANCELED', 'UNKNOWN') AS dead, COUNT(*) AS n,"
