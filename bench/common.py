@@ -205,3 +205,12 @@ def now() -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
+
+
+def publish(lines: Sequence[str], output: Path | None) -> str:
+    """A result table: printed, and written to `output` (committed beside the bench) when given."""
+    text = "\n".join(lines)
+    sys.stdout.write(text)
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+    return text

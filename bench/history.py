@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_KEY, PORTRAIT, ROOT, SERVER_COMMAND, SPEECH, server_env, stdio_session
+from bench.common import BENCH_KEY, PORTRAIT, ROOT, SERVER_COMMAND, SPEECH, publish, server_env, stdio_session
 from server.sandbox.fake_dashscope import EMO_MODEL, FakeDashScope, FakeTask
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
@@ -258,9 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| open tasks never queried in {args.window:.0f} s | – | {never:,} of {size.open:,} | |",
         "",
     ]
-    text = "\n".join(lines)
-    sys.stdout.write(text)
-    args.output.write_text(text, encoding="utf-8")
+    publish(lines, args.output)
     return 0
 
 

@@ -16,14 +16,13 @@ import argparse
 import os
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 import wave
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import BENCH_KEY, ROOT, SERVER_COMMAND, percentile, server_env, stdio_session
+from bench.common import BENCH_KEY, ROOT, SERVER_COMMAND, percentile, publish, server_env, stdio_session
 from server.sandbox.account import SimulatedAccount
 from server.sandbox.sample_media import portrait_png
 
@@ -135,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(goal ≤ 0.25×).",
         "",
     ]
-    text = "\n".join(lines)
-    sys.stdout.write(text)
-    args.output.write_text(text, encoding="utf-8")
+    publish(lines, args.output)
     return 0
 
 

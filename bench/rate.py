@@ -11,14 +11,13 @@ counting window in use and for the 1.2 s window of the previous release, side by
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import httpx2
 
-from bench.common import BENCH_KEY, ROOT
+from bench.common import BENCH_KEY, ROOT, publish
 from server.sandbox.fake_dashscope import FakeDashScope
 from server.upstream.client import DashScopeClient
 from server.upstream.limits import WINDOW, Limits, RateLimiter
@@ -74,9 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = f"{window:g} s" + (" (now)" if window == WINDOW else " (previous release)")
         lines.append(f"| {label} | {rate:.2f}/s | {rate / LIMIT:.1%} | {busiest} |")
     lines.append("")
-    text = "\n".join(lines)
-    sys.stdout.write(text)
-    args.output.write_text(text, encoding="utf-8")
+    publish(lines, args.output)
     return 0
 
 
