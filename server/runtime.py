@@ -56,7 +56,7 @@ async def open_service(
         # ExceptionGroup by the task group (callers such as the CLI catch `EmoMcpError`).
         failure: BaseException | None = None
         async with anyio.create_task_group() as tg:
-            await tg.start(service.watcher.run)
+            await tg.start(service.run)
             try:
                 yield service
             except BaseException as exc:

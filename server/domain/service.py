@@ -57,32 +57,6 @@ DETECT_KEEP_SECONDS = 900.0
 CANCELED_MESSAGE = "Cancelled with task_cancel before it started."
 
 
-class _HostingWatcher(Watcher):
-    """The watcher, also hosting the service's background jobs for as long as it runs.
-
-    `runtime.open_service` starts `service.watcher.run` and nothing else of the service, so the
-    jobs' task group rides on it (a `Service.run` started by the runtime would be the direct form).
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        client: DashScopeClient,
-        ledger: Ledger,
-        evidence: Evidence,
-        background: Background,
-        *,
-        recover: bool = True,
-    ) -> None:
-        super().__init__(settings, client, ledger, evidence, recover=recover)
-        self._background = background
-
-    async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with self._background.hosting():
-            await super().run(task_status=task_status)
-            await anyio.sleep_forever()  # without a key nothing is watched, but jobs run until the service closes
-
-
 class Service:
     def __init__(
         self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, *, recover: bool = True
@@ -92,8 +66,9 @@ class Service:
         self.ledger = ledger
         self.evidence = evidence
         self.background = Background()
-        # The watcher owns every upstream task query and download; runtime.open_service runs it.
-        self.watcher: Watcher = _HostingWatcher(settings, client, ledger, evidence, self.background, recover=recover)
+        # The watcher owns every upstream task query and download; `run` (started by runtime.open_service)
+        # runs it beside the background jobs.
+        self.watcher = Watcher(settings, client, ledger, evidence, recover=recover)
         self.tasks = TaskTracker(settings, ledger, self.watcher, self.background)
         self.submitter = Submitter(settings, client, ledger, evidence, self.watcher)
         self.uploads = Uploads(client, ledger)
@@ -109,6 +84,12 @@ class Service:
         self._detects: dict[tuple[str | None, ...], Job[Any]] = {}
         # Cancels sent whose answer is not known: the ledger may be stale for these tasks.
         self._cancels: dict[str, Job[None]] = {}
+
+    async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The service's life: its background jobs, and the watcher inside them (ready once it is)."""
+        async with self.background.hosting():
+            await self.watcher.run(task_status=task_status)
+            await anyio.sleep_forever()  # without a key nothing is watched, but jobs run until the service closes
 
     # detection: one paid call per portrait, shared by repeat calls -------------
 
