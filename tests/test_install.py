@@ -308,3 +308,17 @@ async def test_the_written_entry_starts_the_server(
             detection = await client.call_tool("emo_detect", {"image_url": PORTRAIT})
             assert not detection.is_error and (detection.structured_content or {})["sandbox"] is True
     assert (tmp_path / "videos" / "ledger.sqlite3").exists()
+
+
+def test_installing_again_without_a_key_keeps_the_stored_one(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = install(Request("cursor"), platform=platform("linux", home, DASHSCOPE_API_KEY=KEY))
+    assert first.change == "added"
+    path = home / ".cursor" / "mcp.json"
+    document = read(path)
+    document["mcpServers"]["dashscope-emo"]["env"]["EMO_MCP_MAX_COST_CNY"] = "2"  # added by the user
+    path.write_text(json.dumps(document), encoding="utf-8")
+    again = install(Request("cursor"), platform=platform("linux", home), prompt=None)
+    env = entry_of(read(path), "cursor")["env"]
+    assert env["DASHSCOPE_API_KEY"] == KEY and env["EMO_MCP_MAX_COST_CNY"] == "2"
+    assert again.key == "kept from the existing entry" and KEY not in shown(again)

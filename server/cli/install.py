@@ -146,6 +146,15 @@ def _read(path: Path) -> dict[str, Any]:
     return document
 
 
+def _existing_env(document: dict[str, Any], request: Request) -> dict[str, str]:
+    """The environment of our existing entry of that name (empty for none, or for someone else's)."""
+    servers = document.get(servers_key(request.client), {})
+    existing = servers.get(request.name) if isinstance(servers, dict) else None
+    if not is_ours(existing) or not isinstance(existing.get("env"), dict):
+        return {}
+    return {str(k): str(v) for k, v in existing["env"].items()}
+
+
 def _merge(document: dict[str, Any], request: Request, path: Path, entry: dict[str, Any]) -> tuple[dict[str, Any], str]:
     key = servers_key(request.client)
     servers = document.get(key, {})
@@ -228,6 +237,12 @@ def install(
     key, key_words = _key(request, dict(platform.env), prompt)
     if key is not None:
         env = {KEY_VARIABLE: key, **env}
+    else:
+        # Installing again without a new key keeps the entry's own (and any variable the user added to it).
+        kept = _existing_env(document, request)
+        if kept.get(KEY_VARIABLE):
+            key_words = "kept from the existing entry"
+        env = {**kept, **env}
     entry = server_entry(request.client, command, args, env)
     merged, change = _merge(document, request, path, entry)
     notes = []
@@ -235,7 +250,8 @@ def install(
         notes.append(f"{path.parent} did not exist: is {TITLES[request.client]} installed for this user?")
     written = not request.dry_run and change != "unchanged"
     backup = _write(path, merged, now()) if written else None
-    return Outcome(request.client, path, change, written, backup, _masked(entry, key), key_words, tuple(notes))
+    shown = _masked(entry, env.get(KEY_VARIABLE))
+    return Outcome(request.client, path, change, written, backup, shown, key_words, tuple(notes))
 
 
 def request_from(args: argparse.Namespace) -> Request:
