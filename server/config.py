@@ -24,6 +24,9 @@ DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 DEFAULT_POLL_INTERVAL = 15.0
 SANDBOX_POLL_INTERVAL = 0.5
 DEFAULT_MAX_QUERY_QPS = 20.0
+# The HTTP transport's bind (here, so the CLI names them without importing the HTTP stack at start).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 # No open task waits longer than this between two queries, whatever its estimate says.
 DEFAULT_POLL_MAX_INTERVAL = 60.0
 POLL_SCHEDULES = ("adaptive", "fixed")

@@ -30,7 +30,7 @@ from server.sandbox.fake_dashscope import EMO_MODEL, FakeDashScope
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
 from server.store.queue import DueQueue, Entry, Rate
-from server.store.spend import spend_today
+from server.store.spend import record_estimate, spend_today
 from tests import media_files
 from tests.conftest import PORTRAIT, SPEECH, TEST_KEY, call_ok, detect_emo, make_env
 
@@ -243,3 +243,23 @@ async def test_task_status_reports_an_eta_and_progress_counts_towards_it(tmp_pat
     fractions = [p.progress / p.total for p in seen if p.total]
     assert fractions and all(0 < f <= 1 for f in fractions)
     assert any("left" in (p.message or "") for p in seen)
+
+
+def test_spend_today_never_counts_a_task_that_will_not_be_billed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    for status in ("NOT_FOUND", "FAILED", "PENDING"):
+        task_id = f"{status.lower()}-task"
+        ledger.add_task(
+            task_id=task_id,
+            family="emo",
+            model=EMO_MODEL,
+            payload={},
+            ratio="1:1",
+            status=status,
+            request_id=None,
+            evidence_dir=str(tmp_path),
+        )
+        record_estimate(ledger, task_id, "emo", 0.5, "test")
+    summary = spend_today(ledger)
+    ledger.close()
+    assert summary.tasks == 3 and summary.unfinished_tasks == 1 and summary.total_cny == 0.5

@@ -150,7 +150,7 @@ def _existing_env(document: dict[str, Any], request: Request) -> dict[str, str]:
     """The environment of our existing entry of that name (empty for none, or for someone else's)."""
     servers = document.get(servers_key(request.client), {})
     existing = servers.get(request.name) if isinstance(servers, dict) else None
-    if not is_ours(existing) or not isinstance(existing.get("env"), dict):
+    if not isinstance(existing, dict) or not is_ours(existing) or not isinstance(existing.get("env"), dict):
         return {}
     return {str(k): str(v) for k, v in existing["env"].items()}
 

@@ -31,11 +31,10 @@ from server.cli.commands import (
     exit_code_for,
     url_arg,
 )
-from server.config import Settings, load_settings
+from server.config import DEFAULT_HOST, DEFAULT_PORT, Settings, load_settings
 from server.errors import ConfigError, EmoMcpError
 from server.models import template_ids
 from server.redaction import install_log_redaction, redact
-from server.transport.http import DEFAULT_HOST, DEFAULT_PORT
 
 EXIT_CONFIG = EXIT_USAGE  # kept for callers of the first version
 

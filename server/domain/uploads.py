@@ -75,7 +75,7 @@ class Uploads:
     def cached(self, sha256: str, model: str, now: float | None = None) -> str | None:
         """The oss:// URL of an earlier upload of this content for this model, while still fresh."""
         now = time.time() if now is None else now
-        rows = self._ledger.execute(
+        rows = self._ledger.query(
             "SELECT oss_url FROM uploads WHERE sha256 = ? AND model = ? AND expires_at > ?",
             (sha256, model, now + REUSE_MARGIN_SECONDS),
         )

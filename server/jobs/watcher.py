@@ -24,6 +24,7 @@ before it is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -155,15 +156,14 @@ class Watcher:
         self.queue = DueQueue(ledger)
         self._rates: dict[str, Rate] = {}
         self._owner = owner_token()
+        self._started = time.time()
         self.reconciler = Reconciler(settings, client, ledger, evidence, self._reconciled)
-        self.recovered = anyio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow every open task until cancelled; recovery runs beside it, after the handshake."""
         if not self._settings.api_key:
-            self.recovered.set()
             task_status.started()  # nothing can be queried without a key
             return
         try:
@@ -178,8 +178,6 @@ class Watcher:
             task_status.started()
             if self._recover_on_start:
                 tg.start_soon(self._recover_in_background)
-            else:
-                self.recovered.set()
             while True:
                 try:
                     delay = self._tick(tg)
@@ -197,8 +195,6 @@ class Watcher:
             await self.recover()
         except Exception:  # a damaged folder or ledger: the server goes on; the next start tries again
             logger.exception("recovery after restart stopped early; following the ledger's tasks anyway")
-        finally:
-            self.recovered.set()
 
     async def recover(self) -> None:
         """Make the ledger and the disk agree after a crash, in bounded batches through indexes."""
@@ -227,7 +223,15 @@ class Watcher:
                 continue
             for part in Path(record.evidence_dir).glob("*.part"):
                 owner = part.suffixes[-2].lstrip(".") if len(part.suffixes) >= 2 else ""
-                if not owner.isdigit() or int(owner) == os.getpid() or not pid_alive(int(owner)):
+                mine = owner == str(os.getpid())
+                # Ours only if left by an earlier process with our pid: recovery runs beside our own
+                # downloads, whose files are younger than this process.
+                try:
+                    if mine and part.stat().st_mtime >= self._started:
+                        continue
+                except FileNotFoundError:  # finished (renamed) meanwhile
+                    continue
+                if not owner.isdigit() or mine or not pid_alive(int(owner)):
                     part.unlink(missing_ok=True)
                     removed += 1
         return removed
@@ -272,7 +276,10 @@ class Watcher:
                 due = time.monotonic() + self.interval
             wake = min(wake, now + (due - time.monotonic()))
         free = self._budget - len(self._inflight)
-        for task_id in self.queue.claim(now, free, LEASE, self._owner):
+        upcoming = self.queue.next_due()
+        # A claim is a write: made only when something is due (every finished step wakes this loop).
+        due_now = self.queue.claim(now, free, LEASE, self._owner) if upcoming is not None and upcoming <= now else []
+        for task_id in due_now:
             state = self._state(task_id)
             if state.inflight is not None:
                 continue  # a caller's fresh query is running it; its end files the next due time
@@ -280,7 +287,7 @@ class Watcher:
             self._inflight.add(task_id)
             tg.start_soon(self._step, task_id, state.inflight)
         if len(self._inflight) < self._budget:
-            upcoming = self.queue.next_due()
+            upcoming = self.queue.next_due() if due_now else upcoming
             if upcoming is not None:
                 wake = min(wake, upcoming)
         # With every slot busy, a finishing step wakes the loop (notify), so no busy wait.
@@ -426,19 +433,10 @@ class Watcher:
         )
         self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta)
 
-    def eta(self, record: TaskRecord) -> Eta | None:
-        """The task's expected start and end (and how they were reckoned); filed in the queue too."""
-        entry = self.queue.get(record.task_id)
-        if entry is None or record.finished:
-            return None
-        eta = self._estimate(record, entry)
-        self.queue.estimate(record.task_id, eta.start, eta.end, eta.basis)
-        return eta
-
     def _estimate(self, record: TaskRecord, entry: Entry) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
         if entry.expected_seconds is None:
-            entry = _with_seconds(entry, self._assumed_seconds(record.model))
+            entry = dataclasses.replace(entry, expected_seconds=self._assumed_seconds(record.model))
         ahead = self.queue.ahead(entry)
         ahead_end = None
         if ahead is not None:
@@ -484,7 +482,8 @@ class Watcher:
         behind = self.queue.behind(after.model, after.created_at)
         if behind is not None:
             soon = time.time()  # it has just started: one query gives its real start (scheduled_time)
-            self.queue.reschedule(behind.task_id, min(behind.due_at, soon), behind.stage)
+            # `schedule` keeps the earlier due time and leaves a claim in flight alone.
+            self.queue.schedule(behind.task_id, behind.model, behind.created_at, soon, behind.stage)
             self._wake.set()
 
     def _query_failed(self, task_id: str, state: _State, began: float, exc: Exception) -> None:
@@ -622,20 +621,6 @@ class Watcher:
         delay = min(DOWNLOAD_BACKOFF_CAP, self.interval * 2**state.download_failures)
         state.next_download = time.time() + delay
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
-
-
-def _with_seconds(entry: Entry, seconds: float) -> Entry:
-    return Entry(
-        entry.task_id,
-        entry.model,
-        entry.created_at,
-        entry.stage,
-        entry.due_at,
-        seconds,
-        entry.expected_start,
-        entry.expected_end,
-        entry.basis,
-    )
 
 
 def _claimer_dead(owner: str) -> bool:

@@ -6,7 +6,7 @@ this machine. Both live here, below the transports and the viewer, so neither im
 
 Checking a name and then letting the HTTP client look it up again is not enough: a name that
 answers a public address to the check and 127.0.0.1 to the connection (DNS rebinding) gets
-through. So fetches go through a pinned transport (`pinned_transport`, `pinned_client`, and the
+through. So fetches go through a pinned transport (`pinned_transport`, and the
 blocking `pinned_sync_transport` for worker threads): its network backend resolves each name once,
 vets every answer, and connects to a vetted address itself. The URL keeps its name, so the Host
 header, TLS SNI and the certificate check are still those of the name.
@@ -14,6 +14,7 @@ header, TLS SNI and the certificate check are still those of the name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import ssl
@@ -191,7 +192,7 @@ async def guard_url(url: str, resolve: Resolver = system_resolver, policy: Addre
     """Refuse a URL whose host is, or resolves to any, non-public address (every address is checked).
 
     A check only: an HTTP client that resolves the name again may reach another address. Fetch
-    through `pinned_client` / `pinned_transport`, which connect to the addresses they vetted.
+    through `pinned_transport`, which connect to the addresses they vetted.
     """
     host, port = _split_url(url)
     await vetted_addresses(host, port, resolve, policy)
@@ -314,11 +315,23 @@ def pinned_transport(
     """
     import httpcore2
 
-    context = httpx2.create_ssl_context(verify=verify, trust_env=False)
+    context = _ssl_context(verify)
     transport = httpx2.AsyncHTTPTransport(verify=context, trust_env=False)
     # httpx2 takes no network backend, so its pool is replaced by one built on the pinned backend.
     transport._pool = httpcore2.AsyncConnectionPool(ssl_context=context, network_backend=PinnedBackend(resolve, policy))
     return transport
+
+
+def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
+    """The default context is made once: loading the CA bundle costs ~20 ms, once per fetch before."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    return _default_context(verify)
+
+
+@functools.cache
+def _default_context(verify: bool) -> ssl.SSLContext:
+    return httpx2.create_ssl_context(verify=verify, trust_env=False)
 
 
 def pinned_sync_transport(
@@ -330,14 +343,7 @@ def pinned_sync_transport(
     """`pinned_transport` for a blocking `httpx2.Client` (e.g. on a worker thread)."""
     import httpcore2
 
-    context = httpx2.create_ssl_context(verify=verify, trust_env=False)
+    context = _ssl_context(verify)
     transport = httpx2.HTTPTransport(verify=context, trust_env=False)
     transport._pool = httpcore2.ConnectionPool(ssl_context=context, network_backend=PinnedSyncBackend(resolve, policy))
     return transport
-
-
-def pinned_client(
-    resolve: Resolver = system_resolver, policy: AddressPolicy = public_only, **options: Any
-) -> httpx2.AsyncClient:
-    """An `httpx2.AsyncClient` on `pinned_transport` (redirects, if followed, are pinned too)."""
-    return httpx2.AsyncClient(transport=pinned_transport(resolve, policy), trust_env=False, **options)

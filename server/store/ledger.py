@@ -111,7 +111,8 @@ def _clean(text: str | None) -> str | None:
 
 
 # A row with one of these statuses does not stop an identical submit: nothing usable exists.
-_DEAD = frozenset({"FAILED", "CANCELED", "UNKNOWN", NOT_FOUND})
+DEAD_STATUSES = frozenset({"FAILED", "CANCELED", "UNKNOWN", NOT_FOUND})
+_DEAD = DEAD_STATUSES
 _DEAD_MARKS = ",".join("?" * len(_DEAD))
 
 

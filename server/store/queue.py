@@ -147,11 +147,6 @@ class DueQueue:
         """Every queued task (the queue holds open tasks only: this never reads the history)."""
         return [str(row[0]) for row in self._ledger.query("SELECT task_id FROM due_queue")]
 
-    def size(self) -> int:
-        return int(self._ledger.query("SELECT COUNT(*) FROM due_queue")[0][0])
-
-    # ------------------------------------------------------------------ changes
-
     def schedule(self, task_id: str, model: str, created_at: float, due_at: float, stage: str = QUERY) -> None:
         """Queue a task (or move it): its estimate, if any, is kept."""
         self._ledger.execute(
@@ -189,12 +184,6 @@ class DueQueue:
     def expect(self, task_id: str, seconds: float | None) -> None:
         """The task's expected output length (audio, template), known at submit."""
         self._ledger.execute("UPDATE due_queue SET expected_seconds = ? WHERE task_id = ?", (seconds, task_id))
-
-    def estimate(self, task_id: str, start: float | None, end: float | None, basis: str) -> None:
-        self._ledger.execute(
-            "UPDATE due_queue SET expected_start = ?, expected_end = ?, basis = ? WHERE task_id = ?",
-            (start, end, basis, task_id),
-        )
 
     def remove(self, task_id: str) -> None:
         self._ledger.execute("DELETE FROM due_queue WHERE task_id = ?", (task_id,))
@@ -248,10 +237,6 @@ class DueQueue:
             " run_seconds = run_seconds + excluded.run_seconds",
             (model, output_seconds, run_seconds),
         )
-
-    def explain(self, sql: str, params: Sequence[object]) -> list[str]:
-        """SQLite's query plan of a statement (for the tests that keep hot paths indexed)."""
-        return [str(row[3]) for row in self._ledger.execute("EXPLAIN QUERY PLAN " + sql, tuple(params))]
 
 
 def _entry(row: sqlite3.Row) -> Entry:

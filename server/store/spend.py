@@ -13,9 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from server.pricing import PriceTable, actual_cost
-from server.store.ledger import Ledger
+from server.store.ledger import DEAD_STATUSES, Ledger
 
 SPEND_URI = "spend://today"
+# Tasks that will never be billed (failed, cancelled, never created): their estimate is not spend.
+_DEAD_MARKS = ",".join("?" * len(DEAD_STATUSES))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend_estimates (
@@ -80,15 +82,15 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
     # Aggregated by SQLite over the indexed day range (tasks_by_created), a row per kind of task, so
     # the cost follows the number of kinds, not of tasks (a busy day holds thousands).
     groups = ledger.query(
-        "SELECT t.family AS family, json_extract(t.usage, '$.video_ratio') AS ratio,"
+        "SELECT t.family AS family, json_extract(t.usage, '$.video_ratio') AS ratio,"  # noqa: S608 (no user text)
         " COALESCE(json_type(t.usage, '$.video_duration') IN ('integer', 'real'), 0) AS billed,"
-        " t.status IN ('FAILED', 'CANCELED', 'UNKNOWN') AS dead, COUNT(*) AS n,"
+        f" t.status IN ({_DEAD_MARKS}) AS dead, COUNT(*) AS n,"
         " SUM(COALESCE(e.estimated_cny, 0)) AS estimated,"
         " SUM(CASE WHEN json_type(t.usage, '$.video_duration') IN ('integer', 'real')"
         " THEN json_extract(t.usage, '$.video_duration') ELSE 0 END) AS seconds"
         " FROM tasks t LEFT JOIN spend_estimates e ON e.task_id = t.task_id"
         " WHERE t.created_at >= ? AND t.created_at < ? GROUP BY 1, 2, 3, 4",
-        (start, end),
+        (*sorted(DEAD_STATUSES), start, end),
     )
     estimated = actual = total = 0.0
     unfinished = tasks = 0

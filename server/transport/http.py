@@ -34,6 +34,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.config import DEFAULT_HOST as DEFAULT_HOST
+from server.config import DEFAULT_PORT as DEFAULT_PORT
 from server.config import Settings
 from server.errors import ConfigError
 from server.media.addresses import is_loopback
@@ -46,8 +48,6 @@ HOSTS_ENV = "EMO_MCP_ALLOWED_HOSTS"
 ORIGINS_ENV = "EMO_MCP_ALLOWED_ORIGINS"
 MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 MIN_TOKEN_LENGTH = 16
 # A client gets this long to send a request's headers (a browser or an SDK needs milliseconds).
 HEADER_TIMEOUT_SECONDS = 10.0

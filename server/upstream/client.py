@@ -38,7 +38,7 @@ from server.errors import (
     UpstreamUnavailableError,
     upstream_error,
 )
-from server.media.addresses import BlockedAddressError, guard_url, is_loopback, pinned_sync_transport, public_only
+from server.media.addresses import BlockedAddressError, check_url, is_loopback, pinned_sync_transport, public_only
 from server.upstream.answers import (
     HTTP_STACK_ERRORS,
     Answer,
@@ -442,7 +442,7 @@ class DashScopeClient:
         current = url
         try:
             for _hop in range(MAX_REDIRECTS + 1):
-                await self._vet_hop(current)
+                self._vet_hop(current)
                 try:
                     # The hash is computed while streaming (never by a second read of a large file).
                     fetched = await download_to_file(
@@ -487,17 +487,11 @@ class DashScopeClient:
             return None
         return public_only(host, address)
 
-    async def _vet_hop(self, url: str) -> None:
-        """The private-address guard for one hop of a download, before any connection is made.
-
-        The configured upstream's own host is exempt, and so is any loopback host when the upstream
-        is on loopback (the sandbox, a local test double), as for the viewer's portraits.
-        """
-        host = urlsplit(url).hostname or ""
-        if host == self._upstream_host or (is_loopback(self._upstream_host) and is_loopback(host)):
-            return
+    def _vet_hop(self, url: str) -> None:
+        """What can be refused of one download hop without a lookup (a literal private address, no
+        http(s)); a name is vetted where it is resolved, by the pinned transport, on each connection."""
         try:
-            await guard_url(url)
+            check_url(url, self._download_policy)
         except BlockedAddressError as exc:
             raise UpstreamUnavailableError(
                 f"The video's URL led to {snippet(url, 120)}, which this server refuses to fetch ({exc}); "
