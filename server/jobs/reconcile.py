@@ -191,7 +191,10 @@ class Reconciler:
     async def _reconcile_model(self, model: str, rows: list[TaskRecord]) -> None:
         now = time.time()
         start = min(row.created_at for row in rows) - MATCH_SKEW
-        body = await self._client.list_tasks(model, beijing_stamp(start), beijing_stamp(now + MATCH_SKEW))
+        # The window ends where a match could still be (the newest lost submit plus the skew), not "now":
+        # a window growing with every pass would, on a busy account, outgrow the one page asked for.
+        end = min(now, max(row.created_at for row in rows)) + MATCH_SKEW
+        body = await self._client.list_tasks(model, beijing_stamp(start), beijing_stamp(end))
         try:
             items = listed(body)
         except ValueError as exc:
