@@ -364,8 +364,8 @@ class DashScopeClient:
                 "nothing was concluded from them. Nothing is lost: call again later."
             ) from last
         raise UpstreamUnavailableError(
-            f"DashScope did not answer the {what} after {MAX_READ_RETRIES + 1} tries "
-            f"({last}). The task is safe; call task_status again later."
+            f"DashScope did not answer the {what} after {MAX_READ_RETRIES + 1} tries ({last}). Nothing is "
+            "lost: call again later."
         ) from last
 
     # ------------------------------------------------------------------ temporary uploads
