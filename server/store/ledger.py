@@ -228,6 +228,20 @@ class Ledger:
         self._db.executescript(script)
         self._schemas.add(script)
 
+    def ensure_once(self, table: str, script: str) -> None:
+        """Run `script` (tables, triggers, a one-time back-fill) if `table` does not exist yet.
+
+        In one write transaction, statement by statement (`executescript` would commit halfway), so
+        two processes opening an old ledger at once cannot both run it.
+        """
+        if table in self._schemas:
+            return
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is None:
+                for statement in _statements(script):
+                    db.execute(statement)
+        self._schemas.add(table)
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One statement in its own transaction, for those modules' tables."""
         with self._tx() as db:
@@ -498,6 +512,18 @@ class Ledger:
         """Newest first."""
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
         return [_task(row) for row in rows]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The complete statements of `script` (a trigger's body holds semicolons of its own)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        yield buffer.strip()
 
 
 def _task(row: sqlite3.Row) -> TaskRecord:
