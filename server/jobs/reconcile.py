@@ -133,7 +133,10 @@ class Reconciler:
         self.errors: dict[str, EmoMcpError] = {}
 
     def pending(self) -> bool:
-        return bool(self._ledger.rows([SUBMITTING, SUBMIT_UNKNOWN]))
+        """Any unanswered submit to look for (asked on every tick: one indexed probe, no rows read)."""
+        return bool(
+            self._ledger.query("SELECT 1 FROM tasks WHERE status IN (?, ?) LIMIT 1", (SUBMITTING, SUBMIT_UNKNOWN))
+        )
 
     def next_due(self) -> float:
         """One pass every poll interval; after failed passes, less and less often."""

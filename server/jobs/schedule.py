@@ -38,6 +38,10 @@ SPREAD = 0.15
 MIN_DENSE = 0.2
 _BEIJING = timezone(timedelta(hours=8))
 
+# The watcher counts the tasks ahead of one only this far ("100+"): the estimate needs "none" or
+# "some", and counting a deep queue on every query would cost its depth each time.
+AHEAD_COUNTED = 100
+
 
 def parse_beijing(text: str | None) -> float | None:
     """DashScope's task timestamps (`2025-09-11 14:33:38.716`, Beijing time) as epoch seconds."""
@@ -97,7 +101,8 @@ def estimate(
         start, where = now, "next in this account's queue"
     else:
         start = max(now, ahead_end) if ahead_end is not None else None
-        where = f"{ahead_count} task(s) of {entry.model} ahead in this account's queue"
+        more = "+" if ahead_count >= AHEAD_COUNTED else ""
+        where = f"{ahead_count}{more} task(s) of {entry.model} ahead in this account's queue"
     queued = status != "RUNNING" and scheduled is None and ahead_count > 0
     if entry.expected_seconds is None or rate is None:
         return Eta(start, None, f"{where}; {rate_basis if rate is None else 'output length unknown'}", queued)

@@ -41,7 +41,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from server.config import Settings
 from server.errors import EmoMcpError, TaskNotFoundError, UnreadableAnswerError, UpstreamError, as_task_error
 from server.jobs.reconcile import HOST, Reconciler, owner_token, pid_alive
-from server.jobs.schedule import Eta, estimate, learned_rate, next_query, parse_beijing
+from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
 from server.media.sources import file_sha256
 from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
@@ -371,6 +371,9 @@ class Watcher:
     async def _step(self, task_id: str, done: anyio.Event) -> None:
         """Query the task if it is not finished, then download its video if it succeeded."""
         state = self._state(task_id)
+        # The row as this step leaves it, so filing the next due time need not read it again; None
+        # after any failure (then it is read afresh).
+        latest: TaskRecord | None = None
         try:
             record = self._ledger.get_task(task_id)
             if record is None or not record.finished or (record.status == "SUCCEEDED" and not record.video_url):
@@ -390,21 +393,23 @@ class Watcher:
                     await self._download(record, state)
                 except Exception as exc:  # a full disk, a locked ledger, a bug: back off and retry
                     self._download_failed(record, state, _as_error(exc, "Could not save the video"))
+            else:
+                latest = record
         except Exception as exc:  # reading the ledger itself failed: retried at the next due time
             self._query_failed(task_id, state, time.monotonic(), exc)
         finally:
             state.inflight = None
             self._inflight.discard(task_id)
             try:
-                self._file_next(task_id, state)
+                self._file_next(task_id, state, latest)
             except (OSError, sqlite3.Error) as exc:  # the lease brings it back if this could not be written
                 logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
             done.set()
             self.notify(task_id)
 
-    def _file_next(self, task_id: str, state: _State) -> None:
+    def _file_next(self, task_id: str, state: _State, record: TaskRecord | None = None) -> None:
         """After a step: the task's next due time from its schedule, or out of the queue once settled."""
-        record = self._ledger.get_task(task_id)
+        record = record or self._ledger.get_task(task_id)
         if record is None or record.status in LOCAL_STATUSES or settled(record):
             self.queue.remove(task_id)
             if record is not None and record.task_id != task_id:
@@ -451,7 +456,7 @@ class Watcher:
             status=record.status,
             scheduled=scheduled,
             ahead_end=ahead_end,
-            ahead_count=self.queue.position(record.model, record.created_at),
+            ahead_count=self.queue.position(record.model, record.created_at, cap=AHEAD_COUNTED),
             rate=rate,
             rate_basis=rate_basis,
         )
@@ -551,6 +556,10 @@ class Watcher:
         elif status == "UNKNOWN":
             fields["code"], fields["message"] = "UNKNOWN", UNKNOWN_MESSAGE
         self._ledger.update_task(task_id, **fields)
+        if status not in TERMINAL_STATUSES:
+            # Only polls, status and upstream's times changed: the row is known without reading it back
+            # (this runs for every answer about every open task).
+            return dataclasses.replace(record, **fields)
         updated = self._reread(task_id)
         if status in TERMINAL_STATUSES:
             self._evidence.write_json(Path(updated.evidence_dir) / "result.json", body)

@@ -210,11 +210,13 @@ class DueQueue:
         )
         return _entry(rows[0]) if rows else None
 
-    def position(self, model: str, created_at: float) -> int:
-        """How many open tasks of this model were submitted earlier (an index range, not a scan)."""
+    def position(self, model: str, created_at: float, cap: int = -1) -> int:
+        """How many open tasks of this model were submitted earlier (an index range, not a scan),
+        counting at most `cap` of them when given: the watcher only needs "none" or "some", and a
+        count of a deep queue costs its depth on every query."""
         rows = self._ledger.query(
-            "SELECT COUNT(*) FROM due_queue WHERE model = ? AND stage = ? AND created_at < ?",
-            (model, QUERY, created_at),
+            "SELECT COUNT(*) FROM (SELECT 1 FROM due_queue WHERE model = ? AND stage = ? AND created_at < ? LIMIT ?)",
+            (model, QUERY, created_at, cap),
         )
         return int(rows[0][0])
 

@@ -9,7 +9,9 @@ one day, 100,000), so summing the day's rows on every read grows with the day. T
 a few rows per day instead (`spend_totals`: per family, state and billed ratio; `spend_detections`:
 per family), moved by triggers on `tasks`, `spend_estimates` and `detections` inside the very
 transaction that changes a row. No writer can forget them (a submit, a rename by reconciliation, a
-merge, an import), and a read costs the number of kinds of task, not of tasks. A ledger from before
+merge, an import), and a read costs the number of kinds of task, not of tasks. A poll that
+changes nothing (most of them) fires no trigger work: the trigger runs only `WHEN` a column it
+depends on really changed. A ledger from before
 the totals is summed once, when they are installed.
 """
 
@@ -116,7 +118,9 @@ END;
 CREATE TRIGGER spend_task_removed AFTER DELETE ON tasks BEGIN
     {_move("OLD", "-", _estimate("OLD.task_id"))}
 END;
-CREATE TRIGGER spend_task_changed AFTER UPDATE OF task_id, family, status, usage, created_at ON tasks BEGIN
+CREATE TRIGGER spend_task_changed AFTER UPDATE OF task_id, family, status, usage, created_at ON tasks
+WHEN OLD.task_id IS NOT NEW.task_id OR OLD.family IS NOT NEW.family OR OLD.status IS NOT NEW.status
+    OR OLD.usage IS NOT NEW.usage OR OLD.created_at IS NOT NEW.created_at BEGIN
     {_move("OLD", "-", _estimate("OLD.task_id"))}
     {_move("NEW", "+", _estimate("NEW.task_id"))}
 END;
