@@ -69,6 +69,8 @@ DOWNLOAD_BACKOFF_CAP = 300.0
 LEASE = 30.0
 # Recent enough that a missing video can still be fetched again (result URLs live 24 h).
 RECOVER_WINDOW = 26 * 3600.0
+# Seconds after start before recovery checks the saved videos (a day's worth of stats).
+RECOVER_DELAY = 1.0
 RECOVER_BATCH = 200
 # Output seconds assumed for an EMO task whose audio length is unknown, until tasks have finished.
 DEFAULT_OUTPUT_SECONDS = 10.0
@@ -206,6 +208,9 @@ class Watcher:
             removed += self._remove_stale_parts(task_ids[start : start + RECOVER_BATCH])
             await anyio.lowlevel.checkpoint()
         checked = 0
+        # The videos' check reads a day's worth of history (a stat each): it waits out the start-up, when
+        # a client's handshake and first calls come, and those never queue behind it.
+        await anyio.sleep(RECOVER_DELAY)
         for batch in self._ledger.recent_videos(time.time() - RECOVER_WINDOW, RECOVER_BATCH):
             for record in batch:
                 self._verify_video(record)
