@@ -27,8 +27,9 @@ from typing import Any
 PREFIX = "emo_mcp"
 # Ledger calls are sub-millisecond on local SQLite and a network round trip on PostgreSQL.
 LEDGER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-# Ledger methods that are not calls worth timing (or that must stay exactly what they are).
-_NOT_TIMED = frozenset({"close", "trace"})
+# Ledger methods that are not calls worth timing (or that must stay exactly what they are): set-up, and
+# factories whose work happens after they return (a transaction's context manager, a named query's text).
+_NOT_TIMED = frozenset({"close", "trace", "open", "sql", "transaction"})
 
 
 class Metrics:

@@ -43,7 +43,7 @@ from server.config import load_settings
 from server.errors import ConfigError
 from server.sandbox.fake_dashscope import FakeDashScope
 from server.store.ledger import LEDGER_FILE
-from server.transport.http import check_cluster
+from server.transport.http import check_cluster, http_security
 from tests.conftest import SPEECH, TEST_KEY, call_ok, detect_emo, emo_arguments, make_env
 from tests.test_http import leaves
 
@@ -415,9 +415,11 @@ def test_a_reachable_worker_on_postgresql_needs_the_key_ring(tmp_path: Path) -> 
     assert "EMO_MCP_REQUEST_STATE_KEYS" in line and "EMO_MCP_DATABASE_URL" in line
     assert "pw-secret" not in done.stderr
 
-    settings = load_settings({**env, "OUTPUT_DIR": str(tmp_path / "out")}, cwd=tmp_path)
-    check_cluster(settings, "127.0.0.1")  # one machine: the SDK's own key is enough
+    http_security("127.0.0.1", env)  # one machine: the SDK's own key is enough
     with pytest.raises(ConfigError, match="EMO_MCP_REQUEST_STATE_KEYS"):
-        check_cluster(settings, "10.0.0.5")
-    keyed = load_settings({**env, "EMO_MCP_REQUEST_STATE_KEYS": secrets.token_hex(32)}, cwd=tmp_path)
-    check_cluster(keyed, "0.0.0.0")  # noqa: S104
+        http_security("10.0.0.5", env)
+    http_security("10.0.0.5", {**env, "EMO_MCP_REQUEST_STATE_KEYS": secrets.token_hex(32)})
+    # The settings a worker is really given are checked again where it serves.
+    settings = load_settings(env, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="EMO_MCP_REQUEST_STATE_KEYS"):
+        check_cluster("10.0.0.5", settings.database_url is not None, bool(settings.request_state_keys))

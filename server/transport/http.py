@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.config import DATABASE_URL_ENV, REQUEST_STATE_KEYS_ENV, Settings
+from server.config import DATABASE_URL_ENV, REQUEST_STATE_KEYS_ENV, Settings, is_unfilled
 from server.config import DEFAULT_HOST as DEFAULT_HOST
 from server.config import DEFAULT_PORT as DEFAULT_PORT
 from server.errors import ConfigError
@@ -107,6 +107,8 @@ def _split(raw: str | None, variable: str) -> tuple[str, ...]:
 def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
     """The guard for a bind address, or a `ConfigError` saying what is missing for a public bind."""
     token = (env.get(TOKEN_ENV) or "").strip() or None
+    # First of all: it names the setting a cluster worker misses before the ledger's URL is even tried.
+    check_cluster(host, _given(env, DATABASE_URL_ENV), _given(env, REQUEST_STATE_KEYS_ENV))
     hosts = _split(env.get(HOSTS_ENV), HOSTS_ENV)
     origins = _split(env.get(ORIGINS_ENV), ORIGINS_ENV)
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
@@ -222,12 +224,15 @@ class LedgerProbe:
         return result  # type: ignore[no-any-return]
 
     async def healthy(self) -> bool:
-        """The ledger's own `ping()` when it has one (it raises when the database is unreachable), else a
+        """The ledger's own `ping()` when it has one (it raises when the database is unreachable), then a
         read through its query API that touches its data."""
 
         def ping(ledger: Any) -> object:
             method = getattr(ledger, "ping", None)
-            return method() if callable(method) else ledger.query(PROBE_SQL)
+            if callable(method):
+                method()  # a backend's own check (PostgreSQL: a round trip, LedgerUnavailable when away)
+            # And always a read of the data: a ping of `SELECT 1` is answered by SQLite without the file.
+            return ledger.query(PROBE_SQL)
 
         try:
             await self.ask(ping)
@@ -268,11 +273,19 @@ def metrics_route(probe: LedgerProbe, metrics: PrometheusMetrics) -> Callable[[R
     return scrape
 
 
-def check_cluster(settings: Settings, host: str) -> None:
+def _given(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "").strip()
+    return bool(value) and not is_unfilled(value)
+
+
+def check_cluster(host: str, on_database: bool, has_keys: bool) -> None:
     """Refuse a network-reachable worker on a shared (PostgreSQL) ledger without a shared key ring:
     any request may land on any worker, and a confirmation's follow-up sealed by another worker's own
-    key would fail. A loopback worker (one machine, one process behind nothing) may keep the SDK's."""
-    if settings.database_url and not settings.request_state_keys and not is_loopback(host):
+    key would fail. A loopback worker (one machine, one process behind nothing) may keep the SDK's.
+
+    Checked twice: by `http_security` from the environment (before settings are read or the database is
+    tried, so the message is this one), and by `serve_http` from the settings it is really given."""
+    if on_database and not has_keys and not is_loopback(host):
         raise ConfigError(
             f"Refusing to serve HTTP on {host} with {DATABASE_URL_ENV} set but no {REQUEST_STATE_KEYS_ENV}: "
             "every worker of a cluster needs the same request-state key ring, or a cost confirmation answered "
@@ -369,7 +382,7 @@ def uvicorn_config(
 
 
 async def serve_http(settings: Settings, host: str, port: int, security: HttpSecurity) -> None:
-    check_cluster(settings, host)  # before anything is bound or opened
+    check_cluster(host, settings.database_url is not None, bool(settings.request_state_keys))
     app = build_http_app(settings, security)
     logger.info(
         "serving Streamable HTTP at http://%s:%s%s (token %s, allowed hosts %s)",
