@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -11,10 +11,13 @@ import httpx2
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.request_state import RequestStateSecurity
 from mcp_types import GetPromptResult, InputRequiredResult
 from pydantic import AnyUrl
 
 from server.config import Settings
+from server.domain.service import Service
+from server.metrics import NO_METRICS, Metrics
 from server.runtime import open_service
 from server.viewer.extension import install_viewer, viewer_extension
 from tools import build_tools
@@ -56,13 +59,38 @@ class EmoServer(MCPServer[AppContext]):
             raise not_found_error(str(uri), exc, context.protocol_version if context else None) from exc
 
 
-def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MCPServer[AppContext]:
-    """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one."""
+def request_state_security(settings: Settings) -> RequestStateSecurity | None:
+    """The shared ring (`EMO_MCP_REQUEST_STATE_KEYS`) that seals a question's follow-up state, so the
+    answer may land on any worker; None keeps the SDK's per-process key (stdio, one worker). The state's
+    audience is the server name, the same on every worker."""
+    if not settings.request_state_keys:
+        return None
+    return RequestStateSecurity(keys=list(settings.request_state_keys))
+
+
+def create_app(
+    settings: Settings,
+    http: httpx2.AsyncClient | None = None,
+    *,
+    metrics: Metrics = NO_METRICS,
+    on_service: Callable[[Service | None], None] | None = None,
+) -> MCPServer[AppContext]:
+    """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one.
+
+    The HTTP transport passes `metrics` (what its /metrics serves) and `on_service`, told the open
+    service and then None when it closes: /healthz and /metrics are routes beside MCP, not tool calls,
+    so they reach the ledger this way rather than through a request context."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        async with open_service(settings, http) as service:
-            yield AppContext(service=service)
+        async with open_service(settings, http, metrics=metrics) as service:
+            if on_service is not None:
+                on_service(service)
+            try:
+                yield AppContext(service=service)
+            finally:
+                if on_service is not None:
+                    on_service(None)
 
     app = EmoServer(
         name="dashscope-emo-mcp",
@@ -72,6 +100,7 @@ def create_app(settings: Settings, http: httpx2.AsyncClient | None = None) -> MC
         tools=build_tools(settings),
         extensions=[viewer_extension()],
         lifespan=lifespan,
+        request_state_security=request_state_security(settings),
     )
     register_spend_resource(app, settings)
     install_viewer(app)

@@ -6,8 +6,11 @@ the resulting frozen `Settings` is handed to `create_app()`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import configparser
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +35,14 @@ DEFAULT_POLL_MAX_INTERVAL = 60.0
 POLL_SCHEDULES = ("adaptive", "fixed")
 # How long after an unanswered submit the task list is searched before concluding nothing was created.
 DEFAULT_RECONCILE_WINDOW = 600.0
+# How long a claimed task is not handed to another poller (the watcher's lease; issue 14 renews it).
+DEFAULT_LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 1.0
+REQUEST_STATE_KEYS_ENV = "EMO_MCP_REQUEST_STATE_KEYS"
+DATABASE_URL_ENV = "EMO_MCP_DATABASE_URL"
+MODEL_QPS_ENV = "EMO_MCP_MODEL_QPS"
+# The request-state ring's keys: the SDK's AES-GCM codec needs 32 bytes of secret randomness each.
+MIN_KEY_BYTES = 32
 
 # The sandbox's key: the fake upstream (server/sandbox/) accepts it, and `--sandbox` sends it.
 SANDBOX_API_KEY = "sk-sandbox-0000"
@@ -79,6 +90,13 @@ class Settings:
     # every poll_interval; neither leaves a task unqueried longer than poll_max_interval.
     poll_schedule: Literal["adaptive", "fixed"] = "adaptive"
     poll_max_interval: float = DEFAULT_POLL_MAX_INTERVAL
+    # Operations and the cluster (issue 14; `_cluster` below): per-model detect/submit rates that
+    # override server/upstream/limits.py's, the watcher's lease, the request-state key ring (decoded;
+    # first seals, all open) and the PostgreSQL ledger's URL (it carries a password: never in a repr).
+    model_qps: Mapping[str, float] = field(default_factory=dict)
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    request_state_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def is_beijing(self) -> bool:
@@ -232,6 +250,7 @@ def load_settings(
         poll_schedule=_poll_schedule(env),
         poll_max_interval=_positive_float(env, "EMO_MCP_POLL_MAX_INTERVAL", DEFAULT_POLL_MAX_INTERVAL),
         **_media_and_money(_with_roots(env, allowed_roots, cwd), cwd),
+        **_cluster(env),
     )
 
 
@@ -259,3 +278,78 @@ def _media_and_money(env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
         "max_cost_cny": parse_cny(env, "EMO_MCP_MAX_COST_CNY"),
         "confirm_above_cny": parse_cny(env, "EMO_MCP_CONFIRM_ABOVE_CNY"),
     }
+
+
+def _cluster(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings of operations and the cluster (issue 14): each refused at start with the variable's name."""
+    lease = _positive_float(env, "EMO_MCP_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
+    if not (MIN_LEASE_SECONDS <= lease < math.inf):
+        raise ConfigError(
+            f"EMO_MCP_LEASE_SECONDS must be a number of seconds from {MIN_LEASE_SECONDS:g} up, got {lease:g}"
+        )
+    return {
+        "model_qps": _parse_model_qps(env.get(MODEL_QPS_ENV, "")),
+        "lease_seconds": lease,
+        "request_state_keys": _parse_state_keys(env.get(REQUEST_STATE_KEYS_ENV, "")),
+        "database_url": (env.get(DATABASE_URL_ENV) or "").strip() or None,
+    }
+
+
+def _parse_model_qps(raw: str) -> dict[str, float]:
+    """`EMO_MCP_MODEL_QPS="emo-detect-v1=5,emo-v1=5"`: official model names only (a deployment alias
+    shares its model's limiter, so a rate per alias would be a second, contradicting limit)."""
+    from server.models import OFFICIAL_MODELS
+
+    rates: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        model, sep, value = (text.strip() for text in item.partition("="))
+        try:
+            rate = float(value) if sep else math.nan
+        except ValueError:
+            rate = math.nan
+        if model not in OFFICIAL_MODELS or not (math.isfinite(rate) and rate > 0) or model in rates:
+            why = "is given twice" if model in rates else "must look like <official model>=<calls per second>"
+            raise ConfigError(
+                f"{MODEL_QPS_ENV} entry {item!r} {why}, with the model one of {', '.join(sorted(OFFICIAL_MODELS))} "
+                "and the rate a positive number (for example emo-detect-v1=5,emo-v1=5)"
+            )
+        rates[model] = rate
+    return rates
+
+
+def _decode_key(text: str) -> bytes | None:
+    """A ring key as hex (`openssl rand -hex 32`) or base64url, padded or not (`secrets.token_urlsafe(32)`).
+
+    Hex is tried first: an even-length run of hex digits is hex. Either way the same text gives the same
+    bytes on every worker, which is all a shared ring needs; the bytes, not the text, go to the SDK, so a
+    64-character hex key is the 32 random bytes it spells, not 64 bytes of ASCII that hold half as much.
+    """
+    if len(text) % 2 == 0 and re.fullmatch(r"[0-9a-fA-F]+", text):
+        return bytes.fromhex(text)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        return None
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _parse_state_keys(raw: str) -> tuple[bytes, ...]:
+    """`EMO_MCP_REQUEST_STATE_KEYS="<new>,<old>"`: the first seals, all open. A key is refused (by its
+    position, never its text) unless it decodes to at least 32 bytes that look random: 32 bytes of one
+    repeated pattern pass a length check but are guessable."""
+    keys: list[bytes] = []
+    for position, text in enumerate(filter(None, (part.strip() for part in raw.split(","))), start=1):
+        key = _decode_key(text)
+        if key is None or len(key) < MIN_KEY_BYTES or len(set(key)) < MIN_KEY_BYTES // 2:
+            got = "is neither hex nor base64url" if key is None else f"decodes to {len(key)} bytes"
+            if key is not None and len(key) >= MIN_KEY_BYTES:
+                got = "repeats too few distinct bytes to be random"
+            raise ConfigError(
+                f"{REQUEST_STATE_KEYS_ENV} key {position} {got}; each key must be at least {MIN_KEY_BYTES} random "
+                "bytes, as hex or base64url, for example the output of: openssl rand -hex 32"
+            )
+        if key in keys:
+            raise ConfigError(f"{REQUEST_STATE_KEYS_ENV} key {position} repeats an earlier key of the ring")
+        keys.append(key)
+    return tuple(keys)

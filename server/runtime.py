@@ -16,6 +16,7 @@ import httpx2
 
 from server.config import Settings
 from server.domain.service import Service
+from server.metrics import NO_METRICS, Metrics
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
 from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
@@ -26,13 +27,19 @@ logger = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def open_service(
-    settings: Settings, http: httpx2.AsyncClient | None = None, *, recover: bool = True
+    settings: Settings,
+    http: httpx2.AsyncClient | None = None,
+    *,
+    recover: bool = True,
+    metrics: Metrics = NO_METRICS,
 ) -> AsyncIterator[Service]:
     """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is built lazily and closed.
 
     `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
+    `metrics` (the HTTP transport's) counts upstream calls, leases, downloads and ledger latency.
     """
     ledger = Ledger(settings.state_dir)
+    metrics.time_ledger(ledger)
     owned: list[httpx2.AsyncClient] = []
 
     def build_http() -> httpx2.AsyncClient:
@@ -41,8 +48,10 @@ async def open_service(
         return owned[-1]
 
     try:
-        limits = Limits(settings.max_query_qps, settings.model_aliases)
-        client = DashScopeClient(http or build_http, settings.base_url, settings.api_key, limits=limits)
+        limits = Limits(settings.max_query_qps, settings.model_aliases, settings.model_qps)
+        client = DashScopeClient(
+            http or build_http, settings.base_url, settings.api_key, limits=limits, metrics=metrics
+        )
         evidence = Evidence(settings.output_dir, settings.api_key)
         logger.info(
             "service open: base_url=%s output_dir=%s key_source=%s sandbox=%s",

@@ -133,7 +133,7 @@ async def test_public_configuration_requires_the_bearer_token(settings: Settings
         # The health check needs no token and says nothing about the configuration.
         async with httpx2.AsyncClient() as raw:
             health = await raw.get(f"{base}/healthz")
-        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert health.status_code == 200 and health.json() == {"status": "ok", "database": "ok"}
 
 
 async def test_foreign_host_and_origin_are_refused(settings: Settings) -> None:
@@ -217,7 +217,7 @@ async def test_console_script_serves_http_until_stopped(fake: FakeDashScope, tmp
                             await anyio.sleep(0.05)
                     else:
                         pytest.fail("the HTTP server did not come up")
-                assert health.json() == {"status": "ok"}
+                assert health.json() == {"status": "ok", "database": "ok"}
                 async with http_client(base) as client:
                     detection = await detect_emo(client)
                 assert detection["model"] == "emo-detect-v1"
@@ -280,9 +280,9 @@ async def test_a_client_that_trickles_its_headers_is_disconnected(settings: Sett
             async with await anyio.connect_tcp("127.0.0.1", port) as stream:
                 await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 first = await stream.receive()
-                assert first.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in first
+                assert first.startswith(b"HTTP/1.1 200") and b'{"status":"ok","database":"ok"}' in first
                 await stream.send(b"GET /healthz HTTP/1.1\r\n")  # the next request's headers never end
                 assert await until_closed(stream, b"X-Slow: 1\r\n") == b""
 
         async with httpx2.AsyncClient() as raw:  # a client that sends its headers at once is served
-            assert (await raw.get(f"http://127.0.0.1:{port}/healthz")).json() == {"status": "ok"}
+            assert (await raw.get(f"http://127.0.0.1:{port}/healthz")).json() == {"status": "ok", "database": "ok"}

@@ -65,8 +65,6 @@ NO_URL_MESSAGE = (
     "so the video could not be saved. Keep the task id and request ids for Alibaba Cloud support."
 )
 DOWNLOAD_BACKOFF_CAP = 300.0
-# A claimed task is not handed out again for this long (its step normally files a due time sooner).
-LEASE = 30.0
 # Recent enough that a missing video can still be fetched again (result URLs live 24 h).
 RECOVER_WINDOW = 26 * 3600.0
 # Seconds after start before recovery checks the saved videos (a day's worth of stats).
@@ -160,6 +158,7 @@ class Watcher:
         self._owner = owner_token()
         self._started = time.time()
         self.reconciler = Reconciler(settings, client, ledger, evidence, self._reconciled)
+        client.metrics.leases_held(lambda: len(self._inflight))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +172,7 @@ class Watcher:
             # Steps a killed process had in flight are due now, not when their lease runs out.
             dead = [task_id for task_id, owner in self.queue.claims() if _claimer_dead(owner)]
             self.queue.release(dead, time.time())
+            self._client.metrics.leases_taken_over(len(dead))
         except Exception:  # a damaged ledger must not keep the server from starting
             logger.exception("watcher: could not prepare the due queue; following it as it is")
         async with anyio.create_task_group() as tg:
@@ -283,7 +283,11 @@ class Watcher:
         free = self._budget - len(self._inflight)
         upcoming = self.queue.next_due()
         # A claim is a write: made only when something is due (every finished step wakes this loop).
-        due_now = self.queue.claim(now, free, LEASE, self._owner) if upcoming is not None and upcoming <= now else []
+        due_now = (
+            self.queue.claim(now, free, self._settings.lease_seconds, self._owner)
+            if upcoming is not None and upcoming <= now
+            else []
+        )
         for task_id in due_now:
             state = self._state(task_id)
             if state.inflight is not None:
@@ -628,6 +632,7 @@ class Watcher:
         )
         state.download_error = None
         state.download_failures = 0
+        self._client.metrics.downloaded(got.size)
 
     def _download_failed(self, record: TaskRecord, state: _State, exc: EmoMcpError) -> None:
         state.download_failures += 1

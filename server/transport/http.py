@@ -12,17 +12,26 @@ to send a request's headers (h11 has no such timer either): a client trickling h
 connection forever, and enough of them exhaust the server (slowloris). `HeaderTimeoutProtocol`
 closes a connection whose request headers are not complete `HEADER_TIMEOUT_SECONDS` after its first
 byte (or after the connection opened, for the first request).
+
+Operations (issue 14): `/healthz` says whether the ledger database answers (a load balancer takes a
+worker cut off from it out of rotation), `/metrics` serves `server.metrics` in the Prometheus text
+format, behind the token like /mcp. Both reach the ledger through `LedgerProbe`: on a worker thread,
+bounded by `PROBE_TIMEOUT_SECONDS`, one probe at a time, so a hung database can neither hang these
+endpoints nor pile up threads. A worker on a shared PostgreSQL ledger that is reachable from the
+network must share a request-state key ring (`check_cluster`), or a cost confirmation answered on
+another worker would fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h11
 import httpx2
@@ -34,12 +43,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.config import DATABASE_URL_ENV, REQUEST_STATE_KEYS_ENV, Settings, is_unfilled
 from server.config import DEFAULT_HOST as DEFAULT_HOST
 from server.config import DEFAULT_PORT as DEFAULT_PORT
-from server.config import Settings
 from server.errors import ConfigError
 from server.media.addresses import is_loopback
+from server.metrics import PrometheusMetrics
 from server.redaction import register_secret
+
+if TYPE_CHECKING:
+    from server.domain.service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +61,14 @@ HOSTS_ENV = "EMO_MCP_ALLOWED_HOSTS"
 ORIGINS_ENV = "EMO_MCP_ALLOWED_ORIGINS"
 MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+# How long /healthz and /metrics wait for the ledger before saying it is down.
+PROBE_TIMEOUT_SECONDS = 2.0
+# A read that touches the ledger's data: SQLite answers `SELECT 1` without opening a read transaction,
+# so it would say "ok" while the file is locked or gone; this one is valid on PostgreSQL too.
+PROBE_SQL = "SELECT 1 FROM tasks LIMIT 1"
+# Indexed on both backends (tasks_by_status): an index-only scan, no table rows read.
+TASK_COUNTS_SQL = "SELECT status, COUNT(*) FROM tasks GROUP BY status"
 MIN_TOKEN_LENGTH = 16
 # A client gets this long to send a request's headers (a browser or an SDK needs milliseconds).
 HEADER_TIMEOUT_SECONDS = 10.0
@@ -86,6 +107,8 @@ def _split(raw: str | None, variable: str) -> tuple[str, ...]:
 def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
     """The guard for a bind address, or a `ConfigError` saying what is missing for a public bind."""
     token = (env.get(TOKEN_ENV) or "").strip() or None
+    # First of all: it names the setting a cluster worker misses before the ledger's URL is even tried.
+    check_cluster(host, _given(env, DATABASE_URL_ENV), _given(env, REQUEST_STATE_KEYS_ENV))
     hosts = _split(env.get(HOSTS_ENV), HOSTS_ENV)
     origins = _split(env.get(ORIGINS_ENV), ORIGINS_ENV)
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
@@ -160,17 +183,127 @@ class BearerTokenMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-async def healthz(_: Request) -> Response:
-    """Liveness for process supervisors: no version, paths, settings or key state."""
-    return JSONResponse({"status": "ok"})
+T = TypeVar("T")
+
+
+class LedgerUnanswered(Exception):
+    """The ledger did not answer a probe in time (or a probe before it is still stuck)."""
+
+
+class LedgerProbe:
+    """The ledger as the operational routes see it: the open service's, asked within a time bound.
+
+    A blocking ledger (SQLite) is asked on a worker thread, an async one (PostgreSQL) on the loop; either
+    way `asyncio.wait_for` bounds the wait. A thread cannot be cancelled, so while one probe is still
+    stuck the next one fails at once instead of starting another thread behind it.
+    """
+
+    def __init__(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+        self.timeout = timeout
+        self.service: Service | None = None
+        self._stuck: asyncio.Future[Any] | None = None
+
+    def bind(self, service: Service | None) -> None:
+        self.service = service
+
+    async def ask(self, question: Callable[[Any], T]) -> T:
+        """`question(ledger)` within the bound; raises `LedgerUnanswered` or whatever the ledger raised."""
+        if self.service is None:
+            raise LedgerUnanswered("the service is not open")
+        if self._stuck is not None and not self._stuck.done():
+            raise LedgerUnanswered("an earlier probe has not returned")
+        ledger = self.service.ledger
+        pending: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(question, ledger))
+        self._stuck = pending
+        try:
+            result = await asyncio.wait_for(asyncio.shield(pending), self.timeout)
+            if inspect.isawaitable(result):  # an async ledger: the call made a coroutine, awaited here
+                result = await asyncio.wait_for(result, self.timeout)
+        except TimeoutError as exc:
+            raise LedgerUnanswered(f"no answer within {self.timeout:g}s") from exc
+        return result  # type: ignore[no-any-return]
+
+    async def healthy(self) -> bool:
+        """The ledger's own `ping()` when it has one (it raises when the database is unreachable), then a
+        read through its query API that touches its data."""
+
+        def ping(ledger: Any) -> object:
+            method = getattr(ledger, "ping", None)
+            if callable(method):
+                method()  # a backend's own check (PostgreSQL: a round trip, LedgerUnavailable when away)
+            # And always a read of the data: a ping of `SELECT 1` is answered by SQLite without the file.
+            return ledger.query(PROBE_SQL)
+
+        try:
+            await self.ask(ping)
+        except Exception as exc:  # any failure of the ledger is "down", and said in the log once per probe
+            logger.warning("health check: the ledger did not answer (%s)", exc)
+            return False
+        return True
+
+    async def task_counts(self) -> dict[str, int] | None:
+        """Tasks by status across the ledger (every worker's), or None when it did not answer in time."""
+        try:
+            rows = await self.ask(lambda ledger: ledger.query(TASK_COUNTS_SQL))
+        except Exception as exc:
+            logger.warning("metrics: the ledger did not answer the task count (%s)", exc)
+            return None
+        return {str(row[0]): int(row[1]) for row in rows}
+
+
+def health_route(probe: LedgerProbe) -> Callable[[Request], Any]:
+    async def healthz(_: Request) -> Response:
+        """Liveness and readiness for supervisors and load balancers: the process answers, and so does its
+        ledger. No version, paths, settings or key state."""
+        if await probe.healthy():
+            return JSONResponse({"status": "ok", "database": "ok"})
+        return JSONResponse({"status": "unavailable", "database": "down"}, status_code=503)
+
+    return healthz
+
+
+def metrics_route(probe: LedgerProbe, metrics: PrometheusMetrics) -> Callable[[Request], Any]:
+    async def scrape(_: Request) -> Response:
+        """The Prometheus text format; the task counts are read from the ledger now, the rest is counted
+        in memory as it happens (so a scrape never waits longer than one bounded ledger read)."""
+        metrics.set_task_counts(await probe.task_counts())
+        body, content_type = metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    return scrape
+
+
+def _given(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "").strip()
+    return bool(value) and not is_unfilled(value)
+
+
+def check_cluster(host: str, on_database: bool, has_keys: bool) -> None:
+    """Refuse a network-reachable worker on a shared (PostgreSQL) ledger without a shared key ring:
+    any request may land on any worker, and a confirmation's follow-up sealed by another worker's own
+    key would fail. A loopback worker (one machine, one process behind nothing) may keep the SDK's.
+
+    Checked twice: by `http_security` from the environment (before settings are read or the database is
+    tried, so the message is this one), and by `serve_http` from the settings it is really given."""
+    if on_database and not has_keys and not is_loopback(host):
+        raise ConfigError(
+            f"Refusing to serve HTTP on {host} with {DATABASE_URL_ENV} set but no {REQUEST_STATE_KEYS_ENV}: "
+            "every worker of a cluster needs the same request-state key ring, or a cost confirmation answered "
+            f"on another worker fails. Set {REQUEST_STATE_KEYS_ENV} to the same value on every worker (each key "
+            "at least 32 random bytes as hex or base64url, e.g. the output of: openssl rand -hex 32)."
+        )
 
 
 def build_http_app(settings: Settings, security: HttpSecurity, http: httpx2.AsyncClient | None = None) -> ASGIApp:
-    """The ASGI app: stateless Streamable HTTP at /mcp (so several workers can serve), plus /healthz."""
+    """The ASGI app: stateless Streamable HTTP at /mcp (so several workers can serve), plus /healthz and
+    /metrics (each app counts into its own registry)."""
     from server.app import create_app
 
-    server = create_app(settings, http)
-    server.custom_route(HEALTH_PATH, methods=["GET"], include_in_schema=False)(healthz)
+    probe = LedgerProbe()
+    metrics = PrometheusMetrics()
+    server = create_app(settings, http, metrics=metrics, on_service=probe.bind)
+    server.custom_route(HEALTH_PATH, methods=["GET"], include_in_schema=False)(health_route(probe))
+    server.custom_route(METRICS_PATH, methods=["GET"], include_in_schema=False)(metrics_route(probe, metrics))
     app: ASGIApp = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
@@ -249,6 +382,7 @@ def uvicorn_config(
 
 
 async def serve_http(settings: Settings, host: str, port: int, security: HttpSecurity) -> None:
+    check_cluster(host, settings.database_url is not None, bool(settings.request_state_keys))
     app = build_http_app(settings, security)
     logger.info(
         "serving Streamable HTTP at http://%s:%s%s (token %s, allowed hosts %s)",

@@ -4,7 +4,8 @@
   `EMO_MCP_MAX_QUERY_QPS` (default 20, the documented per-account query limit);
 - detect and submit calls are limited per model, from the contract: emo-v1 5/s,
   emoji-v1 and emoji-detect-v1 1/s. emo-detect-v1 has no published figure: it gets 5/s, the
-  figure of its family's generate model, which is an assumption (see README);
+  figure of its family's generate model, which is an assumption (see README); `EMO_MCP_MODEL_QPS`
+  replaces any of these figures (DashScope publishes only some, and accounts can be raised);
 - a 429 pauses the whole limiter (not just the request that got it) for `Retry-After`, so
   concurrent callers do not hammer a throttled account.
 
@@ -84,15 +85,22 @@ class RateLimiter:
 class Limits:
     """The limiters of one server process."""
 
-    def __init__(self, query_qps: float = DEFAULT_QUERY_QPS, aliases: Mapping[str, tuple[str, ...]] | None = None):
+    def __init__(
+        self,
+        query_qps: float = DEFAULT_QUERY_QPS,
+        aliases: Mapping[str, tuple[str, ...]] | None = None,
+        model_rates: Mapping[str, float] | None = None,
+    ):
         self.queries = RateLimiter(query_qps)
         self._official = {alias: official for official, names in (aliases or {}).items() for alias in names}
         self._models: dict[str, RateLimiter] = {}
+        # The contract's figures, with the configured ones (EMO_MCP_MODEL_QPS, official names) over them.
+        self.model_rates = {**MODEL_RATES, **(model_rates or {})}
 
     def model(self, model: str) -> RateLimiter:
         """The limiter of a model; a deployment alias shares its official model's limiter."""
         official = self._official.get(model, model)
         limiter = self._models.get(official)
         if limiter is None:
-            limiter = self._models[official] = RateLimiter(MODEL_RATES.get(official, FALLBACK_MODEL_RATE))
+            limiter = self._models[official] = RateLimiter(self.model_rates.get(official, FALLBACK_MODEL_RATE))
         return limiter
