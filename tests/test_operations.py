@@ -194,7 +194,11 @@ async def test_healthz_says_when_the_ledger_does_not_answer(fake: FakeDashScope,
     async with worker(fake, tmp_path, "a", EMO_MCP_POLL_INTERVAL="60") as a, httpx2.AsyncClient(timeout=8) as raw:
         healthy = await raw.get(f"{a.base}/healthz")
         assert healthy.status_code == 200 and healthy.json() == {"status": "ok", "database": "ok"}
-        await anyio.sleep(0.5)  # start-up recovery has finished its reads
+        with anyio.fail_after(10):  # start-up recovery has finished its reads (a ledger call blocks its thread)
+            for _ in range(100):
+                if "watcher recovered" in a.stderr():
+                    break
+                await anyio.sleep(0.1)
         with ledger_locked(tmp_path / "output"):
             with anyio.fail_after(6):  # the probe's 2 s bound, not SQLite's 10 s of retries
                 down = await raw.get(f"{a.base}/healthz")
