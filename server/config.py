@@ -254,6 +254,19 @@ def load_settings(
     )
 
 
+def _database_url(env: Mapping[str, str]) -> str | None:
+    """EMO_MCP_DATABASE_URL, checked for its scheme only (the value is never echoed: it may hold a password)."""
+    url = (env.get(DATABASE_URL_ENV) or "").strip()
+    if not url:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "EMO_MCP_DATABASE_URL must be a PostgreSQL URL (postgresql://user:password@host:5432/database); "
+            "unset it to keep the ledger in SQLite in the state folder."
+        )
+    return url
+
+
 def _with_roots(env: Mapping[str, str], roots: Sequence[str], cwd: Path) -> Mapping[str, str]:
     """Put `--allowed-root` folders where the media layer reads its roots, each checked first."""
     from server.media.sources import ROOTS_VARIABLE
@@ -291,7 +304,7 @@ def _cluster(env: Mapping[str, str]) -> dict[str, Any]:
         "model_qps": _parse_model_qps(env.get(MODEL_QPS_ENV, "")),
         "lease_seconds": lease,
         "request_state_keys": _parse_state_keys(env.get(REQUEST_STATE_KEYS_ENV, "")),
-        "database_url": (env.get(DATABASE_URL_ENV) or "").strip() or None,
+        "database_url": _database_url(env),
     }
 
 

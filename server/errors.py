@@ -111,6 +111,14 @@ class StorageError(EmoMcpError):
     """The local disk or ledger failed (a full disk, a database locked by another process)."""
 
 
+class LedgerUnavailable(StorageError):
+    """The ledger's database (PostgreSQL, `EMO_MCP_DATABASE_URL`) did not answer in time.
+
+    Nothing paid is sent while it is away: a detect or a submit that cannot be recorded would break
+    provenance or hide a billed task.
+    """
+
+
 class UpstreamUnavailableError(EmoMcpError):
     """The service could not be reached or did not answer in time (a read; safe to retry)."""
 

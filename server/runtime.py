@@ -38,7 +38,7 @@ async def open_service(
     `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
     `metrics` (the HTTP transport's) counts upstream calls, leases, downloads and ledger latency.
     """
-    ledger = Ledger(settings.state_dir)
+    ledger = Ledger.open(settings)
     metrics.time_ledger(ledger)
     owned: list[httpx2.AsyncClient] = []
 

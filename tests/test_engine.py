@@ -139,6 +139,7 @@ async def test_a_ledger_from_before_the_queue_has_its_open_tasks_followed(fake: 
     ledger = Ledger(settings.output_dir)
     ledger.execute("DROP TABLE due_queue")
     ledger.execute("DROP TABLE due_queue_meta")
+    ledger.execute("DROP TABLE schema_migrations")  # as before versioned migrations: adopted on open
     ledger.execute("UPDATE tasks SET evidence_dir = ? WHERE task_id = ?", (str(flat), task_id))
     ledger.close()
     fake.complete(task_id)

@@ -61,7 +61,7 @@ def templates_document() -> dict[str, Any]:
 def register_resources(app: MCPServer[Any], settings: Settings) -> None:
     @contextmanager
     def ledger() -> Iterator[Ledger]:
-        opened = Ledger(settings.state_dir)
+        opened = Ledger.open(settings)
         try:
             yield opened
         finally:
@@ -121,7 +121,7 @@ def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
         mime_type="application/json",
     )
     def spend() -> str:
-        ledger = Ledger(settings.state_dir)
+        ledger = Ledger.open(settings)
         try:
             summary = spend_today(ledger, settings.prices)
         finally:

@@ -21,6 +21,7 @@ from server.domain.service import Service
 from server.errors import (
     ConfigError,
     EmoMcpError,
+    LedgerUnavailable,
     RefusedInputError,
     SubmitOutcomeUnknownError,
     UpstreamError,
@@ -71,7 +72,8 @@ def box_arg(value: str) -> list[int]:
 
 
 def exit_code_for(error: EmoMcpError) -> int:
-    if isinstance(error, ConfigError | RefusedInputError):
+    # An unreachable ledger database is a configuration to fix (EMO_MCP_DATABASE_URL, or start the database).
+    if isinstance(error, ConfigError | RefusedInputError | LedgerUnavailable):
         return EXIT_USAGE
     if isinstance(error, UpstreamError | UpstreamUnavailableError | SubmitOutcomeUnknownError):
         return EXIT_UPSTREAM
@@ -211,7 +213,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
             if args.json:
                 emit_json({"tasks": views})
             elif not views:
-                say(f"No tasks in the ledger at {service.ledger.path} yet.")
+                say(f"No tasks in the ledger at {service.ledger.location} yet.")
             else:
                 headers = ("task_id", "model", "status", "billed_s", "video_path")
                 keys = ("task_id", "model", "status", "billed_seconds", "video_path")

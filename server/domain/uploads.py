@@ -4,7 +4,7 @@
 2. a multipart POST to its `upload_host` stores the file under `upload_dir/<unique name>`;
 3. `oss://<key>` is usable for 48 h, only with that model and the resolve header (sent by
    `server/upstream/client.py`). So an image is uploaded once for the detect model and once for the
-   generate model. Uploads are cached by (content sha256, model) in the ledger file until
+   generate model. Uploads are cached by (content sha256, model) in the ledger until
    shortly before they expire, so repeated calls do not upload again.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from server.errors import RefusedInputError, ServiceError
 from server.media.sources import MediaRef
 from server.store.ledger import Ledger
+from server.store.uploads import UploadCache
 from server.upstream.client import DashScopeClient
 
 logger = logging.getLogger(__name__)
@@ -28,18 +29,6 @@ logger = logging.getLogger(__name__)
 OSS_LIFETIME_SECONDS = 48 * 3600
 # Reuse an upload only while it has this much life left: a queued task may fetch it hours later.
 REUSE_MARGIN_SECONDS = 4 * 3600
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS uploads (
-    sha256 TEXT NOT NULL,
-    model TEXT NOT NULL,
-    oss_url TEXT NOT NULL,
-    local_path TEXT,
-    uploaded_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (sha256, model)
-);
-"""
 
 _POLICY_FIELDS = ("policy", "signature", "upload_dir", "upload_host", "oss_access_key_id")
 
@@ -69,17 +58,12 @@ def _policy_limit_mb(policy: Mapping[str, object]) -> float | None:
 class Uploads:
     def __init__(self, client: DashScopeClient, ledger: Ledger) -> None:
         self._client = client
-        self._ledger = ledger
-        ledger.ensure_schema(_SCHEMA)
+        self._cache = UploadCache(ledger)
 
     def cached(self, sha256: str, model: str, now: float | None = None) -> str | None:
         """The oss:// URL of an earlier upload of this content for this model, while still fresh."""
         now = time.time() if now is None else now
-        rows = self._ledger.query(
-            "SELECT oss_url FROM uploads WHERE sha256 = ? AND model = ? AND expires_at > ?",
-            (sha256, model, now + REUSE_MARGIN_SECONDS),
-        )
-        return str(rows[0]["oss_url"]) if rows else None
+        return self._cache.fresh(sha256, model, now + REUSE_MARGIN_SECONDS)
 
     async def url_for(self, ref: MediaRef, model: str) -> str:
         """The oss:// URL of a local file for `model`: cached, or uploaded now."""
@@ -116,10 +100,6 @@ class Uploads:
         uploaded_at = time.time()
         await self._client.upload_form(str(policy["upload_host"]), fields, path.name, content)
         url = "oss://" + key
-        self._ledger.execute(
-            "INSERT OR REPLACE INTO uploads (sha256, model, oss_url, local_path, uploaded_at, expires_at)"
-            " VALUES (?,?,?,?,?,?)",
-            (ref.sha256, model, url, str(path), uploaded_at, uploaded_at + OSS_LIFETIME_SECONDS),
-        )
+        self._cache.record(ref.sha256, model, url, str(path), uploaded_at, uploaded_at + OSS_LIFETIME_SECONDS)
         logger.info("uploaded %s for %s (%d bytes)", path, model, len(content))
         return url

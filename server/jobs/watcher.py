@@ -39,7 +39,14 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.config import Settings
-from server.errors import EmoMcpError, TaskNotFoundError, UnreadableAnswerError, UpstreamError, as_task_error
+from server.errors import (
+    EmoMcpError,
+    StorageError,
+    TaskNotFoundError,
+    UnreadableAnswerError,
+    UpstreamError,
+    as_task_error,
+)
 from server.jobs.reconcile import HOST, Reconciler, owner_token, pid_alive
 from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
 from server.media.sources import file_sha256
@@ -411,7 +418,7 @@ class Watcher:
             self._inflight.discard(task_id)
             try:
                 self._file_next(task_id, state, latest)
-            except (OSError, sqlite3.Error) as exc:  # the lease brings it back if this could not be written
+            except (OSError, sqlite3.Error, StorageError) as exc:  # the lease brings it back if unwritten
                 logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
             done.set()
             self.notify(task_id)

@@ -1,31 +1,33 @@
-"""The SQLite ledger: every detection and every task, surviving restarts.
+"""The ledger: every detection and every task, surviving restarts, on SQLite or PostgreSQL.
 
-It is the memory behind provenance (generate only accepts boxes a passing detection of that
-same image returned) and behind `task_status` across processes sharing one OUTPUT_DIR.
-WAL mode lets several server processes read and write the same file safely.
+It is the memory behind provenance (generate only accepts boxes a passing detection of that same
+image returned) and behind `task_status` across processes sharing it. The rows live behind the
+`server.store.database.Database` interface: SQLite in the state folder by default (`server.store.sqlite`),
+PostgreSQL when `EMO_MCP_DATABASE_URL` is set (`server.store.postgres`); nothing above the store knows
+which. The schema is versioned (`server/store/sql/<dialect>/`), brought up to date when a ledger opens.
 
-It holds signed result URLs, so the file (and SQLite's -wal and -shm beside it, which SQLite gives
-the database file's mode) is created 0600 whatever the umask. Free text from upstream (`code`,
-`message`) passes `server.redaction.redact` before it is written: an echoed key never lands here.
+Free text from upstream (`code`, `message`) passes `server.redaction.redact` before it is written: an
+echoed key never lands here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.config import Settings
 from server.redaction import redact
+from server.store.database import Database, Dialect, Row, Transaction, open_database
+from server.store.migrations import named_queries
+from server.store.sqlite import FILE_MODE, LEDGER_FILE
 
-LEDGER_FILE = "ledger.sqlite3"
+__all__ = ["FILE_MODE", "LEDGER_FILE", "Ledger"]
+
 # A row is written BEFORE a submit is sent (SUBMITTING, keyed by a local id), so a crash between
 # sending and recording can never hide a billed task. It becomes the real task id on an answer,
 # SUBMIT_OUTCOME_UNKNOWN when no answer came (or its process died), and the watcher reconciles it
@@ -40,70 +42,8 @@ LOCAL_STATUSES = frozenset({SUBMITTING, SUBMIT_UNKNOWN})
 # A SUCCEEDED task whose video URL no longer works: recorded, never retried.
 VIDEO_EXPIRED = "VideoExpired"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS detections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    family TEXT NOT NULL,
-    model TEXT NOT NULL,
-    image_url TEXT NOT NULL,
-    ratio TEXT,
-    check_pass INTEGER NOT NULL,
-    face_bbox TEXT,
-    ext_bbox TEXT,
-    code TEXT,
-    message TEXT,
-    request_id TEXT,
-    evidence_dir TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS detections_by_image ON detections (family, image_url);
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id TEXT PRIMARY KEY,
-    family TEXT NOT NULL,
-    model TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    ratio TEXT,
-    status TEXT NOT NULL,
-    submit_time TEXT,
-    scheduled_time TEXT,
-    end_time TEXT,
-    video_url TEXT,
-    video_path TEXT,
-    video_sha256 TEXT,
-    video_bytes INTEGER,
-    usage TEXT,
-    code TEXT,
-    message TEXT,
-    request_id TEXT,
-    evidence_dir TEXT NOT NULL,
-    polls INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-"""
-# Columns added after the first release; existing ledgers are migrated in place on open.
-_ADDED_COLUMNS = {
-    "fingerprint": "TEXT",  # sha256 of the normalized submit payload (dedup)
-    "local_id": "TEXT",  # the id a submit had before upstream answered with a task id
-    "owner": "TEXT",  # "<host>:<pid>" of the process sending a submit (to spot dead SUBMITTING rows)
-}
-
-
-FILE_MODE = 0o600
-# SQLite's files beside the database; created with the database file's mode, tightened if older.
-_COMPANIONS = ("-wal", "-shm", "-journal")
 # Columns holding upstream's (or an exception's) free text: redacted on the way in.
 _FREE_TEXT = frozenset({"code", "message"})
-
-
-def _private_file(path: Path) -> None:
-    """Create `path` empty with mode 0600 if missing; narrow it (and its companions) if wider."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-    os.close(fd)
-    for name in (path, *(path.with_name(path.name + suffix) for suffix in _COMPANIONS)):
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_IMODE(os.stat(name).st_mode) & 0o077:
-                os.chmod(name, FILE_MODE)
 
 
 def _clean(text: str | None) -> str | None:
@@ -112,8 +52,16 @@ def _clean(text: str | None) -> str | None:
 
 # A row with one of these statuses does not stop an identical submit: nothing usable exists.
 DEAD_STATUSES = frozenset({"FAILED", "CANCELED", "UNKNOWN", NOT_FOUND})
-_DEAD = DEAD_STATUSES
-_DEAD_MARKS = ",".join("?" * len(_DEAD))
+# The same rule as SQL (literal, so PostgreSQL can match it to the partial unique index
+# `tasks_one_live_per_fingerprint` of the baseline migration, whose predicate it repeats).
+LIVE_PREDICATE = (
+    "status NOT IN ('CANCELED', 'FAILED', 'NOT_FOUND', 'UNKNOWN')"
+    " AND NOT (status = 'SUCCEEDED' AND COALESCE(code, '') = 'VideoExpired')"
+)
+_LIVE_BY_FINGERPRINT = (
+    f"SELECT * FROM tasks WHERE fingerprint = ? AND {LIVE_PREDICATE} ORDER BY created_at DESC LIMIT 1"  # noqa: S608
+)
+_LIVE_BY_DEDUPE_KEY = f"SELECT * FROM tasks WHERE dedupe_key = ? AND {LIVE_PREDICATE} LIMIT 1"  # noqa: S608
 
 
 def box_key(box: Sequence[int] | None) -> str | None:
@@ -172,85 +120,58 @@ class TaskRecord:
 
 
 class Ledger:
-    """A small synchronous store; every call is a few hundred microseconds on local disk."""
+    """The store's one door to its database: the domain's questions here, other modules' SQL through
+    `execute`/`query`/`transaction` (portable SQL) and `sql(name)` (a dialect's named query)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LEDGER_FILE
-        _private_file(self.path)
-        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        self._schemas: set[str] = set()
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+    def __init__(self, state_dir: Path, url: str | None = None, *, database: Database | None = None) -> None:
+        self._db = database if database is not None else open_database(state_dir, url)
+        self.dialect: Dialect = self._db.dialect
+        # Where the rows are, for messages (a file, or the URL without its password).
+        self.location = self._db.location
 
-    def _migrate(self) -> None:
-        with self._tx() as db:
-            have = {row["name"] for row in db.execute("PRAGMA table_info(tasks)").fetchall()}
-            for name, kind in _ADDED_COLUMNS.items():
-                if name not in have:
-                    db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
-            # Every lookup a tool, resource, tick or CLI command makes has an index to serve it, so its
-            # cost follows what it returns, not how long the history is (tests/test_engine.py checks
-            # the query plans).
-            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_fingerprint ON tasks (fingerprint)")
-            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_local_id ON tasks (local_id)")
-            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status)")
-            db.execute("CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at)")
-            db.execute("CREATE INDEX IF NOT EXISTS detections_by_url ON detections (image_url)")
-            db.execute("CREATE INDEX IF NOT EXISTS detections_by_created ON detections (created_at)")
+    @classmethod
+    def open(cls, settings: Settings) -> Ledger:
+        """The ledger the settings name: PostgreSQL for `EMO_MCP_DATABASE_URL`, else SQLite in the state folder."""
+        return cls(settings.state_dir, settings.database_url)
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     def close(self) -> None:
         self._db.close()
 
     def trace(self, callback: Callable[[str], object] | None) -> None:
-        """See every statement this connection runs (the tests check their query plans)."""
-        self._db.set_trace_callback(callback)
+        """See every statement this ledger runs (the tests check their query plans)."""
+        self._db.trace(callback)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def ping(self) -> None:
+        """A cheap round trip; `LedgerUnavailable` when the database does not answer."""
+        self._db.ping()
 
-    def ensure_schema(self, script: str) -> None:
-        """Let a module keep its own small tables in this file (upload cache, spend estimates).
+    def version(self) -> int:
+        """The schema's migration version."""
+        return self._db.version()
 
-        Run once per script and connection: callers may ask on every read without paying for DDL.
-        """
-        if script in self._schemas:
-            return
-        self._db.executescript(script)
-        self._schemas.add(script)
+    def sql(self, name: str) -> str:
+        """A named query in this backend's dialect (`server/store/sql/<dialect>/queries.sql`)."""
+        return named_queries(self.dialect)[name]
 
-    def ensure_once(self, table: str, script: str) -> None:
-        """Run `script` (tables, triggers, a one-time back-fill) if `table` does not exist yet.
+    def _tx(self) -> AbstractContextManager[Transaction]:
+        return self._db.transaction()
 
-        In one write transaction, statement by statement (`executescript` would commit halfway), so
-        two processes opening an old ledger at once cannot both run it.
-        """
-        if table in self._schemas:
-            return
-        with self._tx() as db:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is None:
-                for statement in _statements(script):
-                    db.execute(statement)
-        self._schemas.add(table)
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """Several statements as one write transaction."""
+        return self._db.transaction()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """One statement in its own transaction, for those modules' tables."""
-        with self._tx() as db:
-            return db.execute(sql, tuple(params)).fetchall()
+        return self._db.execute(sql, params)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """One read, without a write transaction around it (a SELECT sees a consistent snapshot by
         itself): the watcher reads the due queue after every query, so the saving counts."""
-        return self._db.execute(sql, tuple(params)).fetchall()
+        return self._db.query(sql, params)
 
     # detections -------------------------------------------------------------
 
@@ -270,9 +191,10 @@ class Ledger:
         evidence_dir: str,
     ) -> int:
         with self._tx() as db:
-            cursor = db.execute(
+            inserted = db.execute(
                 "INSERT INTO detections (family, model, image_url, ratio, check_pass, face_bbox, ext_bbox,"
-                " code, message, request_id, evidence_dir, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " code, message, request_id, evidence_dir, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " RETURNING id",
                 (
                     family,
                     model,
@@ -288,13 +210,11 @@ class Ledger:
                     time.time(),
                 ),
             )
-            return int(cursor.lastrowid or 0)
+            return int(inserted[0][0])
 
     def detections_of(self, image_url: str) -> list[Detection]:
         """Every detection of this exact image URL, newest first, both families."""
-        rows = self._db.execute(
-            "SELECT * FROM detections WHERE image_url = ? ORDER BY id DESC", (image_url,)
-        ).fetchall()
+        rows = self._db.query("SELECT * FROM detections WHERE image_url = ? ORDER BY id DESC", (image_url,))
         return [
             Detection(
                 id=row["id"],
@@ -330,8 +250,9 @@ class Ledger:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO tasks (task_id, family, model, payload, ratio, status, request_id,"
-                " evidence_dir, fingerprint, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO tasks (task_id, family, model, payload, ratio, status, request_id,"
+                " evidence_dir, fingerprint, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
                 (
                     task_id,
                     family,
@@ -361,36 +282,43 @@ class Ledger:
         allow_duplicate: bool,
     ) -> TaskRecord | None:
         """Atomically (across processes): return the row an identical submit must reuse, or
-        insert a SUBMITTING row for this one and return None."""
+        insert a SUBMITTING row for this one and return None.
+
+        Not check-then-insert alone: the unique index on `dedupe_key` (usable rows only) lets one of
+        several identical submits racing on different workers insert; the others' `ON CONFLICT DO
+        NOTHING` inserts nothing, and they return the winner's row. `allow_duplicate` rows carry no key.
+        """
         now = time.time()
+        values = (local_id, family, model, json.dumps(payload), ratio, SUBMITTING, evidence_dir, fingerprint)
+        key = None if allow_duplicate else fingerprint
         with self._tx() as db:
             if not allow_duplicate:
-                row = db.execute(
-                    f"SELECT * FROM tasks WHERE fingerprint = ? AND status NOT IN ({_DEAD_MARKS})"  # noqa: S608
-                    " AND NOT (status = 'SUCCEEDED' AND COALESCE(code, '') = ?) ORDER BY created_at DESC LIMIT 1",
-                    (fingerprint, *sorted(_DEAD), VIDEO_EXPIRED),
-                ).fetchone()
+                row = db.one(_LIVE_BY_FINGERPRINT, (fingerprint,))
                 if row is not None:
                     return _task(row)
-            db.execute(
+            inserted = db.execute(
                 "INSERT INTO tasks (task_id, family, model, payload, ratio, status, evidence_dir, fingerprint,"
-                " local_id, owner, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    local_id,
-                    family,
-                    model,
-                    json.dumps(payload),
-                    ratio,
-                    SUBMITTING,
-                    evidence_dir,
-                    fingerprint,
-                    local_id,
-                    owner,
-                    now,
-                    now,
-                ),
+                " local_id, owner, dedupe_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING RETURNING task_id",
+                (*values, local_id, owner, key, now, now),
             )
-        return None
+            if inserted:
+                return None
+            # Lost the race: the winner committed its row just now (PostgreSQL's next statement sees it).
+            winner = db.one(_LIVE_BY_DEDUPE_KEY, (fingerprint,))
+        if winner is None:  # the winner's row is already gone (refused): this submit may go ahead
+            return self.begin_submit(
+                local_id=local_id,
+                family=family,
+                model=model,
+                payload=payload,
+                ratio=ratio,
+                fingerprint=fingerprint,
+                evidence_dir=evidence_dir,
+                owner=owner,
+                allow_duplicate=allow_duplicate,
+            )
+        return _task(winner)
 
     def resolve_submit(
         self, local_id: str, *, task_id: str, status: str, request_id: str | None, evidence_dir: str
@@ -407,14 +335,18 @@ class Ledger:
         """The task was adopted (by id, from task_status) before reconciliation matched it to this submit:
         the adopted row keeps its progress and takes the submit's identity; the local row goes."""
         with self._tx() as db:
-            local = db.execute(
-                "SELECT * FROM tasks WHERE local_id = ? AND task_id = ?", (local_id, local_id)
-            ).fetchone()
+            local = db.one("SELECT * FROM tasks WHERE local_id = ? AND task_id = ?", (local_id, local_id))
             if local is None:
                 return
+            # The local row goes first: its dedupe key moves to the adopted row, and the unique index
+            # admits one holder at a time (unless another usable row took the key meanwhile).
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (local_id,))
+            key = local["dedupe_key"]
+            if key is not None and db.one(_LIVE_BY_DEDUPE_KEY, (key,)) is not None:
+                key = None
             db.execute(
                 "UPDATE tasks SET family = ?, model = ?, payload = ?, ratio = ?, fingerprint = ?, local_id = ?,"
-                " updated_at = ? WHERE task_id = ?",
+                " dedupe_key = ?, updated_at = ? WHERE task_id = ?",
                 (
                     local["family"],
                     local["model"],
@@ -422,11 +354,11 @@ class Ledger:
                     local["ratio"],
                     local["fingerprint"],
                     local_id,
+                    key,
                     time.time(),
                     task_id,
                 ),
             )
-            db.execute("DELETE FROM tasks WHERE task_id = ?", (local_id,))
 
     def delete_task(self, task_id: str) -> None:
         """Only for a submit refused outright: nothing exists upstream, nothing is billed."""
@@ -436,21 +368,21 @@ class Ledger:
     def rows(self, statuses: Sequence[str]) -> list[TaskRecord]:
         """Every row in one of `statuses`, oldest first (the watcher's work list)."""
         marks = ",".join("?" * len(statuses))
-        rows = self._db.execute(
+        rows = self._db.query(
             f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY created_at",  # noqa: S608 (no user text)
             tuple(statuses),
-        ).fetchall()
+        )
         return [_task(row) for row in rows]
 
     def recent_videos(self, since: float, batch: int) -> Iterator[list[TaskRecord]]:
         """SUCCEEDED tasks with a recorded video created after `since`, newest first, `batch` at a time."""
         before = 1e308  # above any time (SQLite spells infinity "Inf", which its parser then rejects)
         while True:
-            rows = self._db.execute(
+            rows = self._db.query(
                 "SELECT * FROM tasks WHERE created_at >= ? AND created_at < ? AND status = 'SUCCEEDED'"
                 " AND video_path IS NOT NULL ORDER BY created_at DESC LIMIT ?",
                 (since, before, batch),
-            ).fetchall()
+            )
             if not rows:
                 return
             yield [_task(row) for row in rows]
@@ -461,10 +393,10 @@ class Ledger:
         if not task_ids:
             return {}
         marks = ",".join("?" * len(task_ids))
-        rows = self._db.execute(
+        rows = self._db.query(
             f"SELECT task_id, fingerprint FROM tasks WHERE task_id IN ({marks})",  # noqa: S608 (no user text)
             tuple(task_ids),
-        ).fetchall()
+        )
         return {str(row[0]): row[1] is not None for row in rows}
 
     _TASK_COLUMNS = frozenset(
@@ -502,31 +434,19 @@ class Ledger:
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         """By upstream task id, or by the local id an unanswered submit was given."""
-        row = self._db.execute(
+        rows = self._db.query(
             "SELECT * FROM tasks WHERE task_id = ? OR local_id = ? ORDER BY task_id = ? DESC LIMIT 1",
             (task_id, task_id, task_id),
-        ).fetchone()
-        return None if row is None else _task(row)
+        )
+        return _task(rows[0]) if rows else None
 
     def tasks(self, *, limit: int = 50) -> list[TaskRecord]:
         """Newest first."""
-        rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._db.query("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_task(row) for row in rows]
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The complete statements of `script` (a trigger's body holds semicolons of its own)."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            yield buffer.strip()
-            buffer = ""
-    if buffer.strip():
-        yield buffer.strip()
-
-
-def _task(row: sqlite3.Row) -> TaskRecord:
+def _task(row: Row) -> TaskRecord:
     return TaskRecord(
         task_id=row["task_id"],
         family=row["family"],

@@ -7,7 +7,9 @@ needs work (a query, or its video's download) and goes when the task settles.
 
 Claiming moves a row's `due_at` forward by a lease, so a step in flight is not started twice,
 and a step whose process died is taken up again once the lease runs out. The same shape carries
-to PostgreSQL, where a claim becomes `FOR UPDATE SKIP LOCKED`.
+to PostgreSQL, where a claim is `FOR UPDATE SKIP LOCKED` (the dialects' `claim` in
+`server/store/sql/<dialect>/queries.sql`), so concurrent workers never claim the same task. The tables
+are the baseline migration's.
 
 The row also holds the task's schedule estimate (expected output seconds, start and end, how
 they were reckoned), and `model_rates` holds each model's learned processing rate as running
@@ -16,45 +18,22 @@ sums, so an estimate never reads the history either.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.store.database import Row
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger
 
 # "query": the task is PENDING/RUNNING upstream (in this account's queue); "download": it
 # SUCCEEDED and its video is not on disk yet.
 QUERY, DOWNLOAD = "query", "download"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS due_queue (
-    task_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    stage TEXT NOT NULL,
-    due_at REAL NOT NULL,
-    expected_seconds REAL,
-    expected_start REAL,
-    expected_end REAL,
-    basis TEXT,
-    claimed_by TEXT
-);
-CREATE INDEX IF NOT EXISTS due_queue_by_due ON due_queue (due_at);
-CREATE INDEX IF NOT EXISTS due_queue_by_model ON due_queue (model, stage, created_at);
-CREATE TABLE IF NOT EXISTS model_rates (
-    model TEXT PRIMARY KEY,
-    finished INTEGER NOT NULL,
-    output_seconds REAL NOT NULL,
-    run_seconds REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS due_queue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
 _FILL_OPEN = (
-    "INSERT OR IGNORE INTO due_queue (task_id, model, created_at, stage, due_at)"  # noqa: S608 (no user text)
+    "INSERT INTO due_queue (task_id, model, created_at, stage, due_at)"  # noqa: S608 (no user text)
     " SELECT task_id, model, created_at, ?, ? FROM tasks WHERE status NOT IN ("
     + ",".join("?" * len(TERMINAL_STATUSES | LOCAL_STATUSES))
-    + ") RETURNING task_id"
+    + ") ON CONFLICT DO NOTHING RETURNING task_id"
 )
 
 
@@ -98,7 +77,6 @@ class DueQueue:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        ledger.ensure_schema(_SCHEMA)
 
     def fill_once(self, now: float) -> int:
         """A ledger from before the due queue: queue its open tasks, once (one pass, then never again)."""
@@ -107,12 +85,15 @@ class DueQueue:
         statuses = sorted(TERMINAL_STATUSES | LOCAL_STATUSES)
         open_rows = self._ledger.execute(_FILL_OPEN, (QUERY, now, *statuses))
         downloads = self._ledger.execute(
-            "INSERT OR IGNORE INTO due_queue (task_id, model, created_at, stage, due_at)"
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at)"
             " SELECT task_id, model, created_at, ?, ? FROM tasks WHERE status = 'SUCCEEDED' AND video_path IS NULL"
-            " AND COALESCE(code, '') != ? RETURNING task_id",
+            " AND COALESCE(code, '') != ? ON CONFLICT DO NOTHING RETURNING task_id",
             (DOWNLOAD, now, VIDEO_EXPIRED),
         )
-        self._ledger.execute("INSERT OR REPLACE INTO due_queue_meta (key, value) VALUES ('filled', '1')")
+        self._ledger.execute(
+            "INSERT INTO due_queue_meta (key, value) VALUES ('filled', '1')"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
         return len(open_rows) + len(downloads)
 
     # ------------------------------------------------------------------ the watcher's questions
@@ -121,11 +102,7 @@ class DueQueue:
         """Up to `limit` due tasks, earliest first; each is pushed `lease` seconds ahead while in flight."""
         if limit <= 0:
             return []
-        rows = self._ledger.execute(
-            "UPDATE due_queue SET due_at = ?, claimed_by = ? WHERE task_id IN"
-            " (SELECT task_id FROM due_queue WHERE due_at <= ? ORDER BY due_at LIMIT ?) RETURNING task_id",
-            (now + lease, owner, now, limit),
-        )
+        rows = self._ledger.execute(self._ledger.sql("claim"), (now + lease, owner, now, limit))
         return [str(row[0]) for row in rows]
 
     def claims(self) -> list[tuple[str, str]]:
@@ -149,11 +126,7 @@ class DueQueue:
 
     def schedule(self, task_id: str, model: str, created_at: float, due_at: float, stage: str = QUERY) -> None:
         """Queue a task (or move it): its estimate, if any, is kept."""
-        self._ledger.execute(
-            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (task_id) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), stage = excluded.stage",
-            (task_id, model, created_at, stage, due_at),
-        )
+        self._ledger.execute(self._ledger.sql("schedule"), (task_id, model, created_at, stage, due_at))
 
     def file(
         self, task_id: str, model: str, created_at: float, due_at: float, stage: str, eta: Estimate | None = None
@@ -214,9 +187,13 @@ class DueQueue:
         """How many open tasks of this model were submitted earlier (an index range, not a scan),
         counting at most `cap` of them when given: the watcher only needs "none" or "some", and a
         count of a deep queue costs its depth on every query."""
+        # An alias for the subquery (PostgreSQL 15 requires one); no LIMIT at all when uncapped (-1 is
+        # SQLite's "no limit", an error to PostgreSQL).
+        limit = " LIMIT ?" if cap >= 0 else ""
         rows = self._ledger.query(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM due_queue WHERE model = ? AND stage = ? AND created_at < ? LIMIT ?)",
-            (model, QUERY, created_at, cap),
+            "SELECT COUNT(*) FROM (SELECT 1 FROM due_queue WHERE model = ? AND stage = ? AND created_at < ?"  # noqa: S608
+            f"{limit}) AS ahead",
+            (model, QUERY, created_at, *([cap] if cap >= 0 else [])),
         )
         return int(rows[0][0])
 
@@ -234,14 +211,14 @@ class DueQueue:
         """One finished task's output length and run time join the model's running sums."""
         self._ledger.execute(
             "INSERT INTO model_rates (model, finished, output_seconds, run_seconds) VALUES (?, 1, ?, ?)"
-            " ON CONFLICT (model) DO UPDATE SET finished = finished + 1,"
-            " output_seconds = output_seconds + excluded.output_seconds,"
-            " run_seconds = run_seconds + excluded.run_seconds",
+            " ON CONFLICT (model) DO UPDATE SET finished = model_rates.finished + 1,"
+            " output_seconds = model_rates.output_seconds + excluded.output_seconds,"
+            " run_seconds = model_rates.run_seconds + excluded.run_seconds",
             (model, output_seconds, run_seconds),
         )
 
 
-def _entry(row: sqlite3.Row) -> Entry:
+def _entry(row: Row) -> Entry:
     get = row.__getitem__
     return Entry(
         task_id=str(get("task_id")),

@@ -1,0 +1,233 @@
+"""The shared backend: PostgreSQL through psycopg 3 and a `psycopg_pool.ConnectionPool`.
+
+Imported only when `EMO_MCP_DATABASE_URL` is set (`server.store.database.open_database`), so the SQLite
+default never loads psycopg.
+
+Why a synchronous pool: the ledger's API is synchronous (the domain calls it between awaits, as it
+did SQLite), and a round trip to a nearby server costs about what a SQLite write does. What makes
+that safe on an event loop is that no call can wait long: connecting is bounded by `CONNECT_TIMEOUT`,
+borrowing a connection by `POOL_TIMEOUT`, each statement by `STATEMENT_TIMEOUT` (and a lock wait by
+`LOCK_TIMEOUT`), and TCP keepalives with a user timeout notice a peer that vanished mid-call. A dead
+database therefore costs a call a few seconds at most, and the call fails with `LedgerUnavailable`
+(the ledger database is unreachable; nothing was sent) instead of hanging the server.
+
+Connections run in autocommit: a read is one statement; a write transaction is explicit
+(`conn.transaction()`). Placeholders are the store's portable `?`, translated once per statement.
+The password never reaches a message: errors carry `location` (the URL without it) and driver text
+is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import RowMaker
+
+from server.errors import LedgerUnavailable, StorageError
+from server.store.database import DATABASE_URL_VARIABLE, Dialect, NamedRow, Row, Transaction, redact_url, url_secrets
+from server.store.migrations import migrations
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5  # seconds to open a connection (libpq's connect_timeout)
+POOL_TIMEOUT = 5.0  # seconds a call waits to borrow a connection before the database counts as down
+STATEMENT_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT_MS = 5_000
+POOL_MIN, POOL_MAX = 1, 8
+# One advisory lock key for migrations (with the schema's hash as the second half): workers starting
+# at once take turns, the first applies, the others find nothing left to do.
+_MIGRATION_LOCK = 0x454D4F  # "EMO"
+_CONNECTION_OPTIONS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+    "application_name": "dashscope-emo-mcp",
+}
+
+
+@lru_cache(maxsize=1)
+def local_timezone() -> str | None:
+    """This process's time zone, as PostgreSQL names it: `TZ`, the zone `/etc/localtime` links to, or
+    else the current UTC offset as a POSIX zone; None if unknown."""
+    named = os.environ.get("TZ", "").lstrip(":")
+    if named:
+        return named
+    with contextlib.suppress(OSError):
+        target = os.path.realpath("/etc/localtime")
+        if "zoneinfo/" in target:
+            return target.split("zoneinfo/", 1)[1]
+    offset = time.localtime().tm_gmtoff
+    if offset is None:
+        return None
+    east, size = offset >= 0, abs(offset)
+    hours_minutes = f"{size // 3600:02d}:{size % 3600 // 60:02d}"
+    # POSIX form (its offsets count west of Greenwich): "<+08:00>-08:00" is eight hours east.
+    return f"<{'+' if east else '-'}{hours_minutes}>{'-' if east else '+'}{hours_minutes}"
+
+
+@lru_cache(maxsize=512)
+def _translate(sql: str) -> str:
+    """The store's `?` placeholders as psycopg's `%s` (a literal `%` doubled first)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _named_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[NamedRow]:
+    index = {column.name: position for position, column in enumerate(cursor.description or ())}
+    return lambda values: NamedRow(index, values)
+
+
+class _Tx:
+    def __init__(self, conn: psycopg.Connection[NamedRow], owner: PostgresDatabase) -> None:
+        self._conn = conn
+        self._owner = owner
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self._owner._run(self._conn, sql, params)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = self.execute(sql, params)
+        return rows[0] if rows else None
+
+
+class PostgresDatabase:
+    """A pool of connections to one database (the schema is the URL's `search_path`, `public` by default)."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self._url = url
+        self._secrets = url_secrets(url)
+        self.location = redact_url(url)
+        self._trace: Callable[[str], object] | None = None
+        # A first connection straight away: a wrong or unreachable URL fails here, with libpq's reason,
+        # not later as a pool timeout.
+        with self._guard("connect"):
+            first = psycopg.connect(url, autocommit=True, row_factory=_named_rows, **_CONNECTION_OPTIONS)
+        try:
+            self._configure(first)
+            if migrate:
+                self._migrate_on(first)
+        finally:
+            first.close()
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[NamedRow]] = psycopg_pool.ConnectionPool(
+            url,
+            min_size=POOL_MIN,
+            max_size=POOL_MAX,
+            timeout=POOL_TIMEOUT,
+            kwargs={"autocommit": True, "row_factory": _named_rows, **_CONNECTION_OPTIONS},
+            configure=self._configure,
+            reconnect_timeout=0,  # keep trying in the background while the database is away
+            open=True,
+            name="emo-ledger",
+        )
+
+    # ------------------------------------------------------------------ Database
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self.transaction() as tx:
+            return tx.execute(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._guard("read"), self._pool.connection() as conn:
+            return self._run(conn, sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._guard("write"), self._pool.connection() as conn, conn.transaction():
+            yield _Tx(conn, self)
+
+    def version(self) -> int:
+        with self._guard("read"), self._pool.connection() as conn:
+            return self._version_on(conn)
+
+    def migrate(self) -> int:
+        with self._guard("migrate"), self._pool.connection() as conn:
+            return self._migrate_on(conn)
+
+    def ping(self) -> None:
+        with self._guard("ping"), self._pool.connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def trace(self, callback: Callable[[str], object] | None) -> None:
+        self._trace = callback
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.close(timeout=2.0)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _run(self, conn: psycopg.Connection[NamedRow], sql: str, params: Sequence[Any]) -> list[Row]:
+        if self._trace is not None:
+            self._trace(sql)
+        # Without parameters psycopg reads the text as it is (no placeholders, `%` needs no doubling).
+        cursor = conn.execute(_translate(sql), tuple(params)) if params else conn.execute(sql)
+        return list(cursor.fetchall()) if cursor.description is not None else []
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        # Spend's triggers bucket rows by the writer's local day, as SQLite's 'localtime' does.
+        zone = local_timezone()
+        if zone is not None:
+            conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        conn.execute("SET idle_in_transaction_session_timeout = 60000")
+
+    @staticmethod
+    def _version_on(conn: psycopg.Connection[NamedRow]) -> int:
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def _migrate_on(self, conn: psycopg.Connection[NamedRow]) -> int:
+        """Pending migrations in one transaction under a transaction-scoped advisory lock: workers that
+        start together queue on the lock, and each re-reads the version once it holds it."""
+        pending = migrations(self.dialect)
+        if self._version_on(conn) == len(pending):
+            return len(pending)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_MIGRATION_LOCK,))
+            current = self._version_on(conn)
+            for migration in pending[current:]:
+                conn.execute(migration.sql)  # several statements: allowed without parameters
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, time.time()),
+                )
+                logger.info("ledger %s: migration %04d_%s applied", self.location, migration.version, migration.name)
+        return len(pending)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text.replace(self._url, self.location)
+
+    @contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        """Driver failures as the project's errors: unreachable (connection, pool, timeouts) or storage."""
+        try:
+            yield
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
+            reason = self._scrub(" ".join(str(exc).split()))[:300] or type(exc).__name__
+            raise LedgerUnavailable(
+                f"The ledger database is unreachable ({DATABASE_URL_VARIABLE}={self.location}): {reason}"
+            ) from exc
+        except psycopg.Error as exc:
+            reason = self._scrub(" ".join(str(exc).split()))[:300]
+            raise StorageError(f"The ledger database refused a {doing}: {reason}") from exc

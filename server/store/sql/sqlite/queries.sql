@@ -1,0 +1,13 @@
+-- Queries SQLite and PostgreSQL spell differently (server/store/migrations.py reads them by name).
+-- The parameters are the same, in the same order, in both dialects' file.
+
+-- name: claim
+-- Up to LIMIT due tasks, earliest first, pushed a lease ahead. SQLite has one writer at a time, so
+-- the UPDATE itself is the lock. (lease_until, owner, now, limit)
+UPDATE due_queue SET due_at = ?, claimed_by = ? WHERE task_id IN
+    (SELECT task_id FROM due_queue WHERE due_at <= ? ORDER BY due_at LIMIT ?) RETURNING task_id;
+
+-- name: schedule
+-- Queue a task, or move it earlier (never later): (task_id, model, created_at, stage, due_at)
+INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)
+    ON CONFLICT (task_id) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), stage = excluded.stage;
