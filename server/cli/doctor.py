@@ -24,6 +24,7 @@ from server.config import DEFAULT_BASE_URL, Settings, ensure_writable_dir, load_
 from server.errors import AuthenticationError, ConfigError, EmoMcpError
 from server.runtime import open_service
 from server.store.ledger import Ledger
+from server.store.migrations import latest
 from server.store.spend import spend_today
 
 PACKAGES = ("dashscope-emo-mcp", "mcp", "pydantic", "httpx2", "starlette", "uvicorn")
@@ -109,14 +110,19 @@ def _dir_check(name: str, variable: str, path: Path) -> Check:
     return Check(name, "ok", f"{path} is writable")
 
 
-def _spend_check(settings: Settings) -> Check:
-    """Today's estimated and actual spend, from the ledger (no upstream call)."""
+def _ledger_checks(settings: Settings) -> list[Check]:
+    """Which database holds the ledger, its schema version (migrated on open), and today's spend from it."""
     try:
-        ledger = Ledger(settings.state_dir)
-    except sqlite3.Error as exc:
-        return Check("spend", "warn", f"ledger unreadable: {exc}")
+        ledger = Ledger.open(settings)
+    except (sqlite3.Error, EmoMcpError) as exc:
+        level: Level = "fail" if settings.database_url else "warn"
+        return [Check("ledger", level, f"unreadable: {exc}"), Check("spend", "warn", "not read: no ledger")]
     try:
-        return Check("spend", "ok", spend_today(ledger, settings.prices).line())
+        backend = "PostgreSQL" if ledger.dialect == "postgresql" else "SQLite"
+        found = f"{backend} at {ledger.location}, schema version {ledger.version()} of {latest(ledger.dialect)}"
+        return [Check("ledger", "ok", found), Check("spend", "ok", spend_today(ledger, settings.prices).line())]
+    except (sqlite3.Error, EmoMcpError) as exc:
+        return [Check("ledger", "fail", f"{backend} at {ledger.location}: {exc}")]
     finally:
         ledger.close()
 
@@ -139,7 +145,7 @@ async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = N
             checks.append(_dir_check("OUTPUT_DIR", "OUTPUT_DIR", settings.output_dir))
             if settings.state_dir != settings.output_dir:
                 checks.append(_dir_check("EMO_MCP_STATE_DIR", "EMO_MCP_STATE_DIR", settings.state_dir))
-            checks.append(_spend_check(settings))
+            checks.extend(_ledger_checks(settings))
         checks.insert(0, _key_check(settings, env))
         checks.insert(1, _endpoint_check(settings))
         checks.insert(2, await _accepted_check(settings))

@@ -158,7 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     _wait_option(status)
 
     sub.add_parser("templates", parents=[common], help="the official Emoji templates")
-    sub.add_parser("doctor", parents=[common], help="check key, endpoint, folders and versions")
+    sub.add_parser("doctor", parents=[common], help="check key, endpoint, folders, ledger database and versions")
+    db = sub.add_parser("db", help="the ledger's database (EMO_MCP_DATABASE_URL)")
+    db_sub = db.add_subparsers(dest="db_command", metavar="action", required=True)
+    imported = db_sub.add_parser(
+        "import-sqlite",
+        parents=[common],
+        help="copy an existing SQLite ledger (detections, tasks, spend, uploads) into EMO_MCP_DATABASE_URL",
+    )
+    imported.add_argument(
+        "path", metavar="PATH", help="the ledger.sqlite3 file to copy (read only; run it again safely)"
+    )
     _install_parser(sub, common)
     return parser
 
@@ -192,6 +202,7 @@ async def _with_settings(
 
 async def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
+    from server.cli.db import check_ledger
 
     if args.transport == "http":
         from server.transport.http import http_security, serve_http
@@ -200,6 +211,7 @@ async def _serve(args: argparse.Namespace) -> int:
         security = http_security(host, os.environ)  # refuses an unsafe bind before anything starts
 
         async def run_http(settings: Settings) -> int:
+            check_ledger(settings)
             await serve_http(settings, host, port, security)
             return EXIT_OK
 
@@ -210,6 +222,7 @@ async def _serve(args: argparse.Namespace) -> int:
     async def run_stdio(settings: Settings) -> int:
         from server.transport.stdio import serve_stdio
 
+        check_ledger(settings)
         await serve_stdio(create_app(settings))
         return EXIT_OK
 
@@ -238,6 +251,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
             return await doctor(args, sandbox_base_url=base_url)
     if args.command == "install":
         return _install(args)
+    if args.command == "db":
+        from server.cli.db import import_sqlite
+
+        return await _with_settings(False, lambda settings: import_sqlite(settings, args))
     job = {"detect": commands.detect, "generate": commands.generate, "status": commands.status}[args.command]
     return await _with_settings(args.sandbox, lambda settings: job(settings, args))
 
