@@ -14,6 +14,7 @@ from mcp_types import CallToolResult, TextContent
 from server.app import create_app
 from server.config import Settings, load_settings
 from server.sandbox.fake_dashscope import FakeDashScope
+from tests.postgres import pg_url  # noqa: F401 (the fixture: a fresh schema on the test PostgreSQL)
 
 TEST_KEY = "sk-test-secret-1234567890"
 TOOL_NAMES = frozenset({"emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status", "task_cancel"})

@@ -33,6 +33,7 @@ import psycopg_pool
 from psycopg.rows import RowMaker
 
 from server.errors import LedgerUnavailable, StorageError
+from server.redaction import register_secret
 from server.store.database import DATABASE_URL_VARIABLE, Dialect, NamedRow, Row, Transaction, redact_url, url_secrets
 from server.store.migrations import migrations
 
@@ -109,6 +110,7 @@ class PostgresDatabase:
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self._url = url
         self._secrets = url_secrets(url)
+        register_secret(*self._secrets)  # every log line, evidence file and result hides the password too
         self.location = redact_url(url)
         self._trace: Callable[[str], object] | None = None
         # A first connection straight away: a wrong or unreachable URL fails here, with libpq's reason,
