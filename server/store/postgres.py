@@ -47,6 +47,10 @@ POOL_MIN, POOL_MAX = 1, 8
 # One advisory lock key for migrations (with the schema's hash as the second half): workers starting
 # at once take turns, the first applies, the others find nothing left to do.
 _MIGRATION_LOCK = 0x454D4F  # "EMO"
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations"
+    " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+)
 _CONNECTION_OPTIONS: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT,
     "keepalives": 1,
@@ -203,9 +207,13 @@ class PostgresDatabase:
         pending = migrations(self.dialect)
         if self._version_on(conn) == len(pending):
             return len(pending)
+        self._version_table(conn)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_MIGRATION_LOCK,))
-            current = self._version_on(conn)
+            # Read through the table itself, not the catalog: locking the relation makes this backend see
+            # what the worker that held the lock before just committed (its catalog cache may be stale).
+            row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+            current = int(row[0] or 0) if row else 0
             for migration in pending[current:]:
                 conn.execute(migration.sql)  # several statements: allowed without parameters
                 conn.execute(
@@ -214,6 +222,18 @@ class PostgresDatabase:
                 )
                 logger.info("ledger %s: migration %04d_%s applied", self.location, migration.version, migration.name)
         return len(pending)
+
+    @staticmethod
+    def _version_table(conn: psycopg.Connection[NamedRow]) -> None:
+        """The migrations table, before the lock: workers creating it at the same instant may collide
+        on the catalog's unique index; one of them wins, and the others find it there."""
+        for _ in range(3):
+            try:
+                conn.execute(_VERSION_TABLE)
+                return
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+                time.sleep(0.05)
+        conn.execute(_VERSION_TABLE)
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
