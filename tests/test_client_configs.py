@@ -82,7 +82,7 @@ def test_exit_codes_and_commands_are_documented() -> None:
     assert documented == real
     subparsers = next(a for a in _parser()._actions if a.dest == "command")
     names = set(getattr(subparsers, "choices", {}))
-    assert names == {"serve", "demo", "detect", "generate", "status", "templates", "doctor", "install"}
+    assert names == {"serve", "demo", "detect", "generate", "status", "templates", "doctor", "install", "db"}
     assert all(f"{SCRIPT} {name}" in cli for name in names - {"serve", "install"})
     # `install` is documented where it is used: the client section.
     assert f"{SCRIPT} install" in section("Use it from your MCP client")
