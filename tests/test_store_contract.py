@@ -24,6 +24,7 @@ from server.store.queue import DOWNLOAD, QUERY, DueQueue
 from server.store.spend import estimate_of, record_estimate, spend_today
 from server.store.uploads import UploadCache
 from tests.postgres import BASE_URL
+from tests.test_engine import _spend_by_rows as spend_by_rows
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not BASE_URL, reason="no PostgreSQL"))]
 
@@ -392,3 +393,49 @@ def test_an_unreachable_database_is_a_ledger_error_without_the_password(tmp_path
     message = str(refused.value)
     assert "unreachable" in message and DATABASE_URL_VARIABLE in message and redact_url(url) in message
     assert "hunter2-secret" not in message
+
+
+def test_spend_running_totals_follow_every_kind_of_write(ledger: Ledger) -> None:
+    """Submit, answer (a rename), estimates, billing, failure, merge, deletion: the totals the resource
+    reads equal the sum over the rows after each, whichever database keeps them (SQLite and PostgreSQL
+    triggers)."""
+
+    def task(task_id: str, status: str = "PENDING") -> None:
+        ledger.add_task(
+            task_id=task_id,
+            family="emo",
+            model="emo-v1",
+            payload={},
+            ratio="1:1",
+            status=status,
+            request_id=None,
+            evidence_dir="/e",
+        )
+
+    def check() -> None:
+        summary = spend_today(ledger)
+        assert (summary.tasks, summary.unfinished_tasks, summary.total_cny) == spend_by_rows(ledger)
+
+    submit(ledger, "local-1")
+    check()
+    ledger.resolve_submit("local-1", task_id="task-1", status="PENDING", request_id=None, evidence_dir="/e")
+    record_estimate(ledger, "task-1", "emo", 0.4, "test")
+    record_estimate(ledger, "task-1", "emo", 0.5, "again")
+    check()
+    ledger.update_task("task-1", status="RUNNING", polls=3)
+    ledger.update_task("task-1", status="SUCCEEDED", usage={"video_duration": 5.0, "video_ratio": "1:1"})
+    check()
+    task("task-2")
+    record_estimate(ledger, "task-2", "emo", 0.7, "test")
+    ledger.update_task("task-2", status="FAILED", code="InternalError")
+    check()
+    task("adopted", "RUNNING")
+    submit(ledger, "local-2", "fp-2")
+    ledger.merge_submit("local-2", "adopted")
+    check()
+    task("refused")
+    record_estimate(ledger, "refused", "emo", 0.9, "test")
+    ledger.delete_task("refused")
+    check()
+    detection(ledger)
+    assert spend_today(ledger).detections == 1 and spend_today(ledger).tasks == 3

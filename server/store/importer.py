@@ -26,7 +26,8 @@ from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, Ledger
 BATCH = 500
 # Copied first (the order rows depend on), then any other table both ledgers have (a newer module's).
 _ORDER = ("detections", "tasks", "spend_estimates", "uploads", "model_rates", "due_queue")
-_NEVER = frozenset({"schema_migrations", "due_queue_meta", "sqlite_sequence"})
+# Spend's running totals are derived: the target's triggers move them as the rows arrive.
+_NEVER = frozenset({"schema_migrations", "due_queue_meta", "sqlite_sequence", "spend_totals", "spend_detections"})
 _DETECTION_KEY = ("image_url", "family", "created_at")
 # Columns whose source value is replaced on the way in (see the module docstring).
 _RESET = {"tasks": {"dedupe_key": None}, "due_queue": {"claimed_by": None}}
