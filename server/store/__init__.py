@@ -1,7 +1,8 @@
-"""What the server keeps: the SQLite ledger, the evidence folders, and the spend read from them.
+"""What the server keeps: the ledger (SQLite or PostgreSQL), the evidence folders, and the spend read from them.
 
-`ledger.py` (detections, tasks, their schema), `evidence.py` (request/response files under
-`OUTPUT_DIR`), `spend.py` (today's cost from the ledger). The PostgreSQL backend will live here.
-May import `server.config`, `server.pricing`, `server.models`, `server.errors`; never the
-upstream client, the jobs or anything above them.
+`database.py` (the backend interface), `sqlite.py` and `postgres.py` (its two drivers), `migrations.py` and
+`sql/<dialect>/` (versioned schema, named queries), `ledger.py` (detections, tasks), `queue.py` (the due
+queue), `uploads.py` (the upload cache), `spend.py` (today's cost), `importer.py` (`db import-sqlite`),
+`evidence.py` (request/response files under `OUTPUT_DIR`). May import `server.config`, `server.pricing`,
+`server.models`, `server.errors`, `server.redaction`; never the upstream client, the jobs or anything above them.
 """
