@@ -9,19 +9,25 @@ recorded, and the portrait is not blamed for it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from server.config import Settings
 from server.domain.inputs import Inputs, resolve_model
 from server.errors import InvalidInputError, UnreadableAnswerError
+from server.jobs.tasks import Background, Job
 from server.media.sources import MediaRef
 from server.models import EMO_DETECT, EMOJI_DETECT, EMOJI_OUTPUT_SIZE, OUTPUT_SIZE, Family
 from server.results import EmoDetection, EmojiDetection
-from server.store.evidence import Evidence
+from server.store.evidence import Evidence, Opened, encode
 from server.store.ledger import Ledger
 from server.upstream.client import DashScopeClient
+
+logger = logging.getLogger(__name__)
 
 
 def _box(value: Any) -> list[int] | None:
@@ -72,8 +78,18 @@ def _read_answer(family: Family, body: dict[str, Any]) -> tuple[bool, list[int] 
 class Detector:
     """`emo_detect` and `emoji_detect`: the two families differ only in wire names."""
 
-    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, inputs: Inputs):
+    def __init__(
+        self,
+        settings: Settings,
+        client: DashScopeClient,
+        ledger: Ledger,
+        evidence: Evidence,
+        inputs: Inputs,
+        background: Background | None = None,
+    ):
         self.settings = settings
+        # Where the evidence folder is made beside the call (without a host, the same work, in turn).
+        self.background = background or Background()
         self.client = client
         self.ledger = ledger
         self.evidence = evidence
@@ -121,11 +137,27 @@ class Detector:
         """Check, upload if local, call detect, keep evidence and record the outcome for provenance."""
         image, checked = await self.inputs.checked_image(image_url, family)
         wire_url = await self.inputs.wire_url(image, wire_model)
-        folder = self.evidence.new_detection_dir(family)
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
-        self.evidence.write_json(folder / "request.json", request)
-        self.inputs.note_local(folder, image)
-        body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
+        # The folder, request.json (and local-files.json) and an empty response.json are made on a
+        # worker thread while the request is in flight: the answer only fills and renames a file.
+        files = {"request.json": encode(request)}
+        local = self.inputs.local_note(image)
+        if local is not None:
+            files["local-files.json"] = encode(local)
+        opening = self.background.start(
+            lambda: anyio.to_thread.run_sync(self.evidence.open_detection, family, files, "response.json")
+        )
+        try:
+            body, failure = await self._detect_call(wire_model, wire_url, ratio)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                opened = await self._opened(opening, family, files)
+            opened.drop()  # the request is kept; no answer to keep
+            raise
+        with anyio.CancelScope(shield=True):  # the thread is not cancellable: its folder is waited for
+            opened = await self._opened(opening, family, files)
+        folder = opened.folder
+        opened.fill(body if failure is None else _refusal_evidence(failure))
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
         check_pass, face, ext = False, None, None
@@ -170,27 +202,35 @@ class Detector:
         )
         return found
 
+    async def _opened(self, opening: Job[Opened], family: Family, files: dict[str, bytes]) -> Opened:
+        """The folder made beside the call; should that have failed, it is logged and made again here
+        (a second failure is this call's error, as any evidence write's is)."""
+        await opening.wait()
+        try:
+            return opening.result()
+        except OSError:
+            logger.exception("the detection's evidence folder could not be made beside the call; trying again")
+            return self.evidence.open_detection(family, files, "response.json")
+
     async def _detect_call(
-        self, folder: Path, model: str, image_url: str, ratio: str
+        self, model: str, image_url: str, ratio: str
     ) -> tuple[dict[str, Any], InvalidInputError | None]:
         """A portrait refused with `InvalidFile.*` is a failed check (a result), not a tool error."""
         try:
-            body = await self.client.detect(model, image_url, ratio)
+            return await self.client.detect(model, image_url, ratio), None
         except InvalidInputError as exc:
             if not exc.code.startswith("InvalidFile"):
                 raise
-            self.evidence.write_json(
-                folder / "response.json",
-                {
-                    "http_status": exc.status_code,
-                    "code": exc.code,
-                    "message": exc.upstream_message,
-                    "request_id": exc.request_id,
-                },
-            )
             return {}, exc
-        self.evidence.write_json(folder / "response.json", body)
-        return body, None
+
+
+def _refusal_evidence(exc: InvalidInputError) -> dict[str, Any]:
+    return {
+        "http_status": exc.status_code,
+        "code": exc.code,
+        "message": exc.upstream_message,
+        "request_id": exc.request_id,
+    }
 
 
 @dataclass(frozen=True)
