@@ -10,16 +10,14 @@ recorded, and the portrait is not blamed for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from server.config import Settings
 from server.domain.inputs import Inputs, resolve_model
 from server.errors import InvalidInputError, UnreadableAnswerError
-from server.jobs.tasks import Background, Job
 from server.media.sources import MediaRef
 from server.models import EMO_DETECT, EMOJI_DETECT, EMOJI_OUTPUT_SIZE, OUTPUT_SIZE, Family
 from server.results import EmoDetection, EmojiDetection
@@ -85,11 +83,8 @@ class Detector:
         ledger: Ledger,
         evidence: Evidence,
         inputs: Inputs,
-        background: Background | None = None,
     ):
         self.settings = settings
-        # Where the evidence folder is made beside the call (without a host, the same work, in turn).
-        self.background = background or Background()
         self.client = client
         self.ledger = ledger
         self.evidence = evidence
@@ -138,24 +133,20 @@ class Detector:
         image, checked = await self.inputs.checked_image(image_url, family)
         wire_url = await self.inputs.wire_url(image, wire_model)
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
-        # The folder, request.json (and local-files.json) and an empty response.json are made on a
-        # worker thread while the request is in flight: the answer only fills and renames a file.
-        files = {"request.json": encode(request)}
+        # The folder, request.json (and local-files.json) and an empty response.json (new inodes: the
+        # costly part of evidence) are made while the request is in flight, on the loop, once it is on
+        # the wire; the answer then only fills and renames a file.
+        files: dict[str, Any] = {"request.json": request}
         local = self.inputs.local_note(image)
         if local is not None:
-            files["local-files.json"] = encode(local)
-        opening = self.background.start(
-            lambda: anyio.to_thread.run_sync(self.evidence.open_detection, family, files, "response.json")
-        )
+            files["local-files.json"] = local
+        opening = _Opening(self.evidence, family, files)
         try:
-            body, failure = await self._detect_call(wire_model, wire_url, ratio)
+            body, failure = await self._detect_call(wire_model, wire_url, ratio, on_sent=opening)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                opened = await self._opened(opening, family, files)
-            opened.drop()  # the request is kept; no answer to keep
+            opening.close()  # the request is kept; there is no answer to keep
             raise
-        with anyio.CancelScope(shield=True):  # the thread is not cancellable: its folder is waited for
-            opened = await self._opened(opening, family, files)
+        opened = opening.result()
         folder = opened.folder
         opened.fill(body if failure is None else _refusal_evidence(failure))
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
@@ -202,26 +193,55 @@ class Detector:
         )
         return found
 
-    async def _opened(self, opening: Job[Opened], family: Family, files: dict[str, bytes]) -> Opened:
-        """The folder made beside the call; should that have failed, it is logged and made again here
-        (a second failure is this call's error, as any evidence write's is)."""
-        await opening.wait()
-        try:
-            return opening.result()
-        except OSError:
-            logger.exception("the detection's evidence folder could not be made beside the call; trying again")
-            return self.evidence.open_detection(family, files, "response.json")
-
     async def _detect_call(
-        self, model: str, image_url: str, ratio: str
+        self, model: str, image_url: str, ratio: str, *, on_sent: Callable[[], None]
     ) -> tuple[dict[str, Any], InvalidInputError | None]:
         """A portrait refused with `InvalidFile.*` is a failed check (a result), not a tool error."""
         try:
-            return await self.client.detect(model, image_url, ratio), None
+            return await self.client.detect(model, image_url, ratio, on_sent=on_sent), None
         except InvalidInputError as exc:
             if not exc.code.startswith("InvalidFile"):
                 raise
             return {}, exc
+
+
+class _Opening:
+    """A detection's evidence folder, opened when the request is on the wire (`__call__`, from the
+    client) or, if it never got there, when `result` is first asked for. A failure beside the call is
+    logged and tried once more by `result`, whose failure is the call's error (as any evidence write's)."""
+
+    def __init__(self, evidence: Evidence, family: Family, files: dict[str, Any]) -> None:
+        self._evidence = evidence
+        self._family = family
+        self._files = files
+        self._opened: Opened | None = None
+        self._tried = False
+
+    def _open(self) -> Opened:
+        files = {name: encode(data) for name, data in self._files.items()}
+        return self._evidence.open_detection(self._family, files, "response.json")
+
+    def __call__(self) -> None:
+        if self._tried:
+            return
+        self._tried = True
+        try:
+            self._opened = self._open()
+        except Exception:  # never into the HTTP stack: `result` tries again and reports
+            logger.exception("the detection's evidence folder could not be made while the request was in flight")
+
+    def result(self) -> Opened:
+        if self._opened is None:
+            self._tried = True
+            self._opened = self._open()
+        return self._opened
+
+    def close(self) -> None:
+        """No answer to keep (the call failed): the request's evidence stays, the empty answer file goes."""
+        try:
+            self.result().drop()
+        except Exception:  # the call's own error is the one to report
+            logger.exception("the evidence of a failed detection could not be written")
 
 
 def _refusal_evidence(exc: InvalidInputError) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class Service:
         self.uploads = Uploads(client, ledger)
         self.preflight = Preflight(remote=settings.preflight_remote)
         self.inputs = Inputs(settings, ledger, evidence, self.uploads, self.preflight)
-        self.detector = Detector(settings, client, ledger, evidence, self.inputs, self.background)
+        self.detector = Detector(settings, client, ledger, evidence, self.inputs)
         self.generator = Generator(settings, ledger, evidence, self.inputs, self.submitter, self.background)
         # The stages' entry points, published as the service's own (tools and CLI call these).
         self.plan_emo = self.generator.plan_emo
