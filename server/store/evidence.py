@@ -25,20 +25,30 @@ narrow the modes, which is read once).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import stat
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from server.models import EVIDENCE_FOLDER, Family
 from server.redaction import redact, register_secret
 
+logger = logging.getLogger(__name__)
+
 DIR_MODE = 0o700
 PRIVATE_CACHE = 4096
 FILE_MODE = 0o600
+# Detection folders made ahead per family (see `Evidence.open_detection`), and the files each holds.
+SPARES = 2
+SPARE_DELAY = 0.01
+SPARE_FILES = ("request.json", "response.json")
 _UID = os.getuid() if hasattr(os, "getuid") else -1
 
 
@@ -87,6 +97,7 @@ class Evidence:
         umask = _read_umask()
         self._exact_dirs = umask & DIR_MODE == 0
         self._exact_files = umask & FILE_MODE == 0
+        self._spares = _Spares(self._make_spare)
 
     def _private_dir(self, path: Path) -> Path:
         if path not in self._private:
@@ -155,14 +166,135 @@ class Evidence:
 
     def open_detection(self, family: Family, files: dict[str, bytes], reserve: str) -> Opened:
         """A new detection folder with `files` (name -> bytes from `encode`) written, and the file
-        `reserve` made but not yet filled (see `Opened`). Blocking: a detect runs this on a worker
-        thread while its request is in flight, so creating the folder and files (the costly part of
-        evidence: new inodes) costs the call nothing."""
-        folder = self.new_detection_dir(family)
+        `reserve` made but not yet filled (see `Opened`).
+
+        New inodes are what evidence costs on a busy disk (a mkdir or a file creation can take half a
+        millisecond; a rename or a write a few tens of microseconds), so the folder and its files are
+        taken from a spare made ahead while the loop is idle (`SPARES`), renamed into place; without one
+        (the first detection of a family in this process, or a burst) they are made here. A detect
+        calls this while its request is in flight."""
+        spare = self._spares.take(family)
+        try:
+            if spare is not None:
+                try:
+                    return self._open_spare(spare, family, files, reserve)
+                except FileNotFoundError:  # the spare (or its day folder) was removed by hand: make one here
+                    spare.discard()
+            folder = self.new_detection_dir(family)
+            for name, data in files.items():
+                self.write_bytes(folder / name, data)
+            tmp, fd = _create_temp(folder / reserve, exact=self._exact_files)
+            return Opened(folder / reserve, tmp, fd)
+        finally:
+            self._spares.refill_later(family, self._spare_day(family))
+
+    def _spare_day(self, family: Family) -> Path:
+        return self.family_dir(family) / "detect" / time.strftime("%Y%m%d", time.gmtime())
+
+    def _open_spare(self, spare: _Spare, family: Family, files: dict[str, bytes], reserve: str) -> Opened:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        day = self._private_dir(self.family_dir(family) / "detect" / stamp[:8])
+        folder = day / f"{stamp}-{os.urandom(4).hex()}"
+        os.rename(spare.folder, folder)  # the spare's files (and their open descriptors) move with it
+        spare.folder = str(folder)
+        self._remember(folder)
         for name, data in files.items():
-            self.write_bytes(folder / name, data)
-        tmp, fd = _create_temp(folder / reserve, exact=self._exact_files)
-        return Opened(folder / reserve, tmp, fd)
+            taken = spare.take(name)
+            if taken is None:
+                self.write_bytes(folder / name, data)
+            else:
+                _finish(*taken, folder / name, data)
+        taken = spare.take(reserve)
+        if taken is None:
+            taken = _create_temp(folder / reserve, exact=self._exact_files)
+        spare.discard()  # files it held that this detection did not need
+        return Opened(folder / reserve, *taken)
+
+    def _make_spare(self, day: Path) -> _Spare:
+        """A hidden folder in `day` with an empty temporary file per detection file, all private;
+        renamed into place by `_open_spare`."""
+        self._private_dir(day)
+        folder = f"{day}{os.sep}.spare-{os.urandom(6).hex()}"
+        os.mkdir(folder, DIR_MODE)
+        if not self._exact_dirs:
+            os.chmod(folder, DIR_MODE)
+        spare = _Spare(folder)
+        try:
+            for name in SPARE_FILES:
+                spare.files[name] = _create_temp(Path(folder) / name, exact=self._exact_files)
+        except BaseException:
+            spare.discard()
+            raise
+        return spare
+
+
+class _Spare:
+    """A detection folder made ahead: its path and, per file name, an empty temporary file (name, fd)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.files: dict[str, tuple[str, int]] = {}
+
+    def take(self, name: str) -> tuple[str, int] | None:
+        """The temporary file for `name`, at the folder's present path."""
+        held = self.files.pop(name, None)
+        if held is None:
+            return None
+        return f"{self.folder}{os.sep}{os.path.basename(held[0])}", held[1]
+
+    def discard(self) -> None:
+        """Close and remove what is left; the folder too when it is still a spare (never renamed)."""
+        for name in list(self.files):
+            taken = self.take(name)
+            assert taken is not None
+            _discard(taken[1], taken[0])
+        if os.path.basename(self.folder).startswith(".spare-"):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)
+
+
+class _Spares:
+    """Spare detection folders per family, at most `SPARES` ready, made on the event loop `SPARE_DELAY`
+    seconds after a detection took one (its answer is out by then, and the loop is idle between calls;
+    a worker thread would cost the next call its GIL hand-offs). Without a running asyncio loop (a
+    script) none is made. A failure to make one is logged (the detection that finds none makes its
+    folder itself, and a failure there is its error); spares left at exit are removed."""
+
+    def __init__(self, make: Callable[[Path], _Spare]) -> None:
+        self._make = make
+        self._ready: dict[str, list[_Spare]] = {}
+        self._due: set[str] = set()
+        weakref.finalize(self, _Spares._close, self._ready)
+
+    def take(self, family: str) -> _Spare | None:
+        ready = self._ready.get(family)
+        return ready.pop() if ready else None
+
+    def refill_later(self, family: str, day: Path) -> None:
+        if family in self._due or len(self._ready.get(family, ())) >= SPARES:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._due.add(family)
+        loop.call_later(SPARE_DELAY, self._refill, family, day)
+
+    def _refill(self, family: str, day: Path) -> None:
+        self._due.discard(family)
+        ready = self._ready.setdefault(family, [])
+        try:
+            while len(ready) < SPARES:
+                ready.append(self._make(day))
+        except Exception:
+            logger.exception("a spare detection folder could not be made in %s (detections make their own)", day)
+
+    @staticmethod
+    def _close(ready: dict[str, list[_Spare]]) -> None:
+        spares = [spare for family in ready.values() for spare in family]
+        ready.clear()
+        for spare in spares:
+            spare.discard()
 
 
 class Opened:
