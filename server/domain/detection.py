@@ -76,14 +76,7 @@ def _read_answer(family: Family, body: dict[str, Any]) -> tuple[bool, list[int] 
 class Detector:
     """`emo_detect` and `emoji_detect`: the two families differ only in wire names."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        client: DashScopeClient,
-        ledger: Ledger,
-        evidence: Evidence,
-        inputs: Inputs,
-    ):
+    def __init__(self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, inputs: Inputs):
         self.settings = settings
         self.client = client
         self.ledger = ledger
