@@ -9,6 +9,7 @@ Standard library only, so every layer may import it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -40,9 +41,13 @@ _secrets: tuple[str, ...] = ()
 
 
 def register_secret(*values: str | None) -> None:
-    """Redact these exact values from now on, in this process (longest first, so none leaks a tail)."""
+    """Redact these exact values from now on, in this process (longest first, so none leaks a tail).
+
+    A value with a character JSON escapes (a quote, a backslash, a control character) is registered
+    in its escaped form too, so it is also found inside JSON text (evidence files, result texts)."""
     global _secrets
     fresh = {value.strip() for value in values if value and len(value.strip()) >= MIN_SECRET_LENGTH}
+    fresh |= {json.dumps(value, ensure_ascii=False)[1:-1] for value in fresh}
     with _lock:
         _secrets = tuple(sorted(set(_secrets) | fresh, key=len, reverse=True))
 
@@ -56,6 +61,16 @@ def redact(text: str) -> str:
     if any(marker in lowered for marker in _MARKERS):
         text = _PATTERN.sub(_replace, text)
     return text
+
+
+def needs_redaction(text: str) -> bool:
+    """Whether `redact` could change `text`, or any string JSON-encoded into it (`ensure_ascii=False`):
+    without a registered secret or a marker in the text, no string inside it holds one either (JSON
+    escapes no character of a marker, and secrets are registered escaped as well)."""
+    if any(secret in text for secret in _secrets):
+        return True
+    lowered = text.lower()
+    return any(marker in lowered for marker in _MARKERS)
 
 
 def redact_data(value: Any) -> Any:

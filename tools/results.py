@@ -12,7 +12,7 @@ from typing import Any
 
 from mcp_types import CallToolResult, ContentBlock, ResourceLink, TextContent
 
-from server.redaction import redact, redact_data
+from server.redaction import needs_redaction, redact, redact_data
 from server.results import _Result
 
 
@@ -22,8 +22,13 @@ def structured(result: _Result) -> CallToolResult:
     A downloaded video also comes as a `resource_link` (file:// on the server's disk), so clients
     can offer to open it.
     """
-    data = redact_data(result_data(result))
-    text = redact(f"{result.summary()}\n{json.dumps(data, separators=(',', ':'), ensure_ascii=False)}")
+    data = result_data(result)
+    text = f"{result.summary()}\n{_compact(data)}"
+    # One look at the text says whether anything inside needs redacting (nearly never): only then
+    # is every string of the data walked, and the text built again from the redacted data.
+    if needs_redaction(text):
+        data = redact_data(data)
+        text = redact(f"{result.summary()}\n{_compact(data)}")
     content: list[ContentBlock] = [TextContent(type="text", text=text)]
     link = video_link(result)
     if link is not None:
@@ -31,16 +36,30 @@ def structured(result: _Result) -> CallToolResult:
     return CallToolResult(content=content, structured_content=data)
 
 
+def _compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
 def result_data(result: _Result) -> dict[str, Any]:
     """The result as JSON, without its optional fields that have no value (null or an empty list):
     every agent pays for each byte on every call. The published output schema says so
     (`tools.strict.optional_fields_omitted`); required fields are always sent."""
-    fields = type(result).model_fields
-    return {
-        name: value
-        for name, value in result.model_dump(mode="json").items()
-        if fields[name].is_required() or value not in (None, [])
-    }
+    data: dict[str, Any] = result.model_dump(mode="json")
+    for name in _optional_fields(type(result)):
+        if data[name] is None or data[name] == []:
+            del data[name]
+    return data
+
+
+_OPTIONAL: dict[type[_Result], tuple[str, ...]] = {}
+
+
+def _optional_fields(kind: type[_Result]) -> tuple[str, ...]:
+    """A result model's optional fields, found once per model."""
+    names = _OPTIONAL.get(kind)
+    if names is None:
+        names = _OPTIONAL[kind] = tuple(name for name, field in kind.model_fields.items() if not field.is_required())
+    return names
 
 
 def video_link(result: _Result) -> ResourceLink | None:

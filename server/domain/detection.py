@@ -9,6 +9,8 @@ recorded, and the portrait is not blamed for it.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ from server.errors import InvalidInputError, UnreadableAnswerError
 from server.media.sources import MediaRef
 from server.models import EMO_DETECT, EMOJI_DETECT, EMOJI_OUTPUT_SIZE, OUTPUT_SIZE, Family
 from server.results import EmoDetection, EmojiDetection
-from server.store.evidence import Evidence
+from server.store.evidence import Evidence, Opened, encode
 from server.store.ledger import Ledger
 from server.upstream.client import DashScopeClient
+
+logger = logging.getLogger(__name__)
 
 
 def _box(value: Any) -> list[int] | None:
@@ -121,11 +125,23 @@ class Detector:
         """Check, upload if local, call detect, keep evidence and record the outcome for provenance."""
         image, checked = await self.inputs.checked_image(image_url, family)
         wire_url = await self.inputs.wire_url(image, wire_model)
-        folder = self.evidence.new_detection_dir(family)
         request = {"model": wire_model, "input": {"image_url": wire_url}, "parameters": {"ratio": ratio}}
-        self.evidence.write_json(folder / "request.json", request)
-        self.inputs.note_local(folder, image)
-        body, failure = await self._detect_call(folder, wire_model, wire_url, ratio)
+        # The folder, request.json (and local-files.json) and an empty response.json (new inodes: the
+        # costly part of evidence) are made while the request is in flight, on the loop, once it is on
+        # the wire; the answer then only fills and renames a file.
+        files: dict[str, Any] = {"request.json": request}
+        local = self.inputs.local_note(image)
+        if local is not None:
+            files["local-files.json"] = local
+        opening = _Opening(self.evidence, family, files)
+        try:
+            body, failure = await self._detect_call(wire_model, wire_url, ratio, on_sent=opening)
+        except BaseException:
+            opening.close()  # the request is kept; there is no answer to keep
+            raise
+        opened = opening.result()
+        folder = opened.folder
+        opened.fill(body if failure is None else _refusal_evidence(failure))
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)
         check_pass, face, ext = False, None, None
@@ -171,26 +187,63 @@ class Detector:
         return found
 
     async def _detect_call(
-        self, folder: Path, model: str, image_url: str, ratio: str
+        self, model: str, image_url: str, ratio: str, *, on_sent: Callable[[], None]
     ) -> tuple[dict[str, Any], InvalidInputError | None]:
         """A portrait refused with `InvalidFile.*` is a failed check (a result), not a tool error."""
         try:
-            body = await self.client.detect(model, image_url, ratio)
+            return await self.client.detect(model, image_url, ratio, on_sent=on_sent), None
         except InvalidInputError as exc:
             if not exc.code.startswith("InvalidFile"):
                 raise
-            self.evidence.write_json(
-                folder / "response.json",
-                {
-                    "http_status": exc.status_code,
-                    "code": exc.code,
-                    "message": exc.upstream_message,
-                    "request_id": exc.request_id,
-                },
-            )
             return {}, exc
-        self.evidence.write_json(folder / "response.json", body)
-        return body, None
+
+
+class _Opening:
+    """A detection's evidence folder, opened when the request is on the wire (`__call__`, from the
+    client) or, if it never got there, when `result` is first asked for. A failure beside the call is
+    logged and tried once more by `result`, whose failure is the call's error (as any evidence write's)."""
+
+    def __init__(self, evidence: Evidence, family: Family, files: dict[str, Any]) -> None:
+        self._evidence = evidence
+        self._family = family
+        self._files = files
+        self._opened: Opened | None = None
+        self._tried = False
+
+    def _open(self) -> Opened:
+        files = {name: encode(data) for name, data in self._files.items()}
+        return self._evidence.open_detection(self._family, files, "response.json")
+
+    def __call__(self) -> None:
+        if self._tried:
+            return
+        self._tried = True
+        try:
+            self._opened = self._open()
+        except Exception:  # never into the HTTP stack: `result` tries again and reports
+            logger.exception("the detection's evidence folder could not be made while the request was in flight")
+
+    def result(self) -> Opened:
+        if self._opened is None:
+            self._tried = True
+            self._opened = self._open()
+        return self._opened
+
+    def close(self) -> None:
+        """No answer to keep (the call failed): the request's evidence stays, the empty answer file goes."""
+        try:
+            self.result().drop()
+        except Exception:  # the call's own error is the one to report
+            logger.exception("the evidence of a failed detection could not be written")
+
+
+def _refusal_evidence(exc: InvalidInputError) -> dict[str, Any]:
+    return {
+        "http_status": exc.status_code,
+        "code": exc.code,
+        "message": exc.upstream_message,
+        "request_id": exc.request_id,
+    }
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ which file may be read, how a local file reaches DashScope) is written once.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anyio
 
 from server.config import Settings
@@ -60,12 +58,12 @@ class Inputs:
         await self.preflight.image(image, family, "image_url", checked)
         return image, checked
 
-    def note_local(self, folder: Path, image: MediaRef) -> None:
-        """The evidence names the local file behind an opaque oss:// key."""
-        if image.path is not None:
-            self.evidence.write_json(
-                folder / "local-files.json", {"image_url": str(image.path), "sha256": image.sha256}
-            )
+    @staticmethod
+    def local_note(image: MediaRef) -> dict[str, str | None] | None:
+        """What the evidence keeps (`local-files.json`) to name the local file behind an opaque oss:// key."""
+        if image.path is None:
+            return None
+        return {"image_url": str(image.path), "sha256": image.sha256}
 
     async def wire_url(self, ref: MediaRef, model: str) -> str:
         """What DashScope receives: the URL itself, or the local file's oss:// upload for `model`."""

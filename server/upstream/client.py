@@ -124,6 +124,17 @@ def _not_a_verdict(answer: Answer) -> str:
     return f"HTTP {answer.status}"
 
 
+def _when_sent(callback: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore `trace` hook calling `callback` when the request has been sent and the answer's
+    headers are awaited (HTTP/1.1 and HTTP/2 name that step alike)."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".receive_response_headers.started"):
+            callback()
+
+    return trace
+
+
 class _DownloadProblem(Exception):
     """One attempt at the video failed in a way another attempt may not (the message says how)."""
 
@@ -176,19 +187,26 @@ class DashScopeClient:
 
     # ------------------------------------------------------------------ paid calls
 
-    async def detect(self, model: str, image_url: str, ratio: str | None) -> dict[str, Any]:
-        """POST face-detect. Billed per call, so only a 429 (refused, not billed) is retried."""
+    async def detect(
+        self, model: str, image_url: str, ratio: str | None, *, on_sent: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """POST face-detect. Billed per call, so only a 429 (refused, not billed) is retried.
+
+        `on_sent` (which must not raise) is called on the event loop once a request is on the wire and
+        its answer is awaited: work the caller can do during the upstream's time (each attempt calls it).
+        """
         payload: dict[str, Any] = {"model": model, "input": {"image_url": image_url}}
         if ratio is not None:
             payload["parameters"] = {"ratio": ratio}
         headers = self._headers(oss=image_url.startswith("oss://"))
         limiter = self.limits.model(model)
+        extra: dict[str, Any] = {} if on_sent is None else {"extensions": {"trace": _when_sent(on_sent)}}
         for attempt in range(MAX_READ_RETRIES + 1):
             await self._slot(limiter)
             try:
                 answer = await self._exchange(
                     "detect", "POST", self._base_url + DETECT_PATH, json=payload, headers=headers,
-                    http_timeout=DETECT_TIMEOUT,
+                    http_timeout=DETECT_TIMEOUT, **extra,
                 )  # fmt: skip
             except NotSent as exc:
                 raise UpstreamUnavailableError(DETECT_NOT_SENT.format(why=exc)) from exc
