@@ -19,6 +19,7 @@ from server.domain.service import Service
 from server.metrics import NO_METRICS, Metrics
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
+from server.store.rates import SharedRates
 from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
 from server.upstream.limits import Limits
 
@@ -48,7 +49,8 @@ async def open_service(
         return owned[-1]
 
     try:
-        limits = Limits(settings.max_query_qps, settings.model_aliases, settings.model_qps)
+        # The limits are the account's, so every worker on this ledger counts its starts in one shared window.
+        limits = Limits(settings.max_query_qps, settings.model_aliases, settings.model_qps, shared=SharedRates(ledger))
         client = DashScopeClient(
             http or build_http, settings.base_url, settings.api_key, limits=limits, metrics=metrics
         )

@@ -16,7 +16,7 @@ from server.config import Settings
 from server.domain.budget import Approval, check_budget, over_ceiling
 from server.domain.inputs import Inputs, resolve_model
 from server.errors import EmoMcpError, RefusedInputError, UpstreamError, UpstreamUnavailableError
-from server.jobs.submits import PendingSubmit, Submitter
+from server.jobs.submits import InFlight, PendingSubmit, Submitter
 from server.jobs.tasks import Background, Deadline, Job
 from server.media.preflight import Checked
 from server.media.sources import MediaRef
@@ -137,13 +137,28 @@ class Generator:
                 f"Nothing was submitted and nothing is billed. The upload goes on in the background: call "
                 f"{plan.family}_generate again in a moment (a finished upload is reused)."
             )
-        started = self.submitter.begin(
-            plan.family,
-            {**plan.payload, "input": uploads.result()},
-            plan.ratio,
-            plan.output_size,
-            allow_duplicate=allow_duplicate,
-        )
+        # An identical submit in flight (on this worker or another) is joined: its answer is this call's
+        # too (`deduplicated`). Should its row go (refused outright), this call sends its own, once.
+        for attempt in range(2):
+            started = self.submitter.begin(
+                plan.family,
+                {**plan.payload, "input": uploads.result()},
+                plan.ratio,
+                plan.output_size,
+                allow_duplicate=allow_duplicate,
+            )
+            if not isinstance(started, InFlight):
+                break
+            joined = await self.submitter.join(started, deadline.left())
+            if joined is not None:
+                return self._finish(joined, plan)
+            if attempt:
+                raise UpstreamUnavailableError(
+                    f"Identical {model} requests sent at the same moment were refused twice by DashScope; this call "
+                    "sent nothing and nothing is billed for it. Call again (the refusal's reason is in the other "
+                    "call's answer)."
+                )
+        assert not isinstance(started, InFlight)
         if isinstance(started, Submitted):  # deduplicated: nothing to send
             return self._finish(started, plan)
         # From the row on, the submit is the background's: it records its outcome whatever the caller does.

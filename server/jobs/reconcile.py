@@ -55,9 +55,15 @@ MIN_CREATED_MS = 1e12
 HOST = socket.gethostname()
 
 Notify = Callable[..., None]
+# Whether a SUBMITTING row's owner is gone: (owner, row created_at) -> dead. The watcher passes its
+# worker's check (a heartbeat in the ledger, server/jobs/workers.py), which also reads old owners.
+OwnerDead = Callable[[str | None, float], bool]
+# Whether this worker may run a pass now (one worker of a cluster lists the tasks at a time).
+MayRun = Callable[[], bool]
 
 
 def owner_token() -> str:
+    """The owner of a submit before worker ids (`host:pid`); still read for rows of older versions."""
     return f"{HOST}:{os.getpid()}"
 
 
@@ -66,7 +72,8 @@ def beijing_stamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, _BEIJING).strftime("%Y%m%d%H%M%S")
 
 
-def _owner_dead(owner: str | None, created_at: float, started_at: float) -> bool:
+def legacy_owner_dead(owner: str | None, created_at: float, started_at: float) -> bool:
+    """A `host:pid` owner: gone when its pid is, on this host; anywhere, when older than any submit."""
     host, _, pid = (owner or "").rpartition(":")
     if host != HOST or not pid.isdigit() or time.time() - created_at > STALE_SUBMIT:
         # Another host's process cannot be checked; and no submit takes this long (a reused pid).
@@ -118,7 +125,14 @@ def listed(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 class Reconciler:
     def __init__(
-        self, settings: Settings, client: DashScopeClient, ledger: Ledger, evidence: Evidence, notify: Notify
+        self,
+        settings: Settings,
+        client: DashScopeClient,
+        ledger: Ledger,
+        evidence: Evidence,
+        notify: Notify,
+        owner_dead: OwnerDead | None = None,
+        may_run: MayRun | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
@@ -126,6 +140,8 @@ class Reconciler:
         self._evidence = evidence
         self._notify = notify
         self._started_at = time.time()
+        self._owner_dead: OwnerDead = owner_dead or (lambda owner, at: legacy_owner_dead(owner, at, self._started_at))
+        self._may_run: MayRun = may_run or (lambda: True)
         self._last_run = -math.inf
         self._lock = anyio.Lock()
         self._failures = 0
@@ -150,7 +166,7 @@ class Reconciler:
     def mark_dead_submits(self) -> list[TaskRecord]:
         """SUBMITTING rows whose process is gone become SUBMIT_OUTCOME_UNKNOWN; returns the unknown rows."""
         for row in self._ledger.rows([SUBMITTING]):
-            if _owner_dead(row.owner, row.created_at, self._started_at):
+            if self._owner_dead(row.owner, row.created_at):
                 self._ledger.update_task(
                     row.task_id,
                     status=SUBMIT_UNKNOWN,
@@ -169,6 +185,8 @@ class Reconciler:
             if time.monotonic() - self._last_run < self._settings.poll_interval:
                 return
             self._last_run = time.monotonic()
+            if not self._may_run():
+                return  # another worker is reconciling (the task list is the account's, not a worker's)
             unknown = self.mark_dead_submits()
             by_model: dict[str, list[TaskRecord]] = {}
             for row in unknown:

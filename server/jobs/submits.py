@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from server.config import Settings
 from server.errors import DuplicateSubmitError, SubmitOutcomeUnknownError, UpstreamError, UpstreamUnavailableError
-from server.jobs.reconcile import owner_token
 from server.jobs.watcher import Watcher
 from server.models import Family
 from server.results import Submitted
 from server.store.evidence import Evidence
-from server.store.ledger import LOCAL_STATUSES, SUBMIT_UNKNOWN, Ledger, TaskRecord
-from server.upstream.client import DashScopeClient
+from server.store.ledger import LOCAL_STATUSES, SUBMIT_UNKNOWN, SUBMITTING, Ledger, TaskRecord
+from server.upstream.client import SUBMIT_TIMEOUT, DashScopeClient
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,24 @@ NEXT_STEP = (
 )
 
 
+# A generate that meets an identical submit in flight (here or on another worker) waits this long at most
+# for its answer, reading the ledger every JOIN_POLL seconds: the winner's answer is the loser's too.
+JOIN_SECONDS = (SUBMIT_TIMEOUT.read or 30.0) + 5.0
+JOIN_POLL = 0.1
+
+
 def fingerprint(payload: dict[str, Any]) -> str:
     """Identity of a generate request: equal payloads, equal fingerprints, whatever the key order."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An identical submit is being sent (its SUBMITTING row exists): join it rather than refuse."""
+
+    record: TaskRecord
+    output_size: str
 
 
 @dataclass(frozen=True)
@@ -83,8 +97,9 @@ class Submitter:
         output_size: str,
         *,
         allow_duplicate: bool = False,
-    ) -> PendingSubmit | Submitted:
-        """The SUBMITTING row, or the task an identical request already has (`deduplicated`).
+    ) -> PendingSubmit | Submitted | InFlight:
+        """The SUBMITTING row, the task an identical request already has (`deduplicated`), or the identical
+        submit still in flight (`join` it).
 
         Synchronous on purpose: nothing can cancel a caller between this row and the `send` it hands on.
         """
@@ -99,11 +114,13 @@ class Submitter:
             ratio=ratio,
             fingerprint=fingerprint(payload),
             evidence_dir=str(pending),
-            owner=owner_token(),
+            owner=self._watcher.worker.id,
             allow_duplicate=allow_duplicate,
         )
         if existing is not None:
             pending.rmdir()
+            if existing.status == SUBMITTING:
+                return InFlight(existing, output_size)
             return self._reuse(existing, output_size)
         self._evidence.write_json(pending / "request.json", payload)
         return PendingSubmit(local_id, family, model, payload, pending, output_size)
@@ -178,6 +195,22 @@ class Submitter:
             evidence_dir=str(task_dir),
             next_step=NEXT_STEP,
         )
+
+    async def join(self, joining: InFlight, seconds: float | None) -> Submitted | None:
+        """Wait (bounded) for the identical submit in flight to be answered, and answer as it did
+        (`deduplicated`). None when its row went (a clear refusal: nothing exists, the caller may send its
+        own); still unanswered, or its outcome unknown, the usual refusal to send a second one."""
+        local_id = joining.record.task_id
+        bound = JOIN_SECONDS if seconds is None else min(JOIN_SECONDS, seconds)
+        record: TaskRecord | None = joining.record
+        with anyio.move_on_after(bound):
+            while record is not None and record.status == SUBMITTING:
+                await anyio.sleep(JOIN_POLL)
+                record = self._ledger.get_task(local_id)
+        await anyio.lowlevel.checkpoint()
+        if record is None:
+            return None
+        return self._reuse(record, joining.output_size)
 
     def _unknown(self, submit: PendingSubmit, why: str) -> None:
         """No answer: the row waits for `server.jobs.reconcile` (an identical submit is refused meanwhile)."""

@@ -30,6 +30,7 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,14 @@ from server.errors import (
     UpstreamError,
     as_task_error,
 )
-from server.jobs.reconcile import HOST, Reconciler, owner_token, pid_alive
+from server.jobs.changes import ChangeFeed, PollingFeed
+from server.jobs.reconcile import HOST, Reconciler, legacy_owner_dead, pid_alive
 from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
+from server.jobs.workers import Worker
 from server.media.sources import file_sha256
 from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
+from server.store.leases import Leases
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
 from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry, Rate
 from server.upstream.answers import snippet
@@ -162,10 +166,20 @@ class Watcher:
         self._tg: TaskGroup | None = None
         self.queue = DueQueue(ledger)
         self._rates: dict[str, Rate] = {}
-        self._owner = owner_token()
+        # A claimed task is not handed out again for a lease (`EMO_MCP_LEASE_SECONDS`): its step files a
+        # due time sooner, and the heartbeat renews the claims of steps still in flight.
+        self.lease = settings.lease_seconds
+        self.worker = Worker(ledger, self.lease)
+        self._owner = self.worker.id
+        self.leases = Leases(ledger)
+        # Tasks this worker has a step in flight for (ticks and callers' fresh queries alike).
+        self._held: set[str] = set()
+        self.changes: ChangeFeed = PollingFeed(ledger)
         self._started = time.time()
-        self.reconciler = Reconciler(settings, client, ledger, evidence, self._reconciled)
-        client.metrics.leases_held(lambda: len(self._inflight))
+        self.reconciler = Reconciler(
+            settings, client, ledger, evidence, self._reconciled, self._owner_dead, self._may_reconcile
+        )
+        client.metrics.leases_held(lambda: len(self._held))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,25 +191,76 @@ class Watcher:
         try:
             self.queue.fill_once(time.time())
             # Steps a killed process had in flight are due now, not when their lease runs out.
-            dead = [task_id for task_id, owner in self.queue.claims() if _claimer_dead(owner)]
+            dead = [task_id for task_id, owner in self.queue.claims() if self._claimer_dead(owner)]
             self.queue.release(dead, time.time())
             self._client.metrics.leases_taken_over(len(dead))
         except Exception:  # a damaged ledger must not keep the server from starting
             logger.exception("watcher: could not prepare the due queue; following it as it is")
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            if self._recover_on_start:
-                tg.start_soon(self._recover_in_background)
-            while True:
-                try:
-                    delay = self._tick(tg)
-                except Exception:  # a locked or damaged ledger: this round is skipped, not the server
-                    logger.exception("watcher: could not read the ledger; trying again in %.2fs", self.interval)
-                    delay = self.interval
-                with anyio.move_on_after(delay):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                tg.start_soon(self._heartbeat)
+                if self._recover_on_start:
+                    tg.start_soon(self._recover_in_background)
+                while True:
+                    try:
+                        delay = self._tick(tg)
+                    except Exception:  # a locked or damaged ledger: this round is skipped, not the server
+                        logger.exception("watcher: could not read the ledger; trying again in %.2fs", self.interval)
+                        delay = self.interval
+                    with anyio.move_on_after(delay):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+        finally:
+            # A clean stop hands this worker's claims to the others at once (a kill waits for the lease).
+            try:
+                self.leases.release_workers([self._owner], time.time())
+                self.leases.drop(self._owner)
+            except Exception:  # the ledger is going away too: the lease runs out instead
+                logger.debug("could not release this worker's claims", exc_info=True)
+            self.worker.retire()
+
+    async def _heartbeat(self) -> None:
+        """Every lease/3: this worker is alive, its steps in flight keep their claims, and the claims of
+        workers whose heartbeat ran out are released (due at once, for whoever claims next)."""
+        while True:
+            await anyio.sleep(self.worker.beat_every)
+            try:
+                self.worker.beat()
+                now = time.time()
+                self.leases.renew(self._owner, sorted(self._held), now + self.lease)
+                stale = self.worker.stale()
+                released = self.leases.release_workers(stale, now) if stale else []
+                if released:
+                    logger.info("watcher: %d claim(s) of %d stopped worker(s) released", len(released), len(stale))
+                    self._client.metrics.leases_taken_over(len(released))
+                    self._wake.set()
+            except Exception:  # a locked ledger: the next beat tries again (three per lease)
+                logger.warning("watcher: heartbeat could not be recorded", exc_info=True)
+
+    def _claimer_dead(self, owner: str) -> bool:
+        """At start: a claim of a dead worker (or of a dead `host:pid` process of an older version)."""
+        return self.worker.dead(owner) if self.worker.is_worker_id(owner) else _claimer_dead(owner)
+
+    def _may_reconcile(self) -> bool:
+        """One worker's pass at a time: the lease is kept by whoever runs the passes while it lives."""
+        now = time.time()
+        if self.leases.hold("reconcile", self._owner, now, self.lease):
+            return True
+        holder = self.leases.holder_of("reconcile")
+        # A killed holder on this host is known dead at once (a restart reconciles its own lost submits).
+        return (
+            holder is not None
+            and self._claimer_dead(holder)
+            and self.leases.take_over("reconcile", holder, self._owner, now, self.lease)
+        )
+
+    def _owner_dead(self, owner: str | None, created_at: float) -> bool:
+        """A SUBMITTING row's owner: a worker id is judged by its heartbeat, a `host:pid` by its pid."""
+        if self.worker.is_worker_id(owner):
+            return self.worker.dead(owner)
+        return legacy_owner_dead(owner, created_at, self._started)
 
     async def _recover_in_background(self) -> None:
         try:
@@ -290,11 +355,8 @@ class Watcher:
         free = self._budget - len(self._inflight)
         upcoming = self.queue.next_due()
         # A claim is a write: made only when something is due (every finished step wakes this loop).
-        due_now = (
-            self.queue.claim(now, free, self._settings.lease_seconds, self._owner)
-            if upcoming is not None and upcoming <= now
-            else []
-        )
+        due = upcoming is not None and upcoming <= now
+        due_now = self.queue.claim(now, free, self.lease, self._owner) if due else []
         for task_id in due_now:
             state = self._state(task_id)
             if state.inflight is not None:
@@ -350,6 +412,11 @@ class Watcher:
         if state.inflight is not None:
             await state.inflight.wait()
         elif record is None or time.monotonic() - state.last_query >= self.interval or needs_download(record):
+            # The task's lease first: a step another live worker has in flight is not run twice here;
+            # its answer reaches this caller through the ledger.
+            if record is not None and self.leases.take(task_id, self._owner, time.time(), self.lease) == "held":
+                await self.wait_change(task_id, self.lease)
+                return
             state.inflight = anyio.Event()
             await self._step(task_id, state.inflight)
         # A known task's query error is reported in its result (`last_error`) while the watcher retries;
@@ -358,9 +425,18 @@ class Watcher:
             raise state.error
 
     async def wait_change(self, task_id: str, seconds: float) -> None:
+        """Until this process changes the task (its own event, at once) or any worker does (the change
+        feed, within about half a second), or `seconds` pass."""
         changed = self._state(task_id).changed
         with anyio.move_on_after(seconds):
-            await changed.wait()
+            async with anyio.create_task_group() as tg:
+
+                async def first(waiting: Callable[[], Awaitable[object]]) -> None:
+                    await waiting()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, changed.wait)
+                tg.start_soon(first, lambda: self.changes.wait(task_id, seconds))
 
     def errors(self, task_id: str) -> tuple[str | None, str | None]:
         """(last query error, last download error) of a task, for its status answer."""
@@ -387,6 +463,7 @@ class Watcher:
     async def _step(self, task_id: str, done: anyio.Event) -> None:
         """Query the task if it is not finished, then download its video if it succeeded."""
         state = self._state(task_id)
+        self._held.add(task_id)
         # The row as this step leaves it, so filing the next due time need not read it again; None
         # after any failure (then it is read afresh).
         latest: TaskRecord | None = None
@@ -416,6 +493,7 @@ class Watcher:
         finally:
             state.inflight = None
             self._inflight.discard(task_id)
+            self._held.discard(task_id)
             try:
                 self._file_next(task_id, state, latest)
             except (OSError, sqlite3.Error, StorageError) as exc:  # the lease brings it back if unwritten
@@ -650,7 +728,7 @@ class Watcher:
 
 
 def _claimer_dead(owner: str) -> bool:
-    """At start: a claim of a dead process on this host (or of an earlier process with our pid)."""
+    """A `host:pid` claim (older versions): of a dead process on this host, or of an earlier one with our pid."""
     host, _, pid = owner.rpartition(":")
     if host != HOST or not pid.isdigit():
         return False  # another host's process cannot be checked: its lease runs out

@@ -11,14 +11,21 @@
 
 Each limiter spaces starts `1/rate` apart and also counts the starts of the last second, so no
 window of one second ever holds more than `rate` starts.
+
+Workers sharing a ledger share these limits too (the account's limits are the sum of its callers'):
+a `SharedWindow` (server/store/rates.py, injected by server/runtime.py, since this layer may not
+import the store) counts every worker's starts per key and holds every worker's pauses. The
+in-process spacing stays in front of it, so one worker alone still reaches the full rate.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import anyio
 
@@ -37,6 +44,19 @@ WINDOW = 1.02
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
+logger = logging.getLogger(__name__)
+QUERY_KEY = "queries"
+
+
+class SharedWindow(Protocol):
+    """Starts and pauses counted across every worker of a cluster, per limiter key."""
+
+    def try_start(self, key: str, limit: int, window: float) -> float:
+        """Record a start now and return 0, or return the seconds to wait before asking again."""
+
+    def pause(self, key: str, seconds: float) -> None:
+        """Nobody under `key`, in any worker, starts for `seconds`."""
+
 
 class RateLimiter:
     """At most `rate` starts in any window of one second, and starts at least `1/rate` apart.
@@ -47,7 +67,14 @@ class RateLimiter:
     """
 
     def __init__(
-        self, rate: float, *, clock: Clock = time.monotonic, sleep: Sleep = anyio.sleep, window: float = WINDOW
+        self,
+        rate: float,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
+        window: float = WINDOW,
+        shared: SharedWindow | None = None,
+        key: str = QUERY_KEY,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -61,6 +88,10 @@ class RateLimiter:
         self._paused_until = 0.0
         self._starts: deque[float] = deque(maxlen=self._burst)
         self._lock = anyio.Lock()
+        self._shared = shared
+        self._key = key
+        # The shared count's window: long enough for one whole start when the rate is below 1/s.
+        self._shared_window = max(window, self._burst / rate)
 
     async def acquire(self) -> None:
         """Wait for this caller's turn."""
@@ -71,15 +102,33 @@ class RateLimiter:
                 if len(self._starts) == self._burst:
                     slot = max(slot, self._starts[0] + self._window)
                 if slot <= now:
-                    break
+                    wait = self._shared_wait()
+                    if wait <= 0:
+                        break
+                    slot = now + wait
                 await self._sleep(slot - now)
             self._starts.append(now)
             self._next = now + self._interval
 
     def pause(self, seconds: float) -> None:
-        """Nobody starts before `seconds` from now (a 429's Retry-After, or our own backoff)."""
+        """Nobody starts before `seconds` from now (a 429's Retry-After, or our own backoff), in any worker."""
         until = self._clock() + max(0.0, seconds)
         self._paused_until = max(self._paused_until, until)
+        if self._shared is not None:
+            try:
+                self._shared.pause(self._key, seconds)
+            except Exception:  # the shared store is locked or gone: this worker pauses anyway
+                logger.warning("rate limit %s: could not share a pause", self._key, exc_info=True)
+
+    def _shared_wait(self) -> float:
+        """The cluster's verdict on a start now (0: recorded); a failing store leaves the local limit alone."""
+        if self._shared is None:
+            return 0.0
+        try:
+            return self._shared.try_start(self._key, self._burst, self._shared_window)
+        except Exception:  # better one worker's limit than none at all
+            logger.warning("rate limit %s: the shared window could not be read", self._key, exc_info=True)
+            return 0.0
 
 
 class Limits:
@@ -90,8 +139,10 @@ class Limits:
         query_qps: float = DEFAULT_QUERY_QPS,
         aliases: Mapping[str, tuple[str, ...]] | None = None,
         model_rates: Mapping[str, float] | None = None,
+        shared: SharedWindow | None = None,
     ):
-        self.queries = RateLimiter(query_qps)
+        self._shared = shared
+        self.queries = RateLimiter(query_qps, shared=shared, key=QUERY_KEY)
         self._official = {alias: official for official, names in (aliases or {}).items() for alias in names}
         self._models: dict[str, RateLimiter] = {}
         # The contract's figures, with the configured ones (EMO_MCP_MODEL_QPS, official names) over them.
@@ -102,5 +153,6 @@ class Limits:
         official = self._official.get(model, model)
         limiter = self._models.get(official)
         if limiter is None:
-            limiter = self._models[official] = RateLimiter(self.model_rates.get(official, FALLBACK_MODEL_RATE))
+            rate = self.model_rates.get(official, FALLBACK_MODEL_RATE)
+            limiter = self._models[official] = RateLimiter(rate, shared=self._shared, key=f"model:{official}")
         return limiter

@@ -8,6 +8,10 @@ UPDATE due_queue SET due_at = ?, claimed_by = ? WHERE task_id IN
     (SELECT task_id FROM due_queue WHERE due_at <= ? ORDER BY due_at LIMIT ?) RETURNING task_id;
 
 -- name: schedule
--- Queue a task, or move it earlier (never later): (task_id, model, created_at, stage, due_at)
+-- Queue a task, or move it earlier (never later): (task_id, model, created_at, stage, due_at).
+-- A claimed row (a step in flight on some worker) keeps its lease as its due time: its step files the next.
 INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)
-    ON CONFLICT (task_id) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), stage = excluded.stage;
+    ON CONFLICT (task_id) DO UPDATE SET
+    due_at = CASE WHEN due_queue.claimed_by IS NULL AND excluded.due_at < due_queue.due_at
+        THEN excluded.due_at ELSE due_queue.due_at END,
+    stage = CASE WHEN due_queue.claimed_by IS NULL THEN excluded.stage ELSE due_queue.stage END;
