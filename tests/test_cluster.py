@@ -273,6 +273,8 @@ async def test_the_identical_generate_sent_to_three_workers_at_once_is_submitted
 
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+if NGINX is None and os.environ.get("EMO_MCP_REQUIRE_NGINX") == "1":  # CI: a missing balancer fails, not skips
+    raise RuntimeError("EMO_MCP_REQUIRE_NGINX=1 but nginx is not installed (Debian: apt-get install nginx)")
 
 
 def render_nginx(prefix: Path, listen: int, workers: Sequence[Worker]) -> Path:
