@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.cluster import Schemas
+from bench.cluster_host import NGINX
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,3 +59,44 @@ def test_bench_refuses_an_unknown_part(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown part" in result.stderr
     assert not (tmp_path / "x.md").exists()
+
+
+CLUSTER_QUICK = (
+    *("--tasks", "12", "--window", "2", "--limit-window", "2", "--jobs", "3", "--kills", "4", "--kill-gap", "0.5"),
+    *("--polls-to-finish", "4", "--settle", "30", "--detect-workers", "1,2", "--detect-seconds", "1"),
+    *("--detect-rounds", "5", "--clients", "2"),
+)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)")
+def test_cluster_bench_at_a_tiny_scale_writes_every_figure(tmp_path: Path) -> None:
+    """bench/cluster.py end to end (workers, nginx, kills, restarts) in about a minute: each figure has
+    its row and its parts measured something. No figure is asserted: the cluster tests hold the goals."""
+    output = tmp_path / "CLUSTER.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", *CLUSTER_QUICK, "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = output.read_text(encoding="utf-8")
+    assert table == result.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    for figure in ("| 1. ", "| 2. ", "| 3. ", "| 4. ", "| 5. "):
+        assert any(row.startswith(figure) for row in rows), figure
+    assert all(line.count(" | ") == 3 for line in rows), rows
+    assert "12 open tasks" in table and "4 kill -9s" in table
+    assert "nan" not in table
+    assert "5. one detect's own cost, PostgreSQL against SQLite | not measured: no `--database-url`" in table
+
+
+def test_cluster_bench_falls_back_to_sqlite_when_the_database_cannot_be_used() -> None:
+    """An unusable --database-url is not fatal: the parts run on the SQLite ledger and say why."""
+    schemas = Schemas("postgresql://bench:secret@127.0.0.1:1/nowhere")
+    backend = schemas.fresh()
+    assert backend.url is None and backend.label == "SQLite"
+    assert backend.why_not and "secret" not in backend.why_not
+    assert schemas.fresh().why_not == backend.why_not  # asked once, not per part

@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +27,7 @@ import httpx2
 import pytest
 from anyio.abc import Process
 
+from bench.cluster_host import NGINX, free_port, render_nginx
 from server.jobs.workers import Worker as Worker_
 from server.sandbox.fake_dashscope import FakeDashScope
 from server.store.leases import Leases
@@ -56,12 +54,6 @@ class Worker:
 
     def kill(self) -> None:
         os.kill(self.process.pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def cluster_env(fake: FakeDashScope, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -272,27 +264,8 @@ async def test_the_identical_generate_sent_to_three_workers_at_once_is_submitted
     assert sorted(bool(answer.get("deduplicated")) for answer in answers) == [False, True, True]
 
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 if NGINX is None and os.environ.get("EMO_MCP_REQUIRE_NGINX") == "1":  # CI: a missing balancer fails, not skips
     raise RuntimeError("EMO_MCP_REQUIRE_NGINX=1 but nginx is not installed (Debian: apt-get install nginx)")
-
-
-def render_nginx(prefix: Path, listen: int, workers: Sequence[Worker]) -> Path:
-    """deploy/nginx.conf with this test's ports, and an access log naming the worker of each request."""
-    template = (ROOT / "deploy" / "nginx.conf").read_text(encoding="utf-8")
-    address = [w.base.removeprefix("http://") for w in workers]
-    servers = "".join(f"        server {a} max_fails=1 fail_timeout=5s;\n" for a in address)
-    upstream = re.compile(r"(    upstream emo_workers \{\n(?:        #.*\n)*)(?:        server .*\n)+")
-    text, replaced = upstream.subn(lambda m: m.group(1) + servers, template)
-    assert replaced == 1
-    text, replaced = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{listen};", text)
-    assert replaced == 1
-    text = text.replace("access_log off;", "log_format worker '$upstream_addr'; access_log logs/workers.log worker;")
-    for folder in ("tmp", "logs"):
-        (prefix / folder).mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(text, encoding="utf-8")
-    return conf
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)")
@@ -303,7 +276,7 @@ async def test_a_chain_through_nginx_round_robin_lands_on_several_workers(fake: 
     with anyio.fail_after(90):
         async with cluster(env, tmp_path, 2) as workers:
             port = free_port()
-            conf = render_nginx(prefix, port, workers)
+            conf = render_nginx(prefix, port, [w.base for w in workers])
             command = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
             async with await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as nginx:
                 try:
