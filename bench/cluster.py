@@ -14,7 +14,7 @@ here is the loopback fake in its own process, `bench.fake_host --control`):
 4. detect calls per second through nginx with 1, 2 and 4 workers (concurrent MCP clients);
 5. with `--database-url`: one detect's own cost on PostgreSQL against SQLite.
 
-Workers are `python -m server --transport http` (through bench/cluster_worker.py, see there) on
+Workers are `python -m server --transport http` on
 loopback ports with one OUTPUT_DIR; nginx is Debian's, running a rendered copy of deploy/nginx.conf.
 With `--database-url`, each part gets a fresh schema on that server (dropped afterwards) and the
 workers get it as EMO_MCP_DATABASE_URL; the output says whether the workers really used it.
@@ -55,7 +55,6 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import TextContent
 
 from bench.cluster_host import NGINX, Cluster, FakeHost
-from bench.cluster_worker import reads_model_qps
 from bench.common import BENCH_KEY, PORTRAIT, ROOT, publish
 
 RESULTS = ROOT / "bench" / "CLUSTER.md"
@@ -650,11 +649,6 @@ def report(
         ledger = f"the shared SQLite ledger in OUTPUT_DIR: PostgreSQL was asked for, but {schemas.why_not}"
     else:
         ledger = f"PostgreSQL at {redact(schemas.url)}, a fresh schema per part (dropped afterwards)"
-    model_qps = (
-        "read by the server"
-        if reads_model_qps()
-        else "applied by bench/cluster_worker.py, since this server build predates the variable"
-    )
     takeover = max(kills.takeovers) if kills.takeovers else float("nan")
     lines = [
         "# Cluster figures",
@@ -663,7 +657,7 @@ def report(
         f"OUTPUT_DIR) behind nginx ({NGINX}, a rendered copy of deploy/nginx.conf, round robin), the fake "
         f"DashScope in its own process (`bench.fake_host --control`), everything on 127.0.0.1. Ledger: {ledger}. "
         f"Poll interval {INTERVAL:g} s with `EMO_MCP_POLL_SCHEDULE=fixed`, `EMO_MCP_LEASE_SECONDS={LEASE:g}`, "
-        f"`EMO_MCP_MODEL_QPS={MODEL_QPS}` ({model_qps}) so that the per-model limiter does not set figures 3 and "
+        f"`EMO_MCP_MODEL_QPS={MODEL_QPS}` so that the per-model limiter does not set figures 3 and "
         f"4. Host: {os.cpu_count()} CPUs shared by the workers, nginx, the fake and the clients.",
         "",
         "| figure | measured | goal | met |",

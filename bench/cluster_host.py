@@ -28,8 +28,8 @@ import httpx2
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
-# `python -m server`, except that EMO_MCP_MODEL_QPS is honoured on a build that predates it.
-WORKER_COMMAND = (sys.executable, "-m", "bench.cluster_worker", "--transport", "http")
+# Each worker: the installed server over HTTP (its settings come from the environment the bench gives it).
+WORKER_COMMAND = (sys.executable, "-m", "server", "--transport", "http")
 
 
 def free_port() -> int:
