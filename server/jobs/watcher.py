@@ -48,7 +48,7 @@ from server.errors import (
     UpstreamError,
     as_task_error,
 )
-from server.jobs.changes import ChangeFeed, PollingFeed
+from server.jobs.changes import ChangeFeed, change_feed
 from server.jobs.reconcile import HOST, Reconciler, legacy_owner_dead, pid_alive
 from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
 from server.jobs.workers import Worker
@@ -174,7 +174,7 @@ class Watcher:
         self.leases = Leases(ledger)
         # Tasks this worker has a step in flight for (ticks and callers' fresh queries alike).
         self._held: set[str] = set()
-        self.changes: ChangeFeed = PollingFeed(ledger)
+        self.changes: ChangeFeed = change_feed(ledger)
         self._started = time.time()
         self.reconciler = Reconciler(
             settings, client, ledger, evidence, self._reconciled, self._owner_dead, self._may_reconcile
@@ -189,10 +189,10 @@ class Watcher:
             task_status.started()  # nothing can be queried without a key
             return
         try:
-            self.queue.fill_once(time.time())
+            self.queue.fill_once(self._now())
             # Steps a killed process had in flight are due now, not when their lease runs out.
             dead = [task_id for task_id, owner in self.queue.claims() if self._claimer_dead(owner)]
-            self.queue.release(dead, time.time())
+            self.queue.release(dead, self._now())
             self._client.metrics.leases_taken_over(len(dead))
         except Exception:  # a damaged ledger must not keep the server from starting
             logger.exception("watcher: could not prepare the due queue; following it as it is")
@@ -201,6 +201,7 @@ class Watcher:
                 self._tg = tg
                 task_status.started()
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self.changes.run)
                 if self._recover_on_start:
                     tg.start_soon(self._recover_in_background)
                 while True:
@@ -215,7 +216,7 @@ class Watcher:
         finally:
             # A clean stop hands this worker's claims to the others at once (a kill waits for the lease).
             try:
-                self.leases.release_workers([self._owner], time.time())
+                self.leases.release_workers([self._owner], self._now())
                 self.leases.drop(self._owner)
             except Exception:  # the ledger is going away too: the lease runs out instead
                 logger.debug("could not release this worker's claims", exc_info=True)
@@ -228,7 +229,7 @@ class Watcher:
             await anyio.sleep(self.worker.beat_every)
             try:
                 self.worker.beat()
-                now = time.time()
+                now = self._now()
                 self.leases.renew(self._owner, sorted(self._held), now + self.lease)
                 stale = self.worker.stale()
                 released = self.leases.release_workers(stale, now) if stale else []
@@ -239,13 +240,18 @@ class Watcher:
             except Exception:  # a locked ledger: the next beat tries again (three per lease)
                 logger.warning("watcher: heartbeat could not be recorded", exc_info=True)
 
+    def _now(self) -> float:
+        """The cluster's time for the due queue and its leases: the ledger's clock (PostgreSQL: the
+        database server's, so workers on hosts with skewed clocks agree on when a lease ends)."""
+        return self._ledger.clock()
+
     def _claimer_dead(self, owner: str) -> bool:
         """At start: a claim of a dead worker (or of a dead `host:pid` process of an older version)."""
         return self.worker.dead(owner) if self.worker.is_worker_id(owner) else _claimer_dead(owner)
 
     def _may_reconcile(self) -> bool:
         """One worker's pass at a time: the lease is kept by whoever runs the passes while it lives."""
-        now = time.time()
+        now = self._now()
         if self.leases.hold("reconcile", self._owner, now, self.lease):
             return True
         holder = self.leases.holder_of("reconcile")
@@ -339,12 +345,12 @@ class Watcher:
             else:
                 return
         self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
-        self.queue.schedule(record.task_id, record.model, record.created_at, time.time(), DOWNLOAD)
+        self.queue.schedule(record.task_id, record.model, record.created_at, self._now(), DOWNLOAD)
         self._wake.set()
 
     def _tick(self, tg: TaskGroup) -> float:
         """Start the due steps the rate allows; return how long to sleep before the next one is due."""
-        now = time.time()
+        now = self._now()
         wake = now + self.interval
         if self.reconciler.pending():
             due = self.reconciler.next_due()
@@ -369,13 +375,13 @@ class Watcher:
             if upcoming is not None:
                 wake = min(wake, upcoming)
         # With every slot busy, a finishing step wakes the loop (notify), so no busy wait.
-        return max(0.0, wake - time.time())
+        return max(0.0, wake - self._now())
 
     def watch(self, task_id: str, expected_seconds: float | None = None) -> None:
         """A task was just submitted or adopted: look at it now."""
         record = self._ledger.get_task(task_id)
         if record is not None and record.status not in LOCAL_STATUSES and not settled(record):
-            self.queue.schedule(record.task_id, record.model, record.created_at, time.time())
+            self.queue.schedule(record.task_id, record.model, record.created_at, self._now())
         self._wake.set()
 
     def expect(self, task_id: str, seconds: float | None) -> None:
@@ -414,7 +420,7 @@ class Watcher:
         elif record is None or time.monotonic() - state.last_query >= self.interval or needs_download(record):
             # The task's lease first: a step another live worker has in flight is not run twice here;
             # its answer reaches this caller through the ledger.
-            if record is not None and self.leases.take(task_id, self._owner, time.time(), self.lease) == "held":
+            if record is not None and self.leases.take(task_id, self._owner, self._now(), self.lease) == "held":
                 await self.wait_change(task_id, self.lease)
                 return
             state.inflight = anyio.Event()
@@ -509,7 +515,7 @@ class Watcher:
             if record is not None and record.task_id != task_id:
                 self.queue.remove(record.task_id)
             return
-        now = time.time()
+        now = self._now()
         if needs_download(record) and record.video_url:
             self.queue.file(record.task_id, record.model, record.created_at, max(now, state.next_download), DOWNLOAD)
             return
@@ -542,11 +548,11 @@ class Watcher:
             ahead_end = ahead.expected_end
             if ahead_end is None and rate is not None:
                 seconds = ahead.expected_seconds or self._assumed_seconds(ahead.model)
-                ahead_end = (ahead.expected_start or time.time()) + seconds * rate
+                ahead_end = (ahead.expected_start or self._now()) + seconds * rate
         scheduled = parse_beijing(record.scheduled_time) if record.status == "RUNNING" else None
         return estimate(
             entry,
-            now=time.time(),
+            now=self._now(),
             status=record.status,
             scheduled=scheduled,
             ahead_end=ahead_end,
@@ -580,7 +586,7 @@ class Watcher:
                 self._rates.pop(after.model, None)
         behind = self.queue.behind(after.model, after.created_at)
         if behind is not None:
-            soon = time.time()  # it has just started: one query gives its real start (scheduled_time)
+            soon = self._now()  # it has just started: one query gives its real start (scheduled_time)
             # `schedule` keeps the earlier due time and leaves a claim in flight alone.
             self.queue.schedule(behind.task_id, behind.model, behind.created_at, soon, behind.stage)
             self._wake.set()
@@ -590,7 +596,7 @@ class Watcher:
         state.error = _as_error(exc, f"Could not follow task {task_id}")
         state.query_failures += 1
         delay = min(QUERY_BACKOFF_CAP, self.interval * 2**state.query_failures)
-        state.retry_at = time.time() + (began + delay - time.monotonic())
+        state.retry_at = self._now() + (began + delay - time.monotonic())
         if not isinstance(exc, TaskNotFoundError):
             logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
 
@@ -723,7 +729,7 @@ class Watcher:
         state.download_failures += 1
         state.download_error = str(exc)
         delay = min(DOWNLOAD_BACKOFF_CAP, self.interval * 2**state.download_failures)
-        state.next_download = time.time() + delay
+        state.next_download = self._now() + delay
         logger.warning("task %s: download failed (retry in %.0fs): %s", record.task_id, delay, exc)
 
 

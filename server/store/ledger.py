@@ -42,6 +42,9 @@ LOCAL_STATUSES = frozenset({SUBMITTING, SUBMIT_UNKNOWN})
 # A SUCCEEDED task whose video URL no longer works: recorded, never retried.
 VIDEO_EXPIRED = "VideoExpired"
 
+# Seconds between two readings of the database's clock (its offset from this host's clock is kept).
+CLOCK_REFRESH = 10.0
+
 # Columns holding upstream's (or an exception's) free text: redacted on the way in.
 _FREE_TEXT = frozenset({"code", "message"})
 
@@ -128,6 +131,10 @@ class Ledger:
         self.dialect: Dialect = self._db.dialect
         # Where the rows are, for messages (a file, or the URL without its password).
         self.location = self._db.location
+        # The database's own clock, where it has one (PostgreSQL); the offset from ours, and when read.
+        self._db_clock: Callable[[], float] | None = getattr(self._db, "clock", None)
+        self._offset = 0.0
+        self._offset_read = -CLOCK_REFRESH
 
     @classmethod
     def open(cls, settings: Settings) -> Ledger:
@@ -148,6 +155,30 @@ class Ledger:
     def ping(self) -> None:
         """A cheap round trip; `LedgerUnavailable` when the database does not answer."""
         self._db.ping()
+
+    def clock(self) -> float:
+        """The cluster's time in epoch seconds: heartbeats, leases, due times and the shared rate window.
+
+        On PostgreSQL it is the database server's clock, so hosts with skewed clocks still agree on when
+        a lease ends or a window slides. It is not a round trip per call: the offset from this host's
+        clock is read every `CLOCK_REFRESH` s (one `clock_timestamp()`, halfway through the round trip)
+        and kept; while the database is away the last offset stands. SQLite (one host): `time.time()`."""
+        if self._db_clock is None:
+            return time.time()
+        if time.monotonic() - self._offset_read >= CLOCK_REFRESH:
+            self._offset_read = time.monotonic()
+            try:
+                before = time.time()
+                theirs = self._db_clock()
+                self._offset = theirs - (before + time.time()) / 2
+            except Exception:  # unreachable: the caller's own statement will say so; the old offset stands
+                self._offset_read -= CLOCK_REFRESH - 1.0  # try again in a second
+        return time.time() + self._offset
+
+    @property
+    def down(self) -> bool:
+        """Whether the database counts as unreachable right now (PostgreSQL's breaker is open)."""
+        return bool(getattr(self._db, "down", False))
 
     def version(self) -> int:
         """The schema's migration version."""

@@ -11,6 +11,19 @@ borrowing a connection by `POOL_TIMEOUT`, each statement by `STATEMENT_TIMEOUT` 
 database therefore costs a call a few seconds at most, and the call fails with `LedgerUnavailable`
 (the ledger database is unreachable; nothing was sent) instead of hanging the server.
 
+Why a circuit breaker on top: the ledger is called synchronously on the event loop, so while the
+database is away every call that waited for a connection would block the whole server (every other
+call, the watcher, /healthz) for the pool's timeout. After one failure the breaker is open: every call
+fails at once, without touching the network, and a background thread (never the event loop) probes
+the server every `PROBE_EVERY` seconds; once a connection succeeds, it checks the pool's idle
+connections (dropping those the outage broke) and closes the breaker. So one call pays the timeout,
+the others fail in microseconds, and calls succeed again within about a second of the database's
+return, without a restart.
+
+`ping()` is what a paid call asks before it is sent (a detect could not be recorded for provenance):
+any statement that succeeded in the last `HEALTHY_FOR` seconds counts as a ping, so a healthy worker
+pays no extra round trip for it; a worker idle longer pays one `SELECT 1`.
+
 Connections run in autocommit: a read is one statement; a write transaction is explicit
 (`conn.transaction()`). Placeholders are the store's portable `?`, translated once per statement.
 The password never reaches a message: errors carry `location` (the URL without it) and driver text
@@ -22,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,8 +53,14 @@ from server.store.migrations import migrations
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5  # seconds to open a connection (libpq's connect_timeout)
-POOL_TIMEOUT = 5.0  # seconds a call waits to borrow a connection before the database counts as down
+CONNECT_TIMEOUT = 3  # seconds to open a connection (libpq's connect_timeout)
+POOL_TIMEOUT = 3.0  # seconds a call waits to borrow a connection before the database counts as down
+# A statement that succeeded this recently stands for a ping (a paid call's check costs nothing then).
+HEALTHY_FOR = 1.0
+# While the breaker is open: how often the background thread tries a connection.
+PROBE_EVERY = 0.5
+# The channel of the 0004 migration's trigger (payload: "<schema> <task id>").
+TASK_CHANNEL = "emo_task_changed"
 STATEMENT_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT_MS = 5_000
 POOL_MIN, POOL_MAX = 1, 8
@@ -57,7 +77,7 @@ _CONNECTION_OPTIONS: dict[str, Any] = {
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 2,
-    "tcp_user_timeout": 10_000,
+    "tcp_user_timeout": 5_000,
     "application_name": "dashscope-emo-mcp",
 }
 
@@ -117,6 +137,12 @@ class PostgresDatabase:
         register_secret(*self._secrets)  # every log line, evidence file and result hides the password too
         self.location = redact_url(url)
         self._trace: Callable[[str], object] | None = None
+        # The breaker: the reason the database counts as down (None: closed, calls go through).
+        self._down: LedgerUnavailable | None = None
+        self._breaker = threading.Lock()
+        self._probing = False
+        self._closed = threading.Event()
+        self._last_ok = 0.0  # monotonic time of the last statement that succeeded
         # A first connection straight away: a wrong or unreachable URL fails here, with libpq's reason,
         # not later as a pool timeout.
         with self._guard("connect"):
@@ -163,13 +189,53 @@ class PostgresDatabase:
             return self._migrate_on(conn)
 
     def ping(self) -> None:
+        """Healthy if a statement succeeded within `HEALTHY_FOR` s (no round trip), else `SELECT 1`."""
+        if self._down is None and time.monotonic() - self._last_ok < HEALTHY_FOR:
+            return
         with self._guard("ping"), self._pool.connection() as conn:
             conn.execute("SELECT 1").fetchone()
+
+    @property
+    def down(self) -> bool:
+        """Whether the breaker is open (the last call found the database unreachable)."""
+        return self._down is not None
+
+    def clock(self) -> float:
+        """The database server's clock (epoch seconds): one time for every host of the cluster."""
+        with self._guard("read"), self._pool.connection() as conn:
+            row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+        assert row is not None
+        return float(row[0])
+
+    def listen(self, deliver: Callable[[str], object], state: Callable[[bool], object], stop: threading.Event) -> None:
+        """Until `stop`: LISTEN on a dedicated connection and `deliver` each changed task id of this schema.
+
+        Blocking (run it on a thread of its own). `state(True)` once listening, `state(False)` when the
+        connection is lost (its waiters fall back to reading the row); it reconnects every
+        `PROBE_EVERY` seconds until the database answers again.
+        """
+        while not stop.is_set() and not self._closed.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, **_CONNECTION_OPTIONS) as conn:
+                    row = conn.execute("SELECT current_schema()").fetchone()
+                    schema = str(row[0]) if row else "public"
+                    conn.execute(f"LISTEN {TASK_CHANNEL}")
+                    state(True)
+                    while not stop.is_set() and not self._closed.is_set():
+                        for note in conn.notifies(timeout=0.5, stop_after=64):
+                            where, _, task_id = note.payload.partition(" ")
+                            if where == schema and task_id:
+                                deliver(task_id)
+            except psycopg.Error as exc:
+                logger.debug("ledger %s: the change listener lost its connection: %s", self.location, exc)
+            state(False)
+            stop.wait(PROBE_EVERY)
 
     def trace(self, callback: Callable[[str], object] | None) -> None:
         self._trace = callback
 
     def close(self) -> None:
+        self._closed.set()
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.close(timeout=2.0)
@@ -242,14 +308,64 @@ class PostgresDatabase:
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
-        """Driver failures as the project's errors: unreachable (connection, pool, timeouts) or storage."""
+        """Driver failures as the project's errors: unreachable (connection, pool, timeouts) or storage.
+
+        While the breaker is open the call fails here, before any network I/O."""
+        down = self._down
+        if down is not None:
+            raise LedgerUnavailable(str(down))
         try:
             yield
+        except psycopg.errors.LockNotAvailable as exc:  # busy rows, not a lost server: the breaker stays closed
+            reason = self._scrub(" ".join(str(exc).split()))[:300]
+            raise StorageError(f"The ledger database was busy ({doing}): {reason}; call again.") from exc
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
             reason = self._scrub(" ".join(str(exc).split()))[:300] or type(exc).__name__
-            raise LedgerUnavailable(
-                f"The ledger database is unreachable ({DATABASE_URL_VARIABLE}={self.location}): {reason}"
-            ) from exc
+            error = LedgerUnavailable(unreachable(self.location, reason))
+            self._trip(error)
+            raise error from exc
         except psycopg.Error as exc:
             reason = self._scrub(" ".join(str(exc).split()))[:300]
             raise StorageError(f"The ledger database refused a {doing}: {reason}") from exc
+        self._last_ok = time.monotonic()
+
+    def _trip(self, error: LedgerUnavailable) -> None:
+        """Open the breaker, and start the one thread that closes it once the database answers."""
+        if getattr(self, "_pool", None) is None:
+            return  # the first connection failed: there is no server to keep up (start-up exits)
+        with self._breaker:
+            self._down = error
+            if self._probing or self._closed.is_set():
+                return
+            self._probing = True
+        logger.warning("ledger %s: unreachable; calls fail at once until it answers again", self.location)
+        threading.Thread(target=self._probe, name="emo-ledger-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        """Off the event loop: a fresh connection every `PROBE_EVERY` s until one works; then the pool's
+        idle connections are checked (the outage broke them) and the breaker closes."""
+        try:
+            while not self._closed.wait(PROBE_EVERY):
+                try:
+                    with psycopg.connect(self._url, autocommit=True, **_CONNECTION_OPTIONS) as conn:
+                        conn.execute("SELECT 1").fetchone()
+                    self._pool.check()
+                except (psycopg.Error, psycopg_pool.PoolClosed):
+                    continue
+                with self._breaker:
+                    self._down = None
+                    self._last_ok = time.monotonic()
+                logger.warning("ledger %s: reachable again", self.location)
+                return
+        finally:
+            with self._breaker:
+                self._probing = False
+
+
+def unreachable(location: str, reason: str) -> str:
+    """The message every call gets while the database is away: what failed, and that nothing was sent."""
+    return (
+        f"The ledger database is unreachable ({DATABASE_URL_VARIABLE}={location}): {reason}. Nothing was sent to"
+        " DashScope and nothing was billed: no detect or submit is made while the ledger cannot record it."
+        " The server reconnects by itself; call again in a few seconds."
+    )

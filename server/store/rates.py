@@ -12,14 +12,13 @@ starts of one key (READ COMMITTED would otherwise let two workers count the same
 
 The tables come from migration 0003 (`server/store/sql/<dialect>/0003_cluster.sql`).
 
-Time is the host clock, assumed NTP-synced across hosts; `clock` is the hook for the database's own
-clock on PostgreSQL. The in-process limiter (server/upstream/limits.py) stays in front of this, so
+Time is the ledger's clock (`Ledger.clock`): on PostgreSQL the database server's, so skewed hosts
+count one window. The in-process limiter (server/upstream/limits.py) stays in front of this, so
 the ledger sees at most `rate` attempts per second per process.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from server.store.ledger import Ledger
@@ -33,9 +32,10 @@ Clock = Callable[[], float]
 class SharedRates:
     """`server.upstream.limits.SharedWindow` on the ledger (injected by server/runtime.py)."""
 
-    def __init__(self, ledger: Ledger, clock: Clock = time.time) -> None:
+    def __init__(self, ledger: Ledger, clock: Clock | None = None) -> None:
         self._ledger = ledger
-        self.clock = clock
+        # The ledger's clock by default: PostgreSQL's server clock, so skewed hosts agree (Ledger.clock).
+        self.clock: Clock = clock or ledger.clock
 
     def try_start(self, key: str, limit: int, window: float) -> float:
         """Record a start now and return 0, or return how long to wait before asking again."""

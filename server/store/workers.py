@@ -5,9 +5,8 @@ another host cannot be checked by pid. Each process registers a random id (with 
 for people and for the same-host fast path) and beats every lease/3; a worker whose heartbeat is
 older than one lease is dead, and its claims and submits are taken over by the others.
 
-Time is the host clock (`time.time`): the hosts of one cluster are assumed NTP-synced (a skew of
-a few hundred milliseconds only shifts a takeover by as much). A PostgreSQL backend should use the
-database's clock instead: `clock` is the hook.
+Time is the ledger's clock (`Ledger.clock`): on PostgreSQL the database server's, so hosts with
+skewed clocks agree on who is dead; on SQLite (one host) the host's.
 
 The tables come from migration 0003 (`server/store/sql/<dialect>/0003_cluster.sql`).
 
@@ -17,7 +16,6 @@ the PostgreSQL backend can run it as it is (with its own placeholder style).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,9 +39,10 @@ class WorkerRow:
 class WorkerTable:
     """The workers table of one ledger."""
 
-    def __init__(self, ledger: Ledger, clock: Clock = time.time) -> None:
+    def __init__(self, ledger: Ledger, clock: Clock | None = None) -> None:
         self._ledger = ledger
-        self.clock = clock  # PostgreSQL: the database's clock (SELECT extract(epoch FROM clock_timestamp()))
+        # The ledger's clock by default: PostgreSQL's server clock, so skewed hosts agree (Ledger.clock).
+        self.clock: Clock = clock or ledger.clock
 
     def beat(self, worker_id: str, host: str, pid: int) -> float:
         """Register the worker or renew its heartbeat (one upsert); returns the beat's time."""

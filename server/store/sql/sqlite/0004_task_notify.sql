@@ -1,0 +1,3 @@
+-- PostgreSQL's 0004 adds a trigger that NOTIFYs waiters of a changed task row. SQLite has no
+-- LISTEN/NOTIFY: its waiters read the row's version (server/jobs/changes.py, PollingFeed), so this
+-- version changes nothing; it exists so both dialects number their migrations alike.
