@@ -6,6 +6,9 @@ with SIGKILL has its tasks taken over within one lease plus one interval, each v
 once even when the download outlasts a lease, a waiter on one worker wakes within about a second of
 another worker's change, the query limit holds for the sum of the workers (and is not starved), a
 429 pauses every worker, and the identical generate sent to three workers at once is submitted once.
+
+Each multi-worker test runs on both backends (`backend`): SQLite (one file in the shared state
+folder) and PostgreSQL (the workers get `EMO_MCP_DATABASE_URL` naming a fresh schema, tests/postgres.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from server.store.queue import DueQueue
 from server.store.rates import SharedRates
 from server.upstream.limits import RateLimiter
 from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo, make_env
+from tests.postgres import pg_url as pg_url
 from tests.test_http import http_client
 from tests.test_store_contract import ledger as ledger
 
@@ -56,7 +60,20 @@ class Worker:
         os.kill(self.process.pid, signal.SIGKILL)
 
 
-def cluster_env(fake: FakeDashScope, tmp_path: Path, **extra: str) -> dict[str, str]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The workers' ledger: SQLite in the shared folder ({}), or a fresh PostgreSQL schema (its URL)."""
+    if request.param == "postgresql":
+        return {"EMO_MCP_DATABASE_URL": request.getfixturevalue("pg_url")}
+    return {}
+
+
+def open_ledger(tmp_path: Path, backend: dict[str, str]) -> Ledger:
+    """The ledger the test's workers share, opened by the test itself."""
+    return Ledger(tmp_path / "output", backend.get("EMO_MCP_DATABASE_URL"))
+
+
+def cluster_env(fake: FakeDashScope, tmp_path: Path, backend: dict[str, str], **extra: str) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(ROOT),
@@ -66,6 +83,7 @@ def cluster_env(fake: FakeDashScope, tmp_path: Path, **extra: str) -> dict[str, 
             EMO_MCP_LEASE_SECONDS=str(LEASE),
             EMO_MCP_POLL_INTERVAL=str(INTERVAL),
             EMO_MCP_POLL_SCHEDULE="fixed",
+            **backend,
             **extra,
         ),
     }
@@ -158,9 +176,9 @@ def gaps(times: Sequence[float]) -> list[float]:
 
 
 async def test_one_poller_per_task_takeover_after_a_kill_and_one_download_each(
-    fake: FakeDashScope, tmp_path: Path
+    fake: FakeDashScope, tmp_path: Path, backend: dict[str, str]
 ) -> None:
-    env = cluster_env(fake, tmp_path)
+    env = cluster_env(fake, tmp_path, backend)
     with anyio.fail_after(120):
         async with cluster(env, tmp_path, 3) as workers:
             task_ids = await open_tasks(fake, workers, 4)
@@ -204,7 +222,7 @@ async def test_one_poller_per_task_takeover_after_a_kill_and_one_download_each(
                 for task_id in task_ids:
                     fake.complete(task_id)
 
-    ledger = Ledger(tmp_path / "output")
+    ledger = open_ledger(tmp_path, backend)
     for task_id in task_ids:
         downloads = [r for r in fake.requests if r.path == f"/files/{task_id}.mp4"]
         assert len(downloads) == 1, task_id
@@ -219,10 +237,10 @@ async def test_one_poller_per_task_takeover_after_a_kill_and_one_download_each(
 
 
 async def test_the_query_limit_holds_for_the_sum_of_the_workers_and_a_429_pauses_them_all(
-    fake: FakeDashScope, tmp_path: Path
+    fake: FakeDashScope, tmp_path: Path, backend: dict[str, str]
 ) -> None:
     limit = 5
-    env = cluster_env(fake, tmp_path, EMO_MCP_MAX_QUERY_QPS=str(limit))
+    env = cluster_env(fake, tmp_path, backend, EMO_MCP_MAX_QUERY_QPS=str(limit))
     with anyio.fail_after(120):
         async with cluster(env, tmp_path, 3) as workers:
             await open_tasks(fake, workers, 8)  # 8 tasks every 0.3 s: about 27 queries/s wanted, 5 allowed
@@ -243,9 +261,9 @@ async def test_the_query_limit_holds_for_the_sum_of_the_workers_and_a_429_pauses
 
 
 async def test_the_identical_generate_sent_to_three_workers_at_once_is_submitted_once(
-    fake: FakeDashScope, tmp_path: Path
+    fake: FakeDashScope, tmp_path: Path, backend: dict[str, str]
 ) -> None:
-    env = cluster_env(fake, tmp_path)
+    env = cluster_env(fake, tmp_path, backend)
     with anyio.fail_after(90):
         async with cluster(env, tmp_path, 3) as workers:
             async with http_client(workers[1].base) as client:
@@ -269,9 +287,11 @@ if NGINX is None and os.environ.get("EMO_MCP_REQUIRE_NGINX") == "1":  # CI: a mi
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)")
-async def test_a_chain_through_nginx_round_robin_lands_on_several_workers(fake: FakeDashScope, tmp_path: Path) -> None:
+async def test_a_chain_through_nginx_round_robin_lands_on_several_workers(
+    fake: FakeDashScope, tmp_path: Path, backend: dict[str, str]
+) -> None:
     assert NGINX is not None
-    env = cluster_env(fake, tmp_path)
+    env = cluster_env(fake, tmp_path, backend)
     prefix = tmp_path / "nginx"
     with anyio.fail_after(90):
         async with cluster(env, tmp_path, 2) as workers:
