@@ -133,6 +133,10 @@ class Detector:
         local = self.inputs.local_note(image)
         if local is not None:
             files["local-files.json"] = local
+        # A detect is billed and is worthless unrecorded (provenance), so the ledger must answer first:
+        # free when a statement succeeded within the last second, else one `SELECT 1`; while the database
+        # is away it raises at once (`LedgerUnavailable`: nothing was sent).
+        self.ledger.ping()
         opening = _Opening(self.evidence, family, files)
         try:
             body, failure = await self._detect_call(wire_model, wire_url, ratio, on_sent=opening)

@@ -42,6 +42,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from server.config import Settings
 from server.errors import (
     EmoMcpError,
+    LedgerUnavailable,
     StorageError,
     TaskNotFoundError,
     UnreadableAnswerError,
@@ -176,6 +177,7 @@ class Watcher:
         self._held: set[str] = set()
         self.changes: ChangeFeed = change_feed(ledger)
         self._started = time.time()
+        self._ledger_lost = False  # the last tick found the ledger database unreachable
         self.reconciler = Reconciler(
             settings, client, ledger, evidence, self._reconciled, self._owner_dead, self._may_reconcile
         )
@@ -207,6 +209,14 @@ class Watcher:
                 while True:
                     try:
                         delay = self._tick(tg)
+                        self._ledger_lost = False
+                    except LedgerUnavailable as exc:
+                        # Cut off: nothing is claimed or queried (the others take the tasks over once the
+                        # claims' leases run out); said once per outage, not every interval.
+                        if not self._ledger_lost:
+                            logger.warning("watcher: no task is followed while the ledger is unreachable: %s", exc)
+                        self._ledger_lost = True
+                        delay = self.interval
                     except Exception:  # a locked or damaged ledger: this round is skipped, not the server
                         logger.exception("watcher: could not read the ledger; trying again in %.2fs", self.interval)
                         delay = self.interval
@@ -237,6 +247,8 @@ class Watcher:
                     logger.info("watcher: %d claim(s) of %d stopped worker(s) released", len(released), len(stale))
                     self._client.metrics.leases_taken_over(len(released))
                     self._wake.set()
+            except LedgerUnavailable:  # said by the tick; the heartbeat runs out, as it should
+                pass
             except Exception:  # a locked ledger: the next beat tries again (three per lease)
                 logger.warning("watcher: heartbeat could not be recorded", exc_info=True)
 

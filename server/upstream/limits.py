@@ -29,6 +29,7 @@ from typing import Protocol
 
 import anyio
 
+from server.errors import LedgerUnavailable
 from server.models import EMO_DETECT, EMO_GENERATE, EMOJI_DETECT, EMOJI_GENERATE
 
 DEFAULT_QUERY_QPS = 20.0
@@ -126,7 +127,11 @@ class RateLimiter:
             return 0.0
         try:
             return self._shared.try_start(self._key, self._burst, self._shared_window)
-        except Exception:  # better one worker's limit than none at all
+        except LedgerUnavailable:
+            # The database is away: nothing may start (a detect could not be recorded, and a worker cut off
+            # from the ledger must stop querying so that the others can take its tasks over).
+            raise
+        except Exception:  # locked or damaged: better one worker's limit than none at all
             logger.warning("rate limit %s: the shared window could not be read", self._key, exc_info=True)
             return 0.0
 
