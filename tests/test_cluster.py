@@ -366,3 +366,26 @@ def test_a_claim_in_flight_keeps_its_lease_and_a_dead_workers_claims_are_freed(l
     assert leases.take_over("reconcile", other.id, mine.id, now, LEASE) and leases.hold("reconcile", mine.id, now, 1)
     leases.drop(mine.id)
     assert leases.holder_of("reconcile") is None
+
+
+def test_a_stalled_worker_filing_late_leaves_its_successors_claim_alone(ledger: Ledger) -> None:
+    """A worker that stalled past its lease files its step's result after another took the task over:
+    the successor's claim and lease stay (else a third worker could claim the task while it is in flight)."""
+    queue = DueQueue(ledger)
+    taken: list[int] = []
+    queue.on_takeover = taken.append
+    now = time.time()
+    queue.schedule("task-1", "emo-v1", now, now)
+    assert queue.claim(now, 10, LEASE, "stalled") == ["task-1"]
+    assert taken == []  # a first claim is no takeover
+    later = now + LEASE + 0.1  # the stalled worker's lease ran out: the successor claims the task
+    assert queue.claim(later, 10, LEASE, "successor") == ["task-1"]
+    assert taken == [1]  # counted as a takeover after the lease expired (emo_mcp_leases_taken_over)
+    queue.file("task-1", "emo-v1", now, later + 0.5, "query", owner="stalled")
+    queue.reschedule("task-1", later + 0.5, "query", owner="stalled")
+    assert queue.claims() == [("task-1", "successor")]
+    [entry] = ledger.query("SELECT due_at FROM due_queue WHERE task_id = 'task-1'")
+    assert float(entry[0]) == pytest.approx(later + LEASE)
+    queue.file("task-1", "emo-v1", now, later + 0.5, "query", owner="successor")  # its own claim: released
+    assert queue.claims() == []
+    assert queue.claim(later + 0.5, 10, LEASE, "successor") == ["task-1"] and taken == [1]

@@ -182,6 +182,7 @@ class Watcher:
             settings, client, ledger, evidence, self._reconciled, self._owner_dead, self._may_reconcile
         )
         client.metrics.leases_held(lambda: len(self._held))
+        self.queue.on_takeover = client.metrics.leases_taken_over
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -529,12 +530,21 @@ class Watcher:
             return
         now = self._now()
         if needs_download(record) and record.video_url:
-            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.next_download), DOWNLOAD)
+            self.queue.file(
+                record.task_id,
+                record.model,
+                record.created_at,
+                max(now, state.next_download),
+                DOWNLOAD,
+                owner=self._owner,
+            )
             return
         began = state.last_query if state.last_query > -math.inf else time.monotonic()
         began_epoch = now - (time.monotonic() - began)
         if state.error is not None:  # the last query failed: ask again after its backed-off delay
-            self.queue.file(record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY)
+            self.queue.file(
+                record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY, owner=self._owner
+            )
             return
         entry = self.queue.get(record.task_id)
         if entry is None:  # adopted or restored without a row: queue it first
@@ -548,7 +558,7 @@ class Watcher:
             interval=self.interval,
             max_interval=self._settings.poll_max_interval,
         )
-        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta)
+        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta, owner=self._owner)
 
     def _estimate(self, record: TaskRecord, entry: Entry) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)

@@ -18,7 +18,7 @@ sums, so an estimate never reads the history either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +77,8 @@ class DueQueue:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
+        # Told how many claims of other workers a claim took over after their lease ran out (a metric).
+        self.on_takeover: Callable[[int], object] | None = None
 
     def fill_once(self, now: float) -> int:
         """A ledger from before the due queue: queue its open tasks, once (one pass, then never again)."""
@@ -102,7 +104,11 @@ class DueQueue:
         """Up to `limit` due tasks, earliest first; each is pushed `lease` seconds ahead while in flight."""
         if limit <= 0:
             return []
-        rows = self._ledger.execute(self._ledger.sql("claim"), (now + lease, owner, now, limit))
+        rows = self._ledger.execute(self._ledger.sql("claim"), (now, limit, now + lease, owner))
+        # A row still claimed by another worker was due only because that claim's lease ran out: a takeover.
+        taken = sum(1 for row in rows if row[1] is not None and row[1] != owner)
+        if taken and self.on_takeover is not None:
+            self.on_takeover(taken)
         return [str(row[0]) for row in rows]
 
     def claims(self) -> list[tuple[str, str]]:
@@ -129,29 +135,46 @@ class DueQueue:
         self._ledger.execute(self._ledger.sql("schedule"), (task_id, model, created_at, stage, due_at))
 
     def file(
-        self, task_id: str, model: str, created_at: float, due_at: float, stage: str, eta: Estimate | None = None
+        self,
+        task_id: str,
+        model: str,
+        created_at: float,
+        due_at: float,
+        stage: str,
+        eta: Estimate | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
         """After a step: the task's next due time (queued if it was not), its claim released, and its
-        new estimate if one was made: one statement, as this runs after every query."""
+        new estimate if one was made: one statement, as this runs after every query.
+
+        Only a claim `owner` holds (or no claim) is touched: a worker that stalled past its lease must not
+        clear the claim of the worker that took the task over, nor move that worker's lease. `owner=None`
+        (a single process, the tests) files whatever the claim."""
+        mine = "" if owner is None else " WHERE due_queue.claimed_by IS NULL OR due_queue.claimed_by = ?"
+        who = () if owner is None else (owner,)
         if eta is None:
             self._ledger.execute(
-                "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"
+                "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"  # noqa: S608
                 " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage,"
-                " claimed_by = NULL",
-                (task_id, model, created_at, stage, due_at),
+                " claimed_by = NULL" + mine,
+                (task_id, model, created_at, stage, due_at, *who),
             )
             return
         self._ledger.execute(
-            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at, expected_start, expected_end, basis)"
+            "INSERT INTO due_queue (task_id, model, created_at, stage, due_at, expected_start, expected_end, basis)"  # noqa: S608
             " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at,"
             " stage = excluded.stage, claimed_by = NULL, expected_start = excluded.expected_start,"
-            " expected_end = excluded.expected_end, basis = excluded.basis",
-            (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis),
+            " expected_end = excluded.expected_end, basis = excluded.basis" + mine,
+            (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis, *who),
         )
 
-    def reschedule(self, task_id: str, due_at: float, stage: str) -> None:
+    def reschedule(self, task_id: str, due_at: float, stage: str, *, owner: str | None = None) -> None:
+        """Move a queued task and release its claim: only a claim `owner` holds (or none), as in `file`."""
+        mine = "" if owner is None else " AND (claimed_by IS NULL OR claimed_by = ?)"
         self._ledger.execute(
-            "UPDATE due_queue SET due_at = ?, stage = ?, claimed_by = NULL WHERE task_id = ?", (due_at, stage, task_id)
+            "UPDATE due_queue SET due_at = ?, stage = ?, claimed_by = NULL WHERE task_id = ?" + mine,  # noqa: S608
+            (due_at, stage, task_id, *(() if owner is None else (owner,))),
         )
 
     def expect(self, task_id: str, seconds: float | None) -> None:
