@@ -15,7 +15,6 @@ import anyio
 import pytest
 
 from server.jobs.changes import ListeningFeed, change_feed
-from server.store import ledger as ledger_module
 from server.store.ledger import Ledger
 from tests.postgres import needs_postgres
 from tests.postgres import pg_url as pg_url
@@ -46,20 +45,21 @@ async def test_a_waiter_wakes_on_another_workers_notify_within_a_second(pg_url: 
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(feed.run)
-                while not feed.listening:
+                while not feed.listening:  # noqa: ASYNC110 (the feed's flag is set from its thread)
                     await anyio.sleep(0.05)
                 woke: list[float] = []
+                done = anyio.Event()
 
                 async def wait() -> None:
                     await feed.wait("task-1", 30)
                     woke.append(time.monotonic())
+                    done.set()
 
                 tg.start_soon(wait)
                 await anyio.sleep(0.3)
                 changed = time.monotonic()
                 writer.update_task("task-1", status="RUNNING")
-                while not woke:
-                    await anyio.sleep(0.02)
+                await done.wait()
                 tg.cancel_scope.cancel()
         assert woke[0] - changed < 1.0
         assert feed.delivered == 1
@@ -76,7 +76,7 @@ def test_the_cluster_clock_is_the_database_servers_even_on_a_skewed_host(
         [row] = ledger.query("SELECT extract(epoch FROM clock_timestamp())")
         server_now = float(row[0])
         real = time.time
-        monkeypatch.setattr(ledger_module.time, "time", lambda: real() + 3600.0)  # this host runs an hour ahead
+        monkeypatch.setattr(time, "time", lambda: real() + 3600.0)  # this host runs an hour ahead
         assert abs(ledger.clock() - server_now) < 5.0
     finally:
         ledger.close()
