@@ -36,7 +36,7 @@ from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import ElicitRequestParams, ElicitResult, ErrorData
+from mcp_types import ElicitRequestParams, ElicitResult, ErrorData, TextContent
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import load_settings
@@ -402,6 +402,32 @@ async def test_a_confirmation_started_on_one_worker_is_finished_on_another(fake:
     for one in (a, b, c):
         log = one.stderr()
         assert all(key not in log for key in (*ring.split(","), other_ring))
+
+
+async def test_a_2025_client_over_stateless_http_gets_a_refusal_naming_the_setting(
+    fake: FakeDashScope, tmp_path: Path
+) -> None:
+    """A 2025-11-25 client declares elicitation, but over stateless HTTP a question sent back mid-call
+    has nowhere to land: the call is refused with the way out named, and nothing is submitted."""
+    asked: list[ElicitRequestParams] = []
+
+    async def answer(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult | ErrorData:
+        asked.append(params)
+        return ElicitResult(action="accept", content={"confirm": True})
+
+    async with (
+        worker(fake, tmp_path, "a", EMO_MCP_CONFIRM_ABOVE_CNY="1") as a,
+        mcp_client(a.base, elicitation_callback=answer, mode="legacy") as client,
+    ):
+        assert client.protocol_version < "2026-07-28"
+        detection = await detect_emo(client)
+        result = await client.call_tool("emo_generate", emo_arguments(detection))
+    assert result.is_error
+    [content] = result.content
+    assert isinstance(content, TextContent)
+    assert "EMO_MCP_CONFIRM_ABOVE_CNY" in content.text and "2026-07-28" in content.text
+    assert "Nothing was submitted" in content.text
+    assert asked == [] and fake.submits() == []
 
 
 def test_a_reachable_worker_on_postgresql_needs_the_key_ring(tmp_path: Path) -> None:

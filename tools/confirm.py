@@ -19,6 +19,7 @@ import anyio
 from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import Elicit
+from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
 from server.domain.budget import Approval, confirmation_question, needs_confirmation, over_ceiling
@@ -50,6 +51,20 @@ def can_elicit(ctx: Context[Any, Any]) -> bool:
     return elicitation is not None and (elicitation.form is not None or elicitation.url is None)
 
 
+# From this protocol version on, a question is a result (InputRequiredResult) the client answers with
+# a new request, which any worker can take; before it, a question is a request sent back mid-call.
+QUESTION_AS_RESULT = "2026-07-28"
+
+
+def can_ask_now(ctx: Context[Any, Any]) -> bool:
+    """Whether a question can reach the client: always on 2026-07-28 and later; on older protocols only
+    over a transport with a back-channel (stateless HTTP has none: the reply would have nowhere to land,
+    and the SDK would fail the call with an error the model never reads)."""
+    version = ctx.protocol_version
+    modern = version is not None and is_version_at_least(version, QUESTION_AS_RESULT)
+    return modern or ctx.request_context.session.can_send_request
+
+
 async def ask_if_needed(
     ctx: Context[Any, Any], dry_run: bool, plan: Callable[[Service], Awaitable[Plan]]
 ) -> NoQuestion | Elicit[ConfirmSpend]:
@@ -69,6 +84,8 @@ async def ask_if_needed(
     estimate = planned.estimate
     if over_ceiling(settings, estimate) or not needs_confirmation(settings, estimate):
         return NoQuestion(approval="not-asked", began=began)
+    if not can_ask_now(ctx):  # first: over stateless HTTP an older client's capabilities are not even known
+        return NoQuestion(approval="no-back-channel", began=began)
     if not can_elicit(ctx):
         return NoQuestion(approval="no-elicitation", began=began)
     return Elicit(confirmation_question(str(planned.payload["model"]), estimate, settings), ConfirmSpend)

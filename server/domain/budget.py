@@ -18,7 +18,7 @@ CONFIRM_VARIABLE = "EMO_MCP_CONFIRM_ABOVE_CNY"
 
 # What the user said: asked and confirmed / declined / cancelled; the client could not be asked;
 # or nobody asked (no threshold, a dry run, or a caller outside MCP such as the CLI).
-Approval = Literal["confirmed", "declined", "cancelled", "no-elicitation", "not-asked"]
+Approval = Literal["confirmed", "declined", "cancelled", "no-elicitation", "no-back-channel", "not-asked"]
 
 
 def over_ceiling(settings: Settings, estimate: Estimate) -> bool:
@@ -58,6 +58,13 @@ def check_budget(settings: Settings, estimate: Estimate, approval: Approval) -> 
             f"(it does not support elicitation). Nothing was submitted. Ask the user yourself; to allow such "
             f"jobs without a question, raise {CONFIRM_VARIABLE} in the server's configuration, or use a client "
             "that supports elicitation."
+        )
+    if approval == "no-back-channel":
+        raise CostRefusedError(
+            f"{head}, which needs the user's confirmation, but this client's protocol (before 2026-07-28) over "
+            "stateless HTTP cannot be asked in the middle of a call. Nothing was submitted. Ask the user yourself; "
+            f"to allow such jobs without a question, raise {CONFIRM_VARIABLE} in the server's configuration, or "
+            "connect with a client that speaks MCP 2026-07-28."
         )
     raise CostRefusedError(
         f"{head}, which needs the user's confirmation, and none was given. Nothing was submitted. Call "
