@@ -163,6 +163,10 @@ class Watcher:
         # Steps in flight at once: what the query limit can serve in about a second (more would only
         # queue inside the limiter, in front of a caller's fresh query).
         self._budget = max(2, math.ceil(settings.max_query_qps))
+        # Claims wait until this many slots are free: a quarter of the budget is a quarter of a second of
+        # queries at the limit, so a due task waits at most that long, and a saturated watcher claims
+        # (a write) a few times per second instead of once per query.
+        self._refill = max(1, self._budget // 4)
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self.queue = DueQueue(ledger)
@@ -372,6 +376,10 @@ class Watcher:
                 due = time.monotonic() + self.interval
             wake = min(wake, now + (due - time.monotonic()))
         free = self._budget - len(self._inflight)
+        if free < self._refill:
+            # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
+            # and two reads per finished step; a finishing step wakes this loop again (notify).
+            return max(0.0, wake - self._now())
         upcoming = self.queue.next_due()
         # A claim is a write: made only when something is due (every finished step wakes this loop).
         due = upcoming is not None and upcoming <= now
