@@ -119,6 +119,31 @@ class WorkerProcess:
             self._log.close()
             self._log = None
 
+    def log_tail(self, size: int = 2000) -> str:
+        path = self.cwd / f"worker-{self.index}.log"
+        return path.read_text(encoding="utf-8", errors="replace")[-size:] if path.exists() else ""
+
+    async def come_up(self, seconds: float = 30.0, attempts: int = 3) -> None:
+        """Start and wait for /healthz. A port found free can be taken by another socket before the worker
+        binds it (an outgoing connection's local port): then the worker exits, and it is started again on
+        a new port (only before nginx is rendered). Any other early exit is an error showing its log."""
+        for _ in range(attempts):
+            self.start()
+            deadline = time.monotonic() + seconds
+            async with httpx2.AsyncClient(timeout=2) as raw:
+                while time.monotonic() < deadline and self.alive():
+                    with contextlib.suppress(httpx2.TransportError):
+                        if (await raw.get(f"{self.base}/healthz")).status_code == 200:
+                            return
+                    await anyio.sleep(0.05)
+            if self.alive():
+                raise RuntimeError(f"{self.base} did not come up within {seconds:g} s:\n{self.log_tail()}")
+            if "address already in use" not in self.log_tail().lower():
+                raise RuntimeError(f"worker {self.index} exited at start:\n{self.log_tail()}")
+            self.port = free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+        raise RuntimeError(f"worker {self.index} found no free port in {attempts} attempts")
+
 
 class Cluster:
     """`count` workers with one environment, and nginx in front of them (round robin)."""
@@ -139,16 +164,18 @@ class Cluster:
             for index in range(count)
         ]
         self.nginx_port = free_port() if nginx else 0
-        self.base = f"http://127.0.0.1:{self.nginx_port}" if nginx else self.workers[0].base
         self._nginx: subprocess.Popen[bytes] | None = None
         self._use_nginx = nginx
 
+    @property
+    def base(self) -> str:
+        """Where clients go: nginx, or the only worker (whose port is known once it is up)."""
+        return f"http://127.0.0.1:{self.nginx_port}" if self._use_nginx else self.workers[0].base
+
     async def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
         async with anyio.create_task_group() as tg:
             for worker in self.workers:
-                tg.start_soon(wait_up, worker.base)
+                tg.start_soon(worker.come_up)
         if self._use_nginx:
             self._start_nginx()
             await wait_up(self.base)
