@@ -8,7 +8,6 @@ would execute each: none may scan the tasks or detections tables.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import uuid
@@ -265,94 +264,3 @@ def test_spend_today_never_counts_a_task_that_will_not_be_billed(tmp_path: Path)
     summary = spend_today(ledger)
     ledger.close()
     assert summary.tasks == 3 and summary.unfinished_tasks == 1 and summary.total_cny == 0.5
-
-
-def _spend_by_rows(ledger: Ledger) -> tuple[int, int, float]:
-    """The day's spend summed row by row (what the running totals must always equal)."""
-    rows = ledger.query(
-        "SELECT t.status, t.usage, e.estimated_cny FROM tasks t LEFT JOIN spend_estimates e ON e.task_id = t.task_id"
-    )
-    tasks = unfinished = 0
-    total = 0.0
-    for row in rows:
-        tasks += 1
-        usage = json.loads(row["usage"]) if row["usage"] else None
-        if usage and isinstance(usage.get("video_duration"), int | float):
-            total += float(usage["video_duration"]) * (0.08 if usage.get("video_ratio") == "1:1" else 0.16)
-        elif row["status"] not in ("FAILED", "CANCELED", "UNKNOWN", "NOT_FOUND"):
-            unfinished += 1
-            total += float(row["estimated_cny"] or 0.0)
-    return tasks, unfinished, round(total, 4)
-
-
-def test_spend_running_totals_follow_every_kind_of_write(tmp_path: Path) -> None:
-    """Submit, rename on answer, estimate, progress, billing, failure, merge, deletion, an old ledger:
-    after each, the totals the resource reads equal the sum over the rows."""
-    ledger = Ledger(tmp_path)
-
-    def task(task_id: str, status: str = "PENDING") -> None:
-        ledger.add_task(
-            task_id=task_id,
-            family="emo",
-            model=EMO_MODEL,
-            payload={},
-            ratio="1:1",
-            status=status,
-            request_id=None,
-            evidence_dir=str(tmp_path),
-        )
-
-    def check() -> None:
-        summary = spend_today(ledger)
-        tasks, unfinished, total = _spend_by_rows(ledger)
-        assert (summary.tasks, summary.unfinished_tasks, summary.total_cny) == (tasks, unfinished, total)
-
-    task("old-1", "RUNNING")  # written before the totals existed: summed when they are installed
-    ledger.update_task("old-1", usage={"video_duration": 2.0, "video_ratio": "3:4"}, status="SUCCEEDED")
-    check()
-    record_estimate(ledger, "old-1", "emo", 0.3, "test")
-    check()
-    ledger.begin_submit(
-        local_id="local-1",
-        family="emo",
-        model=EMO_MODEL,
-        payload={},
-        ratio="1:1",
-        fingerprint="f1",
-        evidence_dir=str(tmp_path),
-        owner="host:1",
-        allow_duplicate=False,
-    )
-    check()
-    ledger.resolve_submit("local-1", task_id="task-1", status="PENDING", request_id=None, evidence_dir=str(tmp_path))
-    record_estimate(ledger, "task-1", "emo", 0.4, "test")
-    check()
-    record_estimate(ledger, "task-1", "emo", 0.5, "test")  # re-estimated: replaced, not added
-    check()
-    ledger.update_task("task-1", status="RUNNING", polls=3)
-    ledger.update_task("task-1", status="SUCCEEDED", usage={"video_duration": 5.0, "video_ratio": "1:1"})
-    check()
-    task("task-2")
-    record_estimate(ledger, "task-2", "emo", 0.7, "test")
-    ledger.update_task("task-2", status="FAILED", code="InternalError")
-    check()
-    task("adopted", "RUNNING")
-    ledger.begin_submit(
-        local_id="local-2",
-        family="emo",
-        model=EMO_MODEL,
-        payload={},
-        ratio="1:1",
-        fingerprint="f2",
-        evidence_dir=str(tmp_path),
-        owner="host:1",
-        allow_duplicate=False,
-    )
-    ledger.merge_submit("local-2", "adopted")
-    check()
-    task("refused")
-    record_estimate(ledger, "refused", "emo", 0.9, "test")
-    ledger.delete_task("refused")
-    check()
-    ledger.close()
-    assert spend_today(Ledger(tmp_path)).tasks == 4  # old-1, task-1, task-2, adopted

@@ -8,6 +8,7 @@ skipped without EMO_MCP_TEST_DATABASE_URL (failed instead under EMO_MCP_REQUIRE_
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -24,7 +25,6 @@ from server.store.queue import DOWNLOAD, QUERY, DueQueue
 from server.store.spend import estimate_of, record_estimate, spend_today
 from server.store.uploads import UploadCache
 from tests.postgres import BASE_URL
-from tests.test_engine import _spend_by_rows as spend_by_rows
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(not BASE_URL, reason="no PostgreSQL"))]
 
@@ -395,6 +395,24 @@ def test_an_unreachable_database_is_a_ledger_error_without_the_password(tmp_path
     assert "hunter2-secret" not in message
 
 
+def spend_by_rows(ledger: Ledger) -> tuple[int, int, float]:
+    """The day's spend summed row by row (what the running totals must always equal)."""
+    rows = ledger.query(
+        "SELECT t.status, t.usage, e.estimated_cny FROM tasks t LEFT JOIN spend_estimates e ON e.task_id = t.task_id"
+    )
+    tasks = unfinished = 0
+    total = 0.0
+    for row in rows:
+        tasks += 1
+        usage = json.loads(row["usage"]) if row["usage"] else None
+        if usage and isinstance(usage.get("video_duration"), int | float):
+            total += float(usage["video_duration"]) * (0.08 if usage.get("video_ratio") == "1:1" else 0.16)
+        elif row["status"] not in ("FAILED", "CANCELED", "UNKNOWN", "NOT_FOUND"):
+            unfinished += 1
+            total += float(row["estimated_cny"] or 0.0)
+    return tasks, unfinished, round(total, 4)
+
+
 def test_spend_running_totals_follow_every_kind_of_write(ledger: Ledger) -> None:
     """Submit, answer (a rename), estimates, billing, failure, merge, deletion: the totals the resource
     reads equal the sum over the rows after each, whichever database keeps them (SQLite and PostgreSQL
@@ -416,6 +434,11 @@ def test_spend_running_totals_follow_every_kind_of_write(ledger: Ledger) -> None
         summary = spend_today(ledger)
         assert (summary.tasks, summary.unfinished_tasks, summary.total_cny) == spend_by_rows(ledger)
 
+    task("billed-3x4", "RUNNING")  # billed at another ratio's price
+    ledger.update_task("billed-3x4", usage={"video_duration": 2.0, "video_ratio": "3:4"}, status="SUCCEEDED")
+    check()
+    record_estimate(ledger, "billed-3x4", "emo", 0.3, "test")  # an estimate after billing changes nothing
+    check()
     submit(ledger, "local-1")
     check()
     ledger.resolve_submit("local-1", task_id="task-1", status="PENDING", request_id=None, evidence_dir="/e")
@@ -438,4 +461,4 @@ def test_spend_running_totals_follow_every_kind_of_write(ledger: Ledger) -> None
     ledger.delete_task("refused")
     check()
     detection(ledger)
-    assert spend_today(ledger).detections == 1 and spend_today(ledger).tasks == 3
+    assert spend_today(ledger).detections == 1 and spend_today(ledger).tasks == 4
