@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,14 +57,17 @@ def render_nginx(prefix: Path, listen: int, bases: Sequence[str]) -> Path:
     return conf
 
 
-async def wait_up(base: str, seconds: float = 30.0) -> None:
-    """Until `base`/healthz answers 200 (a worker, or nginx in front of one)."""
+async def wait_up(base: str, seconds: float = 30.0, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Until `base`/healthz answers 200 (a worker, or nginx in front of one); False as soon as `alive()`
+    says its process has gone; an error after `seconds`."""
     deadline = time.monotonic() + seconds
     async with httpx2.AsyncClient(timeout=2) as raw:
         while time.monotonic() < deadline:
+            if not alive():
+                return False
             with contextlib.suppress(httpx2.TransportError):
                 if (await raw.get(f"{base}/healthz")).status_code == 200:
-                    return
+                    return True
             await anyio.sleep(0.05)
     raise RuntimeError(f"{base} did not come up within {seconds:g} s")
 
@@ -129,15 +132,11 @@ class WorkerProcess:
         a new port (only before nginx is rendered). Any other early exit is an error showing its log."""
         for _ in range(attempts):
             self.start()
-            deadline = time.monotonic() + seconds
-            async with httpx2.AsyncClient(timeout=2) as raw:
-                while time.monotonic() < deadline and self.alive():
-                    with contextlib.suppress(httpx2.TransportError):
-                        if (await raw.get(f"{self.base}/healthz")).status_code == 200:
-                            return
-                    await anyio.sleep(0.05)
-            if self.alive():
-                raise RuntimeError(f"{self.base} did not come up within {seconds:g} s:\n{self.log_tail()}")
+            try:
+                if await wait_up(self.base, seconds, self.alive):
+                    return
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}:\n{self.log_tail()}") from None
             if "address already in use" not in self.log_tail().lower():
                 raise RuntimeError(f"worker {self.index} exited at start:\n{self.log_tail()}")
             self.port = free_port()
