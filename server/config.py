@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,9 +183,11 @@ def ensure_writable_dir(path: Path, variable: str) -> Path:
     try:
         # Owner-only when made here: the ledger and the evidence hold signed URLs and what was sent.
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own: workers of a cluster start at once on one folder, and a shared probe name
+        # let one worker unlink the file another had just made (seen as ENOENT on a writable folder).
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(handle)
+        os.unlink(probe)
     except OSError as exc:
         raise ConfigError(
             f"{variable} points at {str(path)!r}, which cannot be written ({exc.strerror or exc}). "

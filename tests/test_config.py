@@ -139,3 +139,20 @@ def test_allowed_root_folders_replace_the_variable(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="--allowed-root 'missing' is not an existing folder"):
         load_settings(env, cwd=tmp_path, allowed_roots=["missing"])
+
+
+def test_workers_starting_at_once_on_one_output_dir_all_start(tmp_path: Path) -> None:
+    """A cluster's workers check one OUTPUT_DIR at the same moment; none may see another's write probe
+    vanish (a shared probe name failed a CI run with ENOENT on a writable folder)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "shared"
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom server.config import ensure_writable_dir\n"
+        "for _ in range(300):\n    ensure_writable_dir(Path(sys.argv[1]), 'OUTPUT_DIR')\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(folder)], stderr=subprocess.PIPE) for _ in range(6)]
+    errors = [run.communicate()[1].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0] * 6, "\n".join(errors)
+    assert list(folder.iterdir()) == []
