@@ -16,12 +16,12 @@ from mcp_types import GetPromptResult, InputRequiredResult
 from pydantic import AnyUrl
 
 from server.config import Settings
-from server.domain.service import Service
 from server.metrics import NO_METRICS, Metrics
-from server.runtime import open_service
+from server.runtime import Services, open_services
+from server.tenancy.tenants import TenantsFile
 from server.viewer.extension import install_viewer, viewer_extension
 from tools import build_tools
-from tools.context import AppContext
+from tools.context import AppContext, OpenServices
 from tools.prompts import check_prompt_request, register_prompts
 from tools.resources import not_found_error, register_resources, register_spend_resource
 
@@ -73,22 +73,28 @@ def create_app(
     http: httpx2.AsyncClient | None = None,
     *,
     metrics: Metrics = NO_METRICS,
-    on_service: Callable[[Service | None], None] | None = None,
+    on_service: Callable[[Services | None], None] | None = None,
+    tenants: TenantsFile | None = None,
 ) -> MCPServer[AppContext]:
     """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one.
 
     The HTTP transport passes `metrics` (what its /metrics serves) and `on_service`, told the open
-    service and then None when it closes: /healthz and /metrics are routes beside MCP, not tool calls,
-    so they reach the ledger this way rather than through a request context."""
+    services and then None when they close: /healthz, /metrics and /videos are routes beside MCP, not
+    tool calls, so they reach the ledgers this way rather than through a request context. `tenants`
+    (HTTP with a tenants file): a service per tenant, each call served by its token's."""
+
+    opened = OpenServices()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        async with open_service(settings, http, metrics=metrics) as service:
+        async with open_services(settings, http, tenants=tenants, metrics=metrics) as services:
+            opened.services = services
             if on_service is not None:
-                on_service(service)
+                on_service(services)
             try:
-                yield AppContext(service=service)
+                yield AppContext(services=services)
             finally:
+                opened.services = None
                 if on_service is not None:
                     on_service(None)
 
@@ -102,8 +108,8 @@ def create_app(
         lifespan=lifespan,
         request_state_security=request_state_security(settings),
     )
-    register_spend_resource(app, settings)
+    register_spend_resource(app, opened)
     install_viewer(app)
-    register_resources(app, settings)
+    register_resources(app, opened)
     register_prompts(app)
     return app

@@ -45,10 +45,16 @@ MODEL_QPS_ENV = "EMO_MCP_MODEL_QPS"
 # The request-state ring's keys: the SDK's AES-GCM codec needs 32 bytes of secret randomness each.
 MIN_KEY_BYTES = 32
 
+TENANTS_FILE_ENV = "EMO_MCP_TENANTS_FILE"
+PUBLIC_URL_ENV = "EMO_MCP_PUBLIC_URL"
+LINK_SECRET_ENV = "EMO_MCP_LINK_SECRET"  # noqa: S105 (a variable name, not a secret)
+DEFAULT_LINK_TTL = 86400.0
+DEFAULT_TENANT_CLAIM = "tenant"
+
 # The sandbox's key: the fake upstream (server/sandbox/) accepts it, and `--sandbox` sends it.
 SANDBOX_API_KEY = "sk-sandbox-0000"
 
-KeySource = Literal["env", "key-file", "credentials-file", "sandbox", "none"]
+KeySource = Literal["env", "key-file", "credentials-file", "sandbox", "tenant", "none"]
 
 # What an MCP Bundle host passes for an optional setting the user left empty: the manifest's own
 # placeholder, unsubstituted (measured with the official mcpb CLI's substitution code).
@@ -98,6 +104,26 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     request_state_keys: tuple[bytes, ...] = field(default=(), repr=False)
     database_url: str | None = field(default=None, repr=False)
+    # Hosting for many people (issue 15; `_hosting` below). Per tenant (server/tenancy/, set on each
+    # tenant's copy of the settings): its name (None: the one implicit tenant), its daily budget and the
+    # generate models it may use. Per server: the tenants file, the public base URL and the secret of
+    # signed video links, the audit trail, and sign-in through an identity provider (OAuth).
+    tenant: str | None = None
+    daily_budget_cny: float | None = None
+    allowed_models: frozenset[str] | None = None
+    tenants_file: Path | None = None
+    public_url: str | None = None
+    link_secret: bytes | None = field(default=None, repr=False)
+    link_ttl: float = DEFAULT_LINK_TTL
+    audit_log: Path | None = None
+    oauth_issuer: str | None = None
+    oauth_audience: str | None = None
+    oauth_tenant_claim: str = DEFAULT_TENANT_CLAIM
+
+    @property
+    def links_on(self) -> bool:
+        """Signed video links are handed out whenever both the public URL and the secret are set."""
+        return self.public_url is not None and self.link_secret is not None
 
     @property
     def is_beijing(self) -> bool:
@@ -254,6 +280,7 @@ def load_settings(
         poll_max_interval=_positive_float(env, "EMO_MCP_POLL_MAX_INTERVAL", DEFAULT_POLL_MAX_INTERVAL),
         **_media_and_money(_with_roots(env, allowed_roots, cwd), cwd),
         **_cluster(env),
+        **_hosting(env, cwd, output_dir),
     )
 
 
@@ -369,3 +396,55 @@ def _parse_state_keys(raw: str) -> tuple[bytes, ...]:
             raise ConfigError(f"{REQUEST_STATE_KEYS_ENV} key {position} repeats an earlier key of the ring")
         keys.append(key)
     return tuple(keys)
+
+
+def _hosting(env: Mapping[str, str], cwd: Path, output_dir: Path) -> dict[str, Any]:
+    """Settings of hosting for many people (issue 15). The tenants file itself is read by
+    `server.tenancy.tenants` when the HTTP transport starts (stdio is always the one implicit tenant)."""
+    tenants_raw = (env.get(TENANTS_FILE_ENV) or "").strip()
+    tenants_file = (cwd / Path(tenants_raw).expanduser()).resolve() if tenants_raw else None
+    if tenants_file is not None and not tenants_file.is_file():
+        raise ConfigError(f"{TENANTS_FILE_ENV} names {str(tenants_file)!r}, which is not a file")
+    public = (env.get(PUBLIC_URL_ENV) or "").strip().rstrip("/") or None
+    if public is not None and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", public):
+        raise ConfigError(
+            f"{PUBLIC_URL_ENV} must be the http(s) address clients reach the server at, such as "
+            f"https://mcp.example.com (no query or fragment), got {public!r}"
+        )
+    secret_raw = (env.get(LINK_SECRET_ENV) or "").strip()
+    secret = _decode_key(secret_raw) if secret_raw else None
+    if secret_raw and (secret is None or len(secret) < MIN_KEY_BYTES):
+        raise ConfigError(
+            f"{LINK_SECRET_ENV} must be at least {MIN_KEY_BYTES} random bytes as hex or base64url, the same on "
+            "every worker, for example the output of: openssl rand -hex 32"
+        )
+    audit_raw = (env.get("EMO_MCP_AUDIT_LOG") or "").strip()
+    audit = (cwd / Path(audit_raw).expanduser()).resolve() if audit_raw else None
+    if audit is None and tenants_file is not None:
+        audit = output_dir / "audit.jsonl"
+    issuer = (env.get("EMO_MCP_OAUTH_ISSUER") or "").strip() or None
+    if issuer is not None and not issuer.startswith(("https://", "http://")):
+        raise ConfigError(f"EMO_MCP_OAUTH_ISSUER must be the issuer's http(s) URL, got {issuer!r}")
+    audience = (env.get("EMO_MCP_OAUTH_AUDIENCE") or "").strip() or None
+    if issuer is not None and audience is None:
+        if public is None:
+            raise ConfigError(
+                f"EMO_MCP_OAUTH_ISSUER is set: set EMO_MCP_OAUTH_AUDIENCE, or {PUBLIC_URL_ENV} (the audience is "
+                "then that address + /mcp)"
+            )
+        audience = f"{public}/mcp"
+    if issuer is not None and tenants_file is None:
+        raise ConfigError(
+            f"EMO_MCP_OAUTH_ISSUER is set but {TENANTS_FILE_ENV} is not: a token's tenant claim names a tenant "
+            "of the tenants file, which holds its DashScope key and limits"
+        )
+    return {
+        "tenants_file": tenants_file,
+        "public_url": public,
+        "link_secret": secret,
+        "link_ttl": _positive_float(env, "EMO_MCP_LINK_TTL", DEFAULT_LINK_TTL),
+        "audit_log": audit,
+        "oauth_issuer": issuer,
+        "oauth_audience": audience,
+        "oauth_tenant_claim": (env.get("EMO_MCP_OAUTH_TENANT_CLAIM") or "").strip() or DEFAULT_TENANT_CLAIM,
+    }

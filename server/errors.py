@@ -46,6 +46,23 @@ class CostRefusedError(RefusedInputError):
     """The job's estimate is above the configured ceiling, or its confirmation was not given."""
 
 
+class CeilingRefusedError(CostRefusedError):
+    """The job's estimate is above the per-job ceiling (EMO_MCP_MAX_COST_CNY or the tenant's max_cost_cny)."""
+
+
+class BudgetRefusedError(CostRefusedError):
+    """The job's estimate would take the tenant's spend for the UTC day over its daily_budget_cny."""
+
+
+class ModelNotAllowedError(RefusedInputError):
+    """The tenant's `models` list does not include the model asked for."""
+
+
+class TenantRequiredError(RefusedInputError):
+    """A request of a multi-tenant server that names no tenant it serves (the HTTP layer refuses such
+    requests first; this guards the domain should one get through)."""
+
+
 class TaskNotFoundError(RefusedInputError):
     """A task id this server never saw and DashScope does not know either."""
 

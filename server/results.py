@@ -117,6 +117,9 @@ class TaskStatus(_Result):
     end_time: str | None = None
     video_url: str | None = None
     video_path: str | None = None
+    video_link: str | None = Field(
+        None, description="Signed HTTPS link to the video, openable anywhere until it expires (HTTP servers)."
+    )
     video_sha256: str | None = None
     video_bytes: int | None = None
     usage: dict[str, Any] | None = Field(None, description="video_duration (billed seconds), video_ratio.")

@@ -69,7 +69,7 @@ async def ask_if_needed(
     ctx: Context[Any, Any], dry_run: bool, plan: Callable[[Service], Awaitable[Plan]]
 ) -> NoQuestion | Elicit[ConfirmSpend]:
     began = time.monotonic()
-    service = service_of(ctx)
+    service = await service_of(ctx)
     settings = service.settings
     if dry_run or settings.confirm_above_cny is None:
         return NoQuestion(approval="not-asked", began=began)

@@ -13,8 +13,10 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult
 
 from server.domain.service import Service
-from server.errors import EmoMcpError, TaskNotFoundError
+from server.errors import EmoMcpError, TaskNotFoundError, TenantRequiredError
 from server.results import _Result
+from server.runtime import Services
+from server.tenancy.current import current_tenant
 from tools.results import error_result, structured
 
 logger = logging.getLogger(__name__)
@@ -29,15 +31,29 @@ BACKSTOP_SECONDS = 5.0
 
 @dataclass
 class AppContext:
-    """Lifespan state: built once per server run, shared by every call."""
+    """Lifespan state: built once per server run, shared by every call (one service per tenant)."""
 
-    service: Service
+    services: Services
 
 
-def service_of(ctx: Context[Any, Any]) -> Service:
+class OpenServices:
+    """The running server's services, for what has no request context to reach them by (static
+    resources): set by the lifespan while it runs."""
+
+    services: Services | None = None
+
+    async def current(self) -> Service:
+        """The service of the current request's tenant (the context variable the HTTP layer set)."""
+        if self.services is None:
+            raise TenantRequiredError("the server is not running")
+        return await self.services.get(current_tenant.get())
+
+
+async def service_of(ctx: Context[Any, Any]) -> Service:
+    """The service of the request's tenant (the HTTP layer set it from the token), or the only one."""
     state = ctx.request_context.lifespan_context
     assert isinstance(state, AppContext)
-    return state.service
+    return await state.services.get(current_tenant.get())
 
 
 async def run(
@@ -50,7 +66,7 @@ async def run(
         bound = max(0.0, bound - (time.monotonic() - began))
     try:
         with anyio.move_on_after(bound + BACKSTOP_SECONDS) as backstop:
-            result = await call(service_of(ctx), bound)
+            result = await call(await service_of(ctx), bound)
     except TaskNotFoundError as exc:
         return error_result(str(exc), {"task_status": "UNKNOWN", "message": str(exc)})
     except EmoMcpError as exc:

@@ -11,21 +11,21 @@ resource-not-found code of the negotiated protocol (`not_found_error`), not the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, LATEST_PROTOCOL_VERSION, Annotations
 from mcp_types.version import is_version_at_least
 
-from server.config import Settings
+from server.domain.budget import budget_view
+from server.domain.service import Service
+from server.errors import EmoMcpError
 from server.jobs.task_views import RECENT_LIMIT, recent_views, task_view
 from server.models import EMOJI_OUTPUT_SIZE, template_catalogue
-from server.store.ledger import Ledger
 from server.store.spend import SPEND_URI, spend_today
+from tools.context import OpenServices
 
 JSON = "application/json"
 # Resource not found: -32002 up to the 2025-11-25 revision; -32602 from 2026-07-28 on (SEP-2164, a MUST).
@@ -58,14 +58,8 @@ def templates_document() -> dict[str, Any]:
     }
 
 
-def register_resources(app: MCPServer[Any], settings: Settings) -> None:
-    @contextmanager
-    def ledger() -> Iterator[Ledger]:
-        opened = Ledger.open(settings)
-        try:
-            yield opened
-        finally:
-            opened.close()
+def register_resources(app: MCPServer[Any], opened: OpenServices) -> None:
+    """The catalogue and the ledger's tasks: each read is of the asking tenant's own ledger."""
 
     @app.resource(
         "emoji://templates",
@@ -87,9 +81,9 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
         "local video path and evidence folder. Read from the local ledger; DashScope is not asked.",
         mime_type=JSON,
     )
-    def recent_tasks() -> str:
-        with ledger() as opened:
-            return _json({"tasks": recent_views(opened, settings.prices)})
+    async def recent_tasks() -> str:
+        service = await _service(opened)
+        return _json({"tasks": recent_views(service.ledger, service.settings.prices, service.tasks.links)})
 
     @app.resource(
         "tasks://{task_id}",
@@ -99,19 +93,27 @@ def register_resources(app: MCPServer[Any], settings: Settings) -> None:
         "to refresh an unfinished task or download its video.",
         mime_type=JSON,
     )
-    def task(task_id: str) -> str:
-        with ledger() as opened:
-            record = opened.get_task(task_id)
-            if record is None:
-                raise ResourceNotFoundError(
-                    f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
-                    "or call task_status for a task another server submitted."
-                )
-            return _json(task_view(record, opened, settings.prices))
+    async def task(task_id: str) -> str:
+        service = await _service(opened)
+        record = service.ledger.get_task(task_id)
+        if record is None:
+            raise ResourceNotFoundError(
+                f"Task {task_id} is not in this server's ledger; list known tasks with tasks://recent, "
+                "or call task_status for a task another server submitted."
+            )
+        return _json(task_view(record, service.ledger, service.settings.prices, service.tasks.links))
 
 
-def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
-    """`spend://today`: read from the ledger file at each read, so it sees other processes' work too."""
+async def _service(opened: OpenServices) -> Service:
+    try:
+        return await opened.current()
+    except EmoMcpError as exc:
+        raise ResourceError(str(exc)) from exc
+
+
+def register_spend_resource(app: MCPServer[Any], opened: OpenServices) -> None:
+    """`spend://today`: read from the ledger at each read, so it sees other processes' work too; in tenant
+    mode, the asking tenant's, with its daily budget."""
 
     @app.resource(
         SPEND_URI,
@@ -120,10 +122,11 @@ def register_spend_resource(app: MCPServer[Any], settings: Settings) -> None:
         description="Today's estimated and actual DashScope spend of this server's ledger, in CNY.",
         mime_type="application/json",
     )
-    def spend() -> str:
-        ledger = Ledger.open(settings)
-        try:
-            summary = spend_today(ledger, settings.prices)
-        finally:
-            ledger.close()
-        return json.dumps({**summary.as_dict(), "summary": summary.line()}, indent=2)
+    async def spend() -> str:
+        service = await _service(opened)
+        summary = spend_today(service.ledger, service.settings.prices)
+        document: dict[str, Any] = {**summary.as_dict(), "summary": summary.line()}
+        if service.settings.tenant is not None:
+            document["tenant"] = service.settings.tenant
+            document["budget"] = budget_view(service.settings, service.ledger)
+        return json.dumps(document, indent=2)

@@ -20,7 +20,7 @@ def structured(result: _Result) -> CallToolResult:
     """One summary line for people, then the same data as compact JSON, plus structuredContent.
 
     A downloaded video also comes as a `resource_link` (file:// on the server's disk), so clients
-    can offer to open it.
+    can offer to open it, and on an HTTP server with links on, as a second one at its signed link.
     """
     data = result_data(result)
     text = f"{result.summary()}\n{_compact(data)}"
@@ -33,6 +33,10 @@ def structured(result: _Result) -> CallToolResult:
     link = video_link(result)
     if link is not None:
         content.append(link)
+    signed = getattr(result, "video_link", None)
+    if link is not None and isinstance(signed, str) and signed:
+        # Beside the file:// one: a person on the other side of a chat opens this one.
+        content.append(link.model_copy(update={"uri": signed}))
     return CallToolResult(content=content, structured_content=data)
 
 

@@ -209,7 +209,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
 async def status(settings: Settings, args: argparse.Namespace) -> int:
     async with open_service(settings, recover=False) as service:
         if args.task_id is None:
-            views = recent_views(service.ledger, service.settings.prices, args.limit)
+            views = recent_views(service.ledger, service.settings.prices, limit=args.limit)
             if args.json:
                 emit_json({"tasks": views})
             elif not views:

@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings
-from server.domain.budget import Approval, check_budget, over_ceiling
+from server.domain.budget import Approval, check_budget, check_daily_budget, check_model, over_ceiling, utc_day_start
 from server.domain.inputs import Inputs, resolve_model
-from server.errors import EmoMcpError, RefusedInputError, UpstreamError, UpstreamUnavailableError
+from server.errors import (
+    EmoMcpError,
+    RefusedInputError,
+    SubmitOutcomeUnknownError,
+    UpstreamError,
+    UpstreamUnavailableError,
+)
 from server.jobs.submits import InFlight, PendingSubmit, Submitter
 from server.jobs.tasks import Background, Deadline, Job
 from server.media.preflight import Checked
@@ -33,10 +39,14 @@ from server.pricing import Estimate, estimate_emo, estimate_emoji
 from server.results import Submitted
 from server.store.evidence import Evidence
 from server.store.ledger import SUBMITTING, Ledger
-from server.store.spend import record_estimate
+from server.store.spend import record_estimate, spent_since
 
 # How long the refusal of a submit handed off to the background is remembered for its local id.
 HANDED_OFF_KEEP_SECONDS = 24 * 3600.0
+
+
+# The official generate model of each family (a deployment alias counts as its model for `models`).
+GENERATE_MODEL: dict[Family, str] = {"emo": EMO_GENERATE, "emoji": EMOJI_GENERATE}
 
 
 class Generator:
@@ -57,6 +67,9 @@ class Generator:
         self.inputs = inputs
         self.submitter = submitter
         self.background = background
+        # Submits whose rows exist but whose estimate the ledger records only with their answer (local id ->
+        # CNY): they count against the tenant's daily budget meanwhile.
+        self._unestimated: dict[str, float] = {}
         # Submits whose caller left before DashScope answered: a refusal deletes the row, so it is told here.
         self._handed_off: dict[str, Job[Submitted]] = {}
 
@@ -124,11 +137,13 @@ class Generator:
         The uploads and the submit run as background jobs, waited for until `deadline`: out of time
         (or cancelled by the client), the submit still ends as the real task or SUBMIT_OUTCOME_UNKNOWN.
         """
+        model = str(plan.payload["model"])
+        check_model(self.settings, model, GENERATE_MODEL[plan.family])
         if dry_run:
             return self._dry_run(plan)
         check_budget(self.settings, plan.estimate, approval)
+        self._check_day(plan)  # before the uploads too: they are free, but they are sent
         deadline = deadline or Deadline()
-        model = str(plan.payload["model"])
         # Free, and cached in the ledger once done: an upload slower than the call serves the next call.
         uploads = self.background.start(lambda: self._wire_input(plan, model))
         if not await uploads.wait(deadline.left()):
@@ -140,6 +155,10 @@ class Generator:
         # An identical submit in flight (on this worker or another) is joined: its answer is this call's
         # too (`deduplicated`). Should its row go (refused outright), this call sends its own, once.
         for attempt in range(2):
+            # The day's spend and the row are read and written with no await between them, so two calls of
+            # this process cannot both fit in what is left of the budget (the row's estimate is held here
+            # until the answer records it).
+            self._check_day(plan)
             started = self.submitter.begin(
                 plan.family,
                 {**plan.payload, "input": uploads.result()},
@@ -161,6 +180,7 @@ class Generator:
         assert not isinstance(started, InFlight)
         if isinstance(started, Submitted):  # deduplicated: nothing to send
             return self._finish(started, plan)
+        self._unestimated[started.local_id] = plan.estimate.cny
         # From the row on, the submit is the background's: it records its outcome whatever the caller does.
         submit = self.background.start(lambda: self._send(started, plan))
         if await submit.wait(deadline.left()):
@@ -202,7 +222,25 @@ class Generator:
         }
 
     async def _send(self, started: PendingSubmit, plan: Plan) -> Submitted:
-        return self._finish(await self.submitter.send(started), plan)
+        try:
+            submitted = await self.submitter.send(started)
+        except SubmitOutcomeUnknownError:
+            raise  # the row stays, maybe billed: its estimate keeps counting against the day's budget
+        except BaseException:
+            self._unestimated.pop(started.local_id, None)  # refused or never sent: the row is gone
+            raise
+        try:
+            return self._finish(submitted, plan)
+        finally:
+            self._unestimated.pop(started.local_id, None)  # its estimate is in the ledger now
+
+    def _check_day(self, plan: Plan) -> None:
+        """The tenant's daily budget (none for a single-user server unless configured per tenant)."""
+        if self.settings.daily_budget_cny is None:
+            return
+        now = time.time()
+        spent = spent_since(self.ledger, self.settings.prices, utc_day_start(now), unestimated=self._unestimated)
+        check_daily_budget(self.settings, plan.estimate, spent, now)
 
     def _finish(self, submitted: Submitted, plan: Plan) -> Submitted:
         assert submitted.task_id is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from server.errors import (
 )
 from server.jobs.submits import NEXT_STEP, Submitter
 from server.jobs.tasks import Background, Deadline, Job, Progress, TaskTracker
-from server.jobs.watcher import Watcher
+from server.jobs.watcher import Watcher, unknown_task
 from server.media.preflight import Preflight
 from server.models import Family
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
@@ -84,6 +85,21 @@ class Service:
         self._detects: dict[tuple[str | None, ...], Job[Any]] = {}
         # Cancels sent whose answer is not known: the ledger may be stale for these tasks.
         self._cancels: dict[str, Job[None]] = {}
+
+    def apply_policy(self, settings: Settings) -> None:
+        """A re-read tenants file's limits for this tenant (ceiling, daily budget, models), from the next
+        call on. Only these: the key, folders and ledger a service was opened with stay until it stops."""
+
+        def renewed(old: Settings) -> Settings:
+            return replace(
+                old,
+                max_cost_cny=settings.max_cost_cny,
+                daily_budget_cny=settings.daily_budget_cny,
+                allowed_models=settings.allowed_models,
+            )
+
+        self.settings = renewed(self.settings)
+        self.generator.settings = renewed(self.generator.settings)
 
     async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The service's life: its background jobs, and the watcher inside them (ready once it is)."""
@@ -226,6 +242,8 @@ class Service:
             raise MissingApiKeyError()
         deadline = Deadline(within)
         record = self.ledger.get_task(task_id)
+        if record is None and self.settings.tenant is not None:
+            raise unknown_task(task_id)  # maybe another tenant's (on the same key): never sent, as task_status
         if record is not None and record.task_id in self._cancels:
             # An earlier cancel got no answer: whether it took effect is DashScope's to say, not the ledger's.
             if await self._confirm(record, deadline) == "CANCELED":

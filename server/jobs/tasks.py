@@ -27,7 +27,8 @@ from anyio.abc import TaskGroup
 
 from server.config import Settings
 from server.errors import EmoMcpError, TaskNotFoundError, UpstreamUnavailableError
-from server.jobs.watcher import UNKNOWN_MESSAGE, Watcher, settled
+from server.jobs.task_views import VideoLinks
+from server.jobs.watcher import UNKNOWN_MESSAGE, Watcher, settled, unknown_task
 from server.pricing import actual_cost
 from server.results import TaskStatus
 from server.store.ledger import LOCAL_STATUSES, Ledger, TaskRecord
@@ -145,6 +146,7 @@ class TaskTracker:
         self._ledger = ledger
         self._watcher = watcher
         self._background = background
+        self.links = VideoLinks(settings)
 
     async def status(
         self,
@@ -165,6 +167,10 @@ class TaskTracker:
         asking = False
         with deadline.scope() as scope:
             record = self._ledger.get_task(task_id)
+            if record is None and self._settings.tenant is not None:
+                # A tenant knows only the tasks it submitted here: an id it never saw may be another
+                # tenant's on the same key, so it is never asked about (nor adopted) but answered as unknown.
+                raise unknown_task(task_id)
             if record is not None and settled(record) and not self._watcher.verify(record):
                 record = self._require(task_id)  # its video was missing or damaged: downloaded again
             if record is None or (not settled(record) and wait_seconds <= 0):
@@ -250,6 +256,7 @@ class TaskTracker:
             end_time=record.end_time,
             video_url=record.video_url,
             video_path=record.video_path,
+            video_link=self.links.of(record),
             video_sha256=record.video_sha256,
             video_bytes=record.video_bytes,
             usage=record.usage,

@@ -68,6 +68,17 @@ UNKNOWN_MESSAGE = (
     "DashScope does not know this task: the id is wrong, or the task ended more than 24 hours ago "
     "(task ids expire then)."
 )
+
+
+def unknown_task(task_id: str) -> TaskNotFoundError:
+    """The answer about an id that names no task of the caller's: the same words whether DashScope said
+    so or (tenant mode) the id is only another tenant's, which is never asked about."""
+    return TaskNotFoundError(
+        f"Task {task_id} is not in this server's ledger and {UNKNOWN_MESSAGE} "
+        "Use the task_id returned by emo_generate or emoji_generate."
+    )
+
+
 EXPIRED_MESSAGE = (
     "The task SUCCEEDED (and was billed) but its video URL no longer works ({why}); result URLs expire "
     "24 hours after the task ends, so the video could not be saved."
@@ -643,10 +654,7 @@ class Watcher:
             )
         if record is None:
             if status == "UNKNOWN":
-                raise TaskNotFoundError(
-                    f"Task {task_id} is not in this server's ledger and {UNKNOWN_MESSAGE} "
-                    "Use the task_id returned by emo_generate or emoji_generate."
-                )
+                raise unknown_task(task_id)
             record = self._adopt(task_id, body)
         polls = record.polls + 1
         if polls == 1 or status != record.status:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -64,6 +65,8 @@ TASK_CHANNEL = "emo_task_changed"
 STATEMENT_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT_MS = 5_000
 POOL_MIN, POOL_MAX = 1, 8
+# A schema name this store creates on its own (`_ensure_schema`): a plain identifier, never quoted.
+_PLAIN_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # One advisory lock key for migrations (with the schema's hash as the second half): workers starting
 # at once take turns, the first applies, the others find nothing left to do.
 _MIGRATION_LOCK = 0x454D4F  # "EMO"
@@ -149,6 +152,7 @@ class PostgresDatabase:
             first = psycopg.connect(url, autocommit=True, row_factory=_named_rows, **_CONNECTION_OPTIONS)
         try:
             self._configure(first)
+            self._ensure_schema(first)
             if migrate:
                 self._migrate_on(first)
         finally:
@@ -258,6 +262,21 @@ class PostgresDatabase:
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
         conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
         conn.execute("SET idle_in_transaction_session_timeout = 60000")
+
+    @staticmethod
+    def _ensure_schema(conn: psycopg.Connection[NamedRow]) -> None:
+        """Create the schema the URL's `search_path` names when it does not exist yet: a tenant's ledger
+        (server/tenancy/tenants.py) lives in a schema of its own, made on the tenant's first start.
+        Workers starting together may race on the catalog: whoever loses finds it made."""
+        row = conn.execute("SELECT current_schema()").fetchone()
+        if row is not None and row[0] is not None:
+            return
+        shown = conn.execute("SHOW search_path").fetchone()
+        first = str(shown[0] if shown else "").split(",")[0].strip()
+        if not _PLAIN_SCHEMA.fullmatch(first):
+            return  # nothing this store may create (the migration then says what is missing)
+        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {first}")
 
     @staticmethod
     def _version_on(conn: psycopg.Connection[NamedRow]) -> int:

@@ -32,13 +32,17 @@ Clock = Callable[[], float]
 class SharedRates:
     """`server.upstream.limits.SharedWindow` on the ledger (injected by server/runtime.py)."""
 
-    def __init__(self, ledger: Ledger, clock: Clock | None = None) -> None:
+    def __init__(self, ledger: Ledger, clock: Clock | None = None, *, scope: str = "") -> None:
+        """`scope`: prefixes every key, so tenants with their own DashScope keys (issue 15) keep their
+        own accounts' windows in one table, and tenants sharing a key share one."""
         self._ledger = ledger
+        self._scope = f"{scope}:" if scope else ""
         # The ledger's clock by default: PostgreSQL's server clock, so skewed hosts agree (Ledger.clock).
         self.clock: Clock = clock or ledger.clock
 
     def try_start(self, key: str, limit: int, window: float) -> float:
         """Record a start now and return 0, or return how long to wait before asking again."""
+        key = self._scope + key
         with self._ledger.transaction() as db:
             now = self.clock()
             [paused] = db.execute(
@@ -58,6 +62,7 @@ class SharedRates:
 
     def pause(self, key: str, seconds: float) -> None:
         """Nobody in the cluster starts under `key` for `seconds` (a later pause never shortens one)."""
+        key = self._scope + key
         until = self.clock() + max(0.0, seconds)
         self._ledger.execute(
             "INSERT INTO rate_limits (key, paused_until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"

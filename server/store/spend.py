@@ -17,13 +17,15 @@ depends on really changed. The tables and triggers are migration 0002 of each di
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from server.pricing import PriceTable, actual_cost
-from server.store.ledger import Ledger
+from server.store.ledger import DEAD_STATUSES, Ledger
 
 SPEND_URI = "spend://today"
 
@@ -97,3 +99,33 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
         unfinished_tasks=unfinished,
         total_cny=round(total + detect_cny, 4),
     )
+
+
+def spent_since(ledger: Ledger, prices: PriceTable, since: float, *, unestimated: Mapping[str, float] = {}) -> float:
+    """CNY spent since `since` (a tenant's UTC day, for its daily budget): finished jobs at their actual
+    cost, open jobs at their estimate, detections at their price, failed and cancelled jobs at nothing.
+
+    `unestimated`: estimates of submits whose rows exist but whose estimate is recorded only once their
+    answer arrives (by local id). Indexed reads of the day's rows (`tasks_by_created`,
+    `detections_by_created`): the cost follows one tenant's day, never the history."""
+    total = 0.0
+    detections = "SELECT family, COUNT(*) AS n FROM detections WHERE created_at >= ? GROUP BY family"
+    for row in ledger.query(detections, (since,)):
+        total += int(row["n"]) * prices.detect(str(row["family"])).cny
+    rows = ledger.query(
+        "SELECT t.task_id, t.local_id, t.family, t.status, t.usage, e.estimated_cny FROM tasks t"
+        " LEFT JOIN spend_estimates e ON e.task_id = t.task_id WHERE t.created_at >= ?",
+        (since,),
+    )
+    for row in rows:
+        usage = json.loads(row["usage"]) if row["usage"] else None
+        cost = actual_cost(prices, str(row["family"]), usage) if usage else None
+        if cost is not None:
+            total += cost
+        elif str(row["status"]) in DEAD_STATUSES:
+            continue
+        elif row["estimated_cny"] is not None:
+            total += float(row["estimated_cny"])
+        else:
+            total += unestimated.get(str(row["local_id"] or row["task_id"]), 0.0)
+    return round(total, 6)

@@ -29,6 +29,7 @@ import hmac
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,16 +44,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.config import DATABASE_URL_ENV, REQUEST_STATE_KEYS_ENV, Settings, is_unfilled
+from server.config import DATABASE_URL_ENV, REQUEST_STATE_KEYS_ENV, TENANTS_FILE_ENV, Settings, is_unfilled
 from server.config import DEFAULT_HOST as DEFAULT_HOST
 from server.config import DEFAULT_PORT as DEFAULT_PORT
 from server.errors import ConfigError
 from server.media.addresses import is_loopback
 from server.metrics import PrometheusMetrics
 from server.redaction import register_secret
+from server.tenancy.current import install_tenant_log_filter
+from server.tenancy.links import VIDEO_PREFIX
+from server.tenancy.tokens import TenantTokenVerifier
+from server.transport.tenants import (
+    METRICS_TOKEN_ENV,
+    TenantGate,
+    metadata_url,
+    oauth_config,
+    open_tenants,
+    resource_url,
+    video_route,
+)
 
 if TYPE_CHECKING:
-    from server.domain.service import Service
+    from server.runtime import Services
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +140,8 @@ def http_security(host: str, env: Mapping[str, str]) -> HttpSecurity:
             allowed_origins=origins or tuple(dict.fromkeys((*LOOPBACK_ALLOWED_ORIGINS, own_origin))),
         )
     missing = []
-    if token is None:
+    # With a tenants file every request's token names its tenant: no shared token is needed (or used).
+    if token is None and not _given(env, TENANTS_FILE_ENV):
         missing.append(f"{TOKEN_ENV} (an access token clients send as 'Authorization: Bearer <token>')")
     if not hosts:
         missing.append(f"{HOSTS_ENV} (the Host names clients use, e.g. 'mcp.example.com,mcp.example.com:*')")
@@ -200,28 +214,32 @@ class LedgerProbe:
 
     def __init__(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
         self.timeout = timeout
-        self.service: Service | None = None
+        self.services: Services | None = None
         self._stuck: asyncio.Future[Any] | None = None
 
-    def bind(self, service: Service | None) -> None:
-        self.service = service
+    def bind(self, services: Services | None) -> None:
+        self.services = services
 
-    async def ask(self, question: Callable[[Any], T]) -> T:
-        """`question(ledger)` within the bound; raises `LedgerUnanswered` or whatever the ledger raised."""
-        if self.service is None:
+    async def ask(self, question: Callable[[Any], T]) -> list[T]:
+        """`question(ledger)` of every open service's ledger (one per tenant) within the bound; raises
+        `LedgerUnanswered` or whatever a ledger raised."""
+        if self.services is None or not self.services.all():
             raise LedgerUnanswered("the service is not open")
         if self._stuck is not None and not self._stuck.done():
             raise LedgerUnanswered("an earlier probe has not returned")
-        ledger = self.service.ledger
-        pending: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(question, ledger))
+        ledgers = [service.ledger for service in self.services.all()]
+        pending: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.to_thread(lambda: [question(ledger) for ledger in ledgers])
+        )
         self._stuck = pending
         try:
-            result = await asyncio.wait_for(asyncio.shield(pending), self.timeout)
-            if inspect.isawaitable(result):  # an async ledger: the call made a coroutine, awaited here
-                result = await asyncio.wait_for(result, self.timeout)
+            results = await asyncio.wait_for(asyncio.shield(pending), self.timeout)
+            for index, result in enumerate(results):
+                if inspect.isawaitable(result):  # an async ledger: the call made a coroutine, awaited here
+                    results[index] = await asyncio.wait_for(result, self.timeout)
         except TimeoutError as exc:
             raise LedgerUnanswered(f"no answer within {self.timeout:g}s") from exc
-        return result  # type: ignore[no-any-return]
+        return results  # type: ignore[no-any-return]
 
     async def healthy(self) -> bool:
         """The ledger's own `ping()` when it has one (it raises when the database is unreachable), then a
@@ -244,11 +262,15 @@ class LedgerProbe:
     async def task_counts(self) -> dict[str, int] | None:
         """Tasks by status across the ledger (every worker's), or None when it did not answer in time."""
         try:
-            rows = await self.ask(lambda ledger: ledger.query(TASK_COUNTS_SQL))
+            answers = await self.ask(lambda ledger: ledger.query(TASK_COUNTS_SQL))
         except Exception as exc:
             logger.warning("metrics: the ledger did not answer the task count (%s)", exc)
             return None
-        return {str(row[0]): int(row[1]) for row in rows}
+        counts: dict[str, int] = {}
+        for rows in answers:
+            for row in rows:
+                counts[str(row[0])] = counts.get(str(row[0]), 0) + int(row[1])
+        return counts
 
 
 def health_route(probe: LedgerProbe) -> Callable[[Request], Any]:
@@ -294,21 +316,54 @@ def check_cluster(host: str, on_database: bool, has_keys: bool) -> None:
         )
 
 
-def build_http_app(settings: Settings, security: HttpSecurity, http: httpx2.AsyncClient | None = None) -> ASGIApp:
+def build_http_app(
+    settings: Settings,
+    security: HttpSecurity,
+    http: httpx2.AsyncClient | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> ASGIApp:
     """The ASGI app: stateless Streamable HTTP at /mcp (so several workers can serve), plus /healthz and
-    /metrics (each app counts into its own registry)."""
+    /metrics (each app counts into its own registry); with a tenants file, each request's token names its
+    tenant (`server.transport.tenants`); with links on, /videos serves signed links."""
     from server.app import create_app
 
+    env = os.environ if env is None else env
+    tenants = open_tenants(settings, env)
     probe = LedgerProbe()
     metrics = PrometheusMetrics()
-    server = create_app(settings, http, metrics=metrics, on_service=probe.bind)
+    server = create_app(settings, http, metrics=metrics, on_service=probe.bind, tenants=tenants)
     server.custom_route(HEALTH_PATH, methods=["GET"], include_in_schema=False)(health_route(probe))
     server.custom_route(METRICS_PATH, methods=["GET"], include_in_schema=False)(metrics_route(probe, metrics))
+    if settings.links_on:
+        server.custom_route(
+            f"{VIDEO_PREFIX}{{tenant}}/{{task_id}}/{{filename}}", methods=["GET", "HEAD"], include_in_schema=False
+        )(video_route(settings, lambda: probe.services))
+    pointer = metadata_url(settings)
+    if pointer is not None:
+        from mcp.server.auth.routes import create_protected_resource_routes
+        from pydantic import AnyHttpUrl
+
+        resource = resource_url(settings)
+        assert resource is not None and settings.oauth_issuer is not None
+        for route in create_protected_resource_routes(AnyHttpUrl(resource), [AnyHttpUrl(settings.oauth_issuer)]):
+            server.custom_route(route.path, methods=["GET", "OPTIONS"], include_in_schema=False)(route.endpoint)
     app: ASGIApp = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
         transport_security=security.transport_security(),
     )
+    if tenants is not None:
+        install_tenant_log_filter()
+        metrics_token = (env.get(METRICS_TOKEN_ENV) or "").strip() or None
+        if metrics_token is not None:
+            register_secret(metrics_token)
+        verifier = TenantTokenVerifier(
+            lambda: tenants.hashes, lambda: tenants.tenants.keys(), oauth=oauth_config(settings)
+        )
+        return TenantGate(
+            app, verifier, resource_metadata=pointer, metrics_token=metrics_token, open_paths=(HEALTH_PATH,)
+        )
     if security.token is not None:
         register_secret(security.token)
         app = BearerTokenMiddleware(app, security.token)
