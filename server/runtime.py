@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -22,6 +23,7 @@ from server.metrics import NO_METRICS, Metrics
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger
 from server.store.rates import SharedRates
+from server.tenancy.audit import AuditLog, NoAudit
 from server.tenancy.tenants import Tenant, TenantsFile, tenant_settings
 from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
 from server.upstream.limits import Limits
@@ -42,7 +44,7 @@ async def open_service(
     `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
     `metrics` (the HTTP transport's) counts upstream calls, leases, downloads and ledger latency.
     """
-    async with _Opened(http, metrics) as opened:
+    async with _Opened(http, metrics, settings.audit_log) as opened:
         service = opened.service(settings, recover=recover)
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)
@@ -63,8 +65,9 @@ class _Opened:
     """What services opened together share and close together: the HTTP client (built lazily), their
     ledgers, and one set of limits per DashScope key."""
 
-    def __init__(self, http: httpx2.AsyncClient | None, metrics: Metrics) -> None:
+    def __init__(self, http: httpx2.AsyncClient | None, metrics: Metrics, audit: Path | None = None) -> None:
         self._http = http
+        self.audit: AuditLog | NoAudit = AuditLog(audit) if audit is not None else NoAudit()
         self._metrics = metrics
         self._owned: list[httpx2.AsyncClient] = []
         self._ledgers: list[Ledger] = []
@@ -81,6 +84,7 @@ class _Opened:
             ledger.close()
         if self.rates_ledger is not None:
             self.rates_ledger.close()
+        self.audit.close()
 
     def _build_http(self) -> httpx2.AsyncClient:
         # Built on the first upstream call, not at start-up (see HttpFactory in server/upstream/client.py).
@@ -120,7 +124,9 @@ class _Opened:
             settings.key_source,
             settings.sandbox,
         )
-        return Service(settings, client, ledger, evidence, recover=recover)
+        service = Service(settings, client, ledger, evidence, recover=recover)
+        service.audit = self.audit
+        return service
 
 
 class Services:
@@ -204,7 +210,7 @@ async def open_services(
             yield Services(service)
         return
     services = Services(None, tenants)
-    async with _Opened(http, metrics) as opened, anyio.create_task_group() as tg:
+    async with _Opened(http, metrics, settings.audit_log) as opened, anyio.create_task_group() as tg:
         # The shared rate windows of every key live in the server's own ledger, beside no tenant's data.
         opened.rates_ledger = Ledger.open(settings)
         services._opened, services._base, services._tg = opened, settings, tg

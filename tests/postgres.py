@@ -52,3 +52,8 @@ def pg_url() -> Iterator[str]:
             yield with_schema(BASE_URL, schema)
         finally:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            # Tenants' ledgers live in schemas beside the test's own (server/tenancy/tenants.py).
+            for (tenant_schema,) in admin.execute(
+                "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", (f"{schema}_t_",)
+            ).fetchall():
+                admin.execute(f'DROP SCHEMA "{tenant_schema}" CASCADE')

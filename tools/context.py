@@ -17,6 +17,7 @@ from server.errors import EmoMcpError, TaskNotFoundError, TenantRequiredError
 from server.results import _Result
 from server.runtime import Services
 from server.tenancy.current import current_tenant
+from tools.audit import audit_call, audit_refusal
 from tools.results import error_result, structured
 
 logger = logging.getLogger(__name__)
@@ -57,20 +58,31 @@ async def service_of(ctx: Context[Any, Any]) -> Service:
 
 
 async def run(
-    ctx: Context[Any, Any], call: Callable[[Service, float], Awaitable[_Result]], *, began: float | None = None
+    ctx: Context[Any, Any],
+    call: Callable[[Service, float], Awaitable[_Result]],
+    *,
+    began: float | None = None,
+    audit: str | None = None,
 ) -> CallToolResult:
     """Run a domain call within `CALL_BOUND` seconds of `began` (the call's start, if a resolver ran
-    first); anticipated failures come back as `isError` text the model can act on."""
+    first); anticipated failures come back as `isError` text the model can act on. `audit`: the paid
+    tool's name, whose every call and refusal goes to the audit trail."""
     bound = CALL_BOUND  # read per call, so a test (or an embedding host) can lower it
     if began is not None:
         bound = max(0.0, bound - (time.monotonic() - began))
+    service: Service | None = None
     try:
         with anyio.move_on_after(bound + BACKSTOP_SECONDS) as backstop:
-            result = await call(await service_of(ctx), bound)
+            service = await service_of(ctx)
+            result = await call(service, bound)
     except TaskNotFoundError as exc:
         return error_result(str(exc), {"task_status": "UNKNOWN", "message": str(exc)})
     except EmoMcpError as exc:
+        if audit is not None and service is not None:
+            audit_refusal(service, audit, exc, ctx.request_id)
         return error_result(str(exc))
+    if audit is not None and service is not None and not backstop.cancelled_caught:
+        audit_call(service, audit, result, ctx.request_id)
     if backstop.cancelled_caught:  # pragma: no cover - every domain entry point answers by its own bound
         logger.error("a tool call overran its bound of %g s", bound)
         return error_result(

@@ -48,7 +48,11 @@ def build(settings: Settings) -> list[Tool]:
         ] = "1:1",
         model: Annotated[detect_models | None, Field(description="Defaults to emo-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmoDetection]:
-        return await run(ctx, lambda service, within: service.emo_detect(image_url, ratio, model, within=within))
+        return await run(
+            ctx,
+            audit="emo_detect",
+            call=lambda service, within: service.emo_detect(image_url, ratio, model, within=within),
+        )
 
     async def confirm_emo(
         ctx: Context[Any, Any],
@@ -94,6 +98,7 @@ def build(settings: Settings) -> list[Tool]:
                 within=within,
             ),
             began=began_of(confirmation),
+            audit="emo_generate",
         )
 
     return [

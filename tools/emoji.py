@@ -44,7 +44,11 @@ def build(settings: Settings) -> list[Tool]:
         ctx: Context[Any, Any],
         model: Annotated[detect_models | None, Field(description="Defaults to emoji-detect-v1.")] = None,  # type: ignore[valid-type]
     ) -> Annotated[CallToolResult, EmojiDetection]:
-        return await run(ctx, lambda service, within: service.emoji_detect(image_url, model, within=within))
+        return await run(
+            ctx,
+            audit="emoji_detect",
+            call=lambda service, within: service.emoji_detect(image_url, model, within=within),
+        )
 
     async def confirm_emoji(
         ctx: Context[Any, Any],
@@ -85,6 +89,7 @@ def build(settings: Settings) -> list[Tool]:
                 within=within,
             ),
             began=began_of(confirmation),
+            audit="emoji_generate",
         )
 
     return [

@@ -60,6 +60,8 @@ def _key_check(settings: Settings, env: Mapping[str, str]) -> Check:
         + f" [{env.get('ALIBABA_CLOUD_PROFILE') or env.get('ALICLOUD_PROFILE') or 'default'}]",
         "sandbox": "the built-in sandbox (not a real key)",
     }
+    if settings.key_source == "none" and settings.tenants_file is not None:
+        return Check("key", "ok", "none needed over HTTP: each tenant's key comes from the tenants file")
     if settings.key_source == "none":
         return Check(
             "key",
@@ -83,6 +85,8 @@ def _endpoint_check(settings: Settings) -> Check:
 
 
 async def _accepted_check(settings: Settings) -> Check:
+    if not settings.api_key and settings.tenants_file is not None:
+        return Check("key accepted", "ok", "not checked: tenants' keys are used only by their own calls")
     if not settings.api_key:
         return Check("key accepted", "fail", "not checked: no key")
     probe = f"doctor-probe-{uuid.uuid4().hex}"
@@ -127,6 +131,42 @@ def _ledger_checks(settings: Settings) -> list[Check]:
         ledger.close()
 
 
+def _tenant_checks(settings: Settings, env: Mapping[str, str]) -> list[Check]:
+    """With a tenants file: whether it is valid, and each tenant's key source, limits and spend today."""
+    if settings.tenants_file is None:
+        return []
+    from server.domain.budget import budget_view
+    from server.tenancy.tenants import load_tenants, tenant_settings
+
+    try:
+        tenants = load_tenants(settings.tenants_file, env, oauth=settings.oauth_issuer is not None)
+    except ConfigError as exc:
+        return [Check("tenants", "fail", str(exc))]
+    checks = [Check("tenants", "ok", f"{len(tenants)} tenant(s) in {settings.tenants_file}")]
+    for tenant in tenants.values():
+        scoped = tenant_settings(settings, tenant)
+        try:
+            ledger = Ledger.open(scoped)
+        except (sqlite3.Error, EmoMcpError) as exc:
+            checks.append(Check(f"tenant {tenant.name}", "fail", f"ledger unreadable: {exc}"))
+            continue
+        try:
+            view = budget_view(scoped, ledger)
+        finally:
+            ledger.close()
+        budget = view["daily_budget_cny"]
+        checks.append(
+            Check(
+                f"tenant {tenant.name}",
+                "ok",
+                f"key from {tenant.key_source}; spent today (UTC) {view['spent_today_utc_cny']:.4f} CNY"
+                + (f" of {budget:g}" if budget is not None else " (no daily budget)")
+                + (f"; models {', '.join(view['models'])}" if view["models"] is not None else ""),
+            )
+        )
+    return checks
+
+
 async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = None) -> tuple[list[Check], bool]:
     """All checks; when the configured folders are unusable the key is still checked from a temp folder."""
     checks: list[Check] = []
@@ -146,6 +186,7 @@ async def run_doctor(env: Mapping[str, str], *, sandbox_base_url: str | None = N
             if settings.state_dir != settings.output_dir:
                 checks.append(_dir_check("EMO_MCP_STATE_DIR", "EMO_MCP_STATE_DIR", settings.state_dir))
             checks.extend(_ledger_checks(settings))
+            checks.extend(_tenant_checks(settings, env))
         checks.insert(0, _key_check(settings, env))
         checks.insert(1, _endpoint_check(settings))
         checks.insert(2, await _accepted_check(settings))

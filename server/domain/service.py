@@ -45,6 +45,7 @@ from server.models import Family
 from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger, TaskRecord
+from server.tenancy.audit import AuditLog, NoAudit
 from server.upstream.client import DashScopeClient
 
 __all__ = ["NEXT_STEP", "Plan", "Service"]
@@ -67,6 +68,9 @@ class Service:
         self.ledger = ledger
         self.evidence = evidence
         self.background = Background()
+        # The audit trail of paid calls (server/tenancy/audit.py): shared by a server's tenants, set by
+        # server/runtime.py when EMO_MCP_AUDIT_LOG (or tenant mode) asks for one.
+        self.audit: AuditLog | NoAudit = NoAudit()
         # The watcher owns every upstream task query and download; `run` (started by runtime.open_service)
         # runs it beside the background jobs.
         self.watcher = Watcher(settings, client, ledger, evidence, recover=recover)

@@ -116,9 +116,10 @@ def _tenant(name: object, table: object, env: Mapping[str, str], *, origin: str,
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
     api_key, source = _key(table, env, where)
     hashes = _hashes(table.get("token_sha256"), where)
-    if not hashes and not oauth:
+    if "token_sha256" not in table and not oauth:
+        # An empty list is allowed: removing a tenant's last hash is how its last token is revoked.
         raise ConfigError(
-            f"{where}: token_sha256 lists no token (the hex SHA-256 of each access token, e.g. from "
+            f"{where}: token_sha256 is missing (a list of the hex SHA-256 of each access token, e.g. from "
             '`printf %s "$TOKEN" | sha256sum`); it may be left out only when EMO_MCP_OAUTH_ISSUER is set'
         )
     return Tenant(

@@ -35,8 +35,8 @@ from server.config import Settings
 from server.jobs.task_views import IMPLICIT_TENANT
 from server.tenancy.current import current_tenant
 from server.tenancy.links import VIDEO_PREFIX, LinkSigner
-from server.tenancy.tokens import OAuthConfig, TenantTokenVerifier
 from server.tenancy.tenants import TenantsFile
+from server.tenancy.tokens import OAuthConfig, TenantTokenVerifier
 
 if TYPE_CHECKING:
     from server.runtime import Services
@@ -158,10 +158,10 @@ class TenantGate:
         if self.resource_metadata is not None:
             parts.append(f'resource_metadata="{self.resource_metadata}"')
         body = {"error": error or "unauthorized", "error_description": description}
-        await _plain(send, status, body, [(b"www-authenticate", ("Bearer " + ", ".join(parts)).encode())])
+        await _plain(send, status, body, ((b"www-authenticate", ("Bearer " + ", ".join(parts)).encode()),))
 
 
-async def _plain(send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]] = []) -> None:
+async def _plain(send: Send, status: int, body: dict[str, str], headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     data = json.dumps(body).encode()
     await send(
         {
@@ -182,7 +182,9 @@ def video_route(settings: Settings, services: Callable[[], Services | None]) -> 
         tenant = request.path_params["tenant"]
         task_id = request.path_params["task_id"]
         filename = request.path_params["filename"]
-        problem = signer.verify(tenant, task_id, filename, request.query_params.get("exp"), request.query_params.get("sig"))
+        problem = signer.verify(
+            tenant, task_id, filename, request.query_params.get("exp"), request.query_params.get("sig")
+        )
         if problem is not None:
             status = 410 if problem.reason == "expired" else 403
             return JSONResponse({"error": problem.reason, "error_description": problem.message}, status_code=status)

@@ -32,6 +32,7 @@ from server.media.preview import (
     read_video,
 )
 from server.media.sources import resolve_media
+from server.tenancy.current import current_tenant
 
 VIEWER_URI = "ui://dashscope-emo/viewer.html"
 IMAGE_TEMPLATE = "dashscope-emo://viewer/image{?url}"
@@ -73,8 +74,13 @@ def viewer_extension() -> Apps:
     return apps
 
 
-def _service(ctx: Context[Any, Any]) -> Service:
-    service = getattr(ctx.request_context.lifespan_context, "service", None)
+async def _service(ctx: Context[Any, Any]) -> Service:
+    """The asking tenant's service (the viewer reads only its own portraits and videos)."""
+    services = getattr(ctx.request_context.lifespan_context, "services", None)
+    try:
+        service = await services.get(current_tenant.get()) if services is not None else None
+    except EmoMcpError as exc:
+        raise ResourceError(str(exc)) from exc
     assert isinstance(service, Service)
     return service
 
@@ -115,7 +121,7 @@ def install_viewer(app: MCPServer[Any]) -> None:
     )
     async def viewer_image(ctx: Context[Any, Any], url: str = "") -> bytes:
         _require_apps(ctx)
-        service = _service(ctx)
+        service = await _service(ctx)
         roots = service.settings.allowed_roots
         try:
             # A local portrait is confined to the allowed roots and read once: the bytes keyed by their
@@ -145,7 +151,7 @@ def install_viewer(app: MCPServer[Any]) -> None:
     )
     async def viewer_video(task_id: str, ctx: Context[Any, Any]) -> bytes:
         _require_apps(ctx)
-        service = _service(ctx)
+        service = await _service(ctx)
         record = service.ledger.get_task(task_id)
         if record is None:
             raise ResourceNotFoundError(f"Task {task_id} is not in this server's ledger.")
