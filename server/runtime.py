@@ -113,7 +113,12 @@ class _Opened:
                 ),
             )
         client = DashScopeClient(
-            self._http or self._build_http, settings.base_url, settings.api_key, limits=limits, metrics=self._metrics
+            self._http or self._build_http,
+            settings.base_url,
+            settings.api_key,
+            limits=limits,
+            metrics=self._metrics,
+            party=settings.tenant or "",
         )
         evidence = Evidence(settings.output_dir, settings.api_key)
         logger.info(

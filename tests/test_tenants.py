@@ -358,3 +358,25 @@ async def test_two_workers_keep_the_walls_and_serve_each_others_links(
         async with httpx2.AsyncClient(timeout=10) as raw:
             served = await raw.get(second + status["video_link"].removeprefix(PUBLIC))
         assert served.status_code == 200 and served.content == Path(status["video_path"]).read_bytes()
+
+
+async def test_a_quiet_tenant_waits_behind_one_call_of_a_busy_one_not_its_queue() -> None:
+    """Tenants on one key share its limiter: turns go round them, so a quiet tenant's first query is not
+    queued behind every query a busy tenant has waiting (measured end to end in bench/TENANTS.md)."""
+    from server.upstream.limits import RateLimiter
+
+    limiter = RateLimiter(50.0)
+    granted: list[str] = []
+
+    async def one(party: str, label: str) -> None:
+        await limiter.acquire(party)
+        granted.append(label)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(20):
+            tg.start_soon(one, "busy", f"busy-{index}")
+        await anyio.sleep(0.05)  # the busy tenant's queue is long now
+        arrived_after = len(granted)
+        tg.start_soon(one, "quiet", "quiet")
+    assert granted.index("quiet") <= arrived_after + 2, granted
+    assert len(granted) == 21

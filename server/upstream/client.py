@@ -151,6 +151,7 @@ class DashScopeClient:
         sleep: Sleep = anyio.sleep,
         limits: Limits | None = None,
         metrics: Metrics = NO_METRICS,
+        party: str = "",
     ) -> None:
         self._http_or_factory = http
         self._base_url = base_url.rstrip("/")
@@ -158,6 +159,8 @@ class DashScopeClient:
         self._api_key = api_key
         self._sleep = sleep
         self.limits = limits or Limits()
+        # Whose calls these are among the clients sharing `limits` (tenants on one key): turns go round them.
+        self._party = party
         # Counts every request sent (`_exchange`, the download hops); the watcher reports its leases here too.
         self.metrics = metrics
         # Policy calls have their own limit (100 QPS per account and model), not the task queries'.
@@ -280,7 +283,7 @@ class DashScopeClient:
         call reached DashScope ~60 ms later than its start, close enough to the next calls to put one more
         than the rate in one second at the upstream (seen at 2/s in tests/test_operations.py)."""
         _ = self._http
-        await limiter.acquire()
+        await limiter.acquire(self._party)
 
     async def _exchange(self, endpoint: str, method: str, url: str, **options: Any) -> Answer:
         """`exchange`, counted by endpoint (a request that may have left counts; one never sent does not)."""

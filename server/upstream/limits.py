@@ -62,9 +62,9 @@ class SharedWindow(Protocol):
 class RateLimiter:
     """At most `rate` starts in any window of one second, and starts at least `1/rate` apart.
 
-    Callers queue in arrival order (a FIFO lock); the window is checked against the moments starts
-    really happened, with a small margin, so a caller woken late by a busy event loop cannot bunch
-    up with the next ones.
+    Callers queue in arrival order (a FIFO lock), taking turns by party (see `acquire`); the window is
+    checked against the moments starts really happened, with a small margin, so a caller woken late by
+    a busy event loop cannot bunch up with the next ones.
     """
 
     def __init__(
@@ -89,14 +89,21 @@ class RateLimiter:
         self._paused_until = 0.0
         self._starts: deque[float] = deque(maxlen=self._burst)
         self._lock = anyio.Lock()
+        self._parties: dict[str, anyio.Lock] = {}
         self._shared = shared
         self._key = key
         # The shared count's window: long enough for one whole start when the rate is below 1/s.
         self._shared_window = max(window, self._burst / rate)
 
-    async def acquire(self) -> None:
-        """Wait for this caller's turn."""
-        async with self._lock:
+    async def acquire(self, party: str = "") -> None:
+        """Wait for this caller's turn. Callers of one `party` (a tenant of a shared key) queue among
+        themselves first, so at most one of each party waits for the limiter itself, whose lock is FIFO:
+        turns go round the parties, and a tenant with one call waits behind at most one call of each busy
+        tenant, however many that one has queued."""
+        queue = self._parties.get(party)
+        if queue is None:
+            queue = self._parties[party] = anyio.Lock()
+        async with queue, self._lock:
             while True:
                 now = self._clock()
                 slot = max(now, self._next, self._paused_until)
