@@ -30,6 +30,7 @@ from server.sandbox.fake_dashscope import FakeDashScope
 from server.tenancy.links import LinkSigner
 from server.tenancy.tenants import TenantsFile, parse_tenants
 from server.transport.http import http_security
+from tests.apps import apps_extension, image_uri, video_uri
 from tests.conftest import PORTRAIT, detect_emo, detect_emoji, emo_arguments, make_env, text_of
 from tests.postgres import BASE_URL
 from tests.serving import serving
@@ -80,11 +81,15 @@ class Hosted:
     key_files: dict[str, Path]
 
     @contextlib.asynccontextmanager
-    async def client(self, tenant: str, base: str | None = None) -> AsyncIterator[Client]:
+    async def client(self, tenant: str, base: str | None = None, *, apps: bool = False) -> AsyncIterator[Client]:
+        """An MCP session as `tenant`; `apps`: one that negotiated MCP Apps (the viewer's resources)."""
         headers = {"Authorization": f"Bearer {TOKENS[tenant]}"}
         async with (
             httpx2.AsyncClient(headers=headers, timeout=30) as http,
-            Client(streamable_http_client(f"{base or self.base}/mcp", http_client=http)) as client,
+            Client(
+                streamable_http_client(f"{base or self.base}/mcp", http_client=http),
+                extensions=[apps_extension()] if apps else [],
+            ) as client,
         ):
             yield client
 
@@ -201,6 +206,15 @@ async def test_every_cross_tenant_attempt_is_refused_or_invisible(hosted: Hosted
     # Never asked upstream about alice's task with bob's key, and bob sent no generate at all.
     assert hosted.upstream("bob", task_id) == [] and hosted.upstream("bob", "emo-v1") == []
 
+    # The viewer reads only the asking tenant's portraits and videos.
+    async with hosted.client("bob", apps=True) as viewer:
+        with pytest.raises(Exception, match="not in this server's ledger"):
+            await viewer.read_resource(video_uri(task_id))
+        with pytest.raises(Exception, match="No detection of this image_url"):
+            await viewer.read_resource(image_uri(PORTRAIT))
+    async with hosted.client("alice", apps=True) as viewer:
+        (shown,) = (await viewer.read_resource(video_uri(task_id))).contents
+        assert shown.mime_type == "video/mp4"
     async with hosted.client("alice") as alice:
         mine = await resource(alice, "tasks://recent")
         assert [t["task_id"] for t in mine["tasks"]] == [task_id]

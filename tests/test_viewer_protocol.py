@@ -20,7 +20,7 @@ from mcp_types import BlobResourceContents, CallToolResult, TextResourceContents
 from server.app import INSTRUCTIONS, create_app, package_version
 from server.config import Settings, load_settings
 from server.media.preview import PreviewUnavailableError, fetch_image, image_mime_type, read_video
-from server.runtime import open_service
+from server.runtime import Services, open_service
 from server.sandbox.fake_dashscope import FakeDashScope
 from server.viewer.extension import VIEWER_URI, viewer_html
 from tests.apps import apps_client, image_uri, video_uri
@@ -107,7 +107,7 @@ async def todays_server(settings: Settings) -> AsyncIterator[Client]:
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with open_service(settings) as service:
-            yield AppContext(service=service)
+            yield AppContext(services=Services(service))
 
     app = MCPServer(
         name="dashscope-emo-mcp",
