@@ -15,6 +15,7 @@ from server.app import create_app
 from server.config import Settings, load_settings
 from server.sandbox.fake_dashscope import FakeDashScope
 from tests.postgres import pg_url  # noqa: F401 (the fixture: a fresh schema on the test PostgreSQL)
+from tests.tenancy import accounts, database  # noqa: F401 (fixtures of the tenancy tests)
 
 TEST_KEY = "sk-test-secret-1234567890"
 TOOL_NAMES = frozenset({"emo_detect", "emo_generate", "emoji_detect", "emoji_generate", "task_status", "task_cancel"})

@@ -21,7 +21,7 @@ from server.transport.http import http_security
 from tests.conftest import detect_emo, make_env
 from tests.issuer import LocalIssuer
 from tests.serving import serving
-from tests.test_tenants import KEYS, PUBLIC, TOKENS, database, sha, upstream  # noqa: F401 (fixtures)
+from tests.tenancy import KEYS, PUBLIC, TOKENS, sha
 
 pytestmark = pytest.mark.anyio
 
@@ -39,8 +39,8 @@ def issuer() -> Iterator[LocalIssuer]:
 
 @pytest.fixture
 async def base(
-    upstream: FakeDashScope, issuer: LocalIssuer, tmp_path: Path, database: str | None
-) -> AsyncIterator[str]:  # noqa: F811
+    accounts: FakeDashScope, issuer: LocalIssuer, tmp_path: Path, database: str | None
+) -> AsyncIterator[str]:
     key = tmp_path / "frank.key"
     key.write_text(KEYS["bob"])
     alice_key = tmp_path / "alice.key"
@@ -51,7 +51,7 @@ async def base(
         f'[tenants.alice]\ndashscope_key_file = "{alice_key}"\ntoken_sha256 = ["{sha(TOKENS["alice"])}"]\n'
     )
     env = make_env(
-        upstream,
+        accounts,
         tmp_path,
         EMO_MCP_TENANTS_FILE=str(tenants),
         EMO_MCP_PUBLIC_URL=PUBLIC,

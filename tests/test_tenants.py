@@ -9,10 +9,9 @@ and dave sharing one key (dave with a tiny daily budget and only emo-v1 allowed)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,10 @@ from server.tenancy.tenants import TenantsFile, parse_tenants
 from server.transport.http import http_security
 from tests.apps import apps_extension, image_uri, video_uri
 from tests.conftest import PORTRAIT, detect_emo, detect_emoji, emo_arguments, make_env, text_of
-from tests.postgres import BASE_URL
 from tests.serving import serving
+from tests.tenancy import KEYS, PUBLIC, SECRET, TOKENS, sha
 
 pytestmark = pytest.mark.anyio
-
-KEYS = {"alice": "sk-alice-000000000001", "bob": "sk-bob-00000000000002", "shared": "sk-shared-0000000003"}
-TOKENS = {name: f"token-of-{name}-{'x' * 24}" for name in ("alice", "bob", "carol", "dave")}
-PUBLIC = "https://mcp.example.com"
-SECRET = "6a1f0c9e2b7d4a8351c0e6f9b2d7a4c18e5f3b9d0a6c2e7f41b8d5a3c9e0f627"
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def tenants_toml(keys: dict[str, Path], *, drop: str | None = None) -> str:
@@ -102,24 +92,6 @@ class Hosted:
         ]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    if request.param == "sqlite":
-        yield None
-        return
-    if not BASE_URL:
-        pytest.skip("no PostgreSQL: set EMO_MCP_TEST_DATABASE_URL")
-    yield request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeDashScope]:
-    fake = FakeDashScope(api_key=KEYS["alice"], polls_to_finish=2)
-    fake.extra_keys |= {KEYS["bob"], KEYS["shared"]}
-    async with fake.serve():
-        yield fake
-
-
 def hosted_settings(
     fake: FakeDashScope, tmp_path: Path, database: str | None, **extra: str
 ) -> tuple[Settings, Path, dict[str, Path]]:
@@ -145,10 +117,10 @@ def hosted_settings(
 
 
 @pytest.fixture
-async def hosted(upstream: FakeDashScope, tmp_path: Path, database: str | None) -> AsyncIterator[Hosted]:
-    settings, tenants, keys = hosted_settings(upstream, tmp_path, database)
+async def hosted(accounts: FakeDashScope, tmp_path: Path, database: str | None) -> AsyncIterator[Hosted]:
+    settings, tenants, keys = hosted_settings(accounts, tmp_path, database)
     async with serving(settings, http_security("127.0.0.1", {})) as base:
-        yield Hosted(base, upstream, settings, tenants, keys)
+        yield Hosted(base, accounts, settings, tenants, keys)
 
 
 async def finished_task(hosted: Hosted, tenant: str, base: str | None = None) -> dict[str, Any]:
@@ -344,8 +316,8 @@ def test_a_malformed_tenants_file_names_the_tenant_and_field(tmp_path: Path) -> 
     assert tenants.refresh() is False and "alice" in tenants.tenants
 
 
-async def test_a_tenant_without_its_key_stops_the_server_at_start(upstream: FakeDashScope, tmp_path: Path) -> None:
-    settings, tenants, _ = hosted_settings(upstream, tmp_path, None)
+async def test_a_tenant_without_its_key_stops_the_server_at_start(accounts: FakeDashScope, tmp_path: Path) -> None:
+    settings, tenants, _ = hosted_settings(accounts, tmp_path, None)
     tenants.write_text(
         tenants.read_text() + '\n[tenants.erin]\ndashscope_key_env = "ERIN_KEY_UNSET"\ntoken_sha256 = []\n'
     )
@@ -356,12 +328,12 @@ async def test_a_tenant_without_its_key_stops_the_server_at_start(upstream: Fake
 
 
 async def test_two_workers_keep_the_walls_and_serve_each_others_links(
-    upstream: FakeDashScope, tmp_path: Path, database: str | None
+    accounts: FakeDashScope, tmp_path: Path, database: str | None
 ) -> None:
-    settings, tenants, keys = hosted_settings(upstream, tmp_path, database)
+    settings, tenants, keys = hosted_settings(accounts, tmp_path, database)
     security = http_security("127.0.0.1", {})
     async with serving(settings, security) as first, serving(settings, security) as second:
-        hosted = Hosted(first, upstream, settings, tenants, keys)
+        hosted = Hosted(first, accounts, settings, tenants, keys)
         status = await finished_task(hosted, "alice")
         async with hosted.client("alice", second) as alice:
             again = await call(alice, "task_status", {"task_id": status["task_id"]})
