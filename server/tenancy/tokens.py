@@ -275,6 +275,7 @@ class _Refresh:
 
     attempts: int = 0
     last: float | None = None
+    last_for_kid: float | None = None
     failing: bool = False
     jwks_uri: str | None = None
     lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -414,7 +415,7 @@ class TenantTokenVerifier(TokenVerifier):
             return _invalid("the identity provider's keys are not available")
         if kid is not None and kid not in keys.kids():
             # Perhaps a key the issuer has rotated in since the last fetch.
-            keys = await self._refreshed_keys(seen=self._refresh.attempts) or keys
+            keys = await self._refreshed_keys(seen=self._refresh.attempts, for_kid=True) or keys
             if kid not in keys.kids():
                 return _invalid("JWT signed by a key the identity provider does not publish")
         key = _pick(keys, kid, alg)
@@ -469,16 +470,21 @@ class TenantTokenVerifier(TokenVerifier):
             self._verified.clear()
         return keys
 
-    async def _refreshed_keys(self, *, seen: int) -> _KeySet | None:
+    async def _refreshed_keys(self, *, seen: int, for_kid: bool = False) -> _KeySet | None:
         """Fetch the JWKS again unless another task did so while this one waited for the lock (`seen`
-        is the attempt count it saw), or an attempt completed less than `refresh_every` ago. Returns
-        the keys as they then are (None if never fetched)."""
+        is the attempt count it saw), or an attempt of the same kind completed less than `refresh_every`
+        ago. `for_kid`: asked for by a token naming an unknown key; such fetches are spaced apart on their
+        own, so the first token signed by a key rotated in just after a routine fetch is not refused.
+        Returns the keys as they then are (None if never fetched)."""
         refresh = self._refresh
         async with refresh.lock:
             if refresh.attempts != seen:
                 return self._keys
-            if refresh.last is not None and 0 <= self._clock() - refresh.last < self._refresh_every:
+            last = refresh.last_for_kid if for_kid else refresh.last
+            if last is not None and 0 <= self._clock() - last < self._refresh_every:
                 return self._keys
+            if for_kid:
+                refresh.last_for_kid = self._clock()
             try:
                 with anyio.fail_after(REFRESH_DEADLINE):
                     keys = await self._fetch_keys()
