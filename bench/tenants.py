@@ -195,8 +195,13 @@ async def part_token_cost(folder: Path, rounds: int) -> dict[str, list[float]]:
     fake = FakeDashScope(api_key=KEYS["alice"], polls_to_finish=1)
     fake.extra_keys |= {KEYS["bob"], KEYS["shared"]}
     shared_token = "bench-shared-token-0123456789abcdef"  # noqa: S105
-    times: dict[str, list[float]] = {"no auth": [], "shared token": [], "tenant token": []}
+    times: dict[str, list[float]] = {"no auth": [], "shared token": [], "tenant token": [], "identity provider JWT": []}
+    # The project's own test issuer (keys made here, JWKS over loopback HTTP): the same one the tests use.
+    from tests.issuer import LocalIssuer
+
+    issuer = LocalIssuer(audience=f"{PUBLIC}/mcp").start()
     async with fake.serve(), contextlib.AsyncExitStack() as stack:
+        stack.callback(issuer.stop)
         plain = settings_for(fake, folder / "plain", DASHSCOPE_API_KEY=KEYS["alice"])
         tenants = settings_for(fake, folder / "tenants", EMO_MCP_TENANTS_FILE=str(write_tenants(_mkdir(folder / "t"))))
         bases = {
@@ -212,6 +217,17 @@ async def part_token_cost(folder: Path, rounds: int) -> dict[str, list[float]]:
             ),
             "tenant token": (await stack.enter_async_context(served(tenants)), TOKENS["alice"]),
         }
+        oauth = settings_for(
+            fake,
+            folder / "oauth",
+            EMO_MCP_TENANTS_FILE=str(write_tenants(_mkdir(folder / "o"))),
+            EMO_MCP_OAUTH_ISSUER=issuer.url,
+            EMO_MCP_PUBLIC_URL=PUBLIC,
+        )
+        bases["identity provider JWT"] = (
+            await stack.enter_async_context(served(oauth)),
+            issuer.token({"tenant": "alice", "exp": int(time.time()) + 3600}),
+        )
         sessions: dict[str, tuple[Client, str]] = {}
         for kind, (base, token) in bases.items():
             session = await stack.enter_async_context(client(base, token))

@@ -100,3 +100,35 @@ def test_cluster_bench_falls_back_to_sqlite_when_the_database_cannot_be_used() -
     assert backend.url is None and backend.label == "SQLite"
     assert backend.why_not and "secret" not in backend.why_not
     assert schemas.fresh().why_not == backend.why_not  # asked once, not per part
+
+
+def test_tenants_bench_at_a_tiny_scale_refuses_every_attempt_and_writes_every_figure(tmp_path: Path) -> None:
+    """bench/tenants.py end to end at a small scale: every cross-tenant attempt refused, each table written."""
+    output = tmp_path / "TENANTS.md"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.tenants",
+            "--rounds",
+            "15",
+            "--busy-tasks",
+            "8",
+            "--trials",
+            "2",
+            "--interval",
+            "1",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    text = output.read_text()
+    assert "**NO**" not in text and "refused or invisible" in text
+    for heading in ("Token checks per call", "A quiet tenant beside a busy one"):
+        assert heading in text
+    assert "identity provider JWT" in text
