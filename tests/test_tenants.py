@@ -366,3 +366,27 @@ async def test_a_quiet_tenant_waits_behind_one_call_of_a_busy_one_not_its_queue(
         tg.start_soon(one, "quiet", "quiet")
     assert granted.index("quiet") <= arrived_after + 2, granted
     assert len(granted) == 21
+
+
+async def test_log_lines_name_the_tenant_and_never_its_key(
+    accounts: FakeDashScope, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    settings, tenants, keys = hosted_settings(accounts, tmp_path, None)
+    async with serving(settings, http_security("127.0.0.1", {})) as base:
+        await finished_task(Hosted(base, accounts, settings, tenants, keys), "alice")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    # Whatever is logged on a tenant's behalf (its requests, its watcher: the context variable) names it.
+    import logging
+
+    from server.tenancy.current import current_tenant
+
+    reset = current_tenant.set("bob")
+    try:
+        logging.getLogger("server.jobs.watcher").warning("task %s: query failed", "t-1")
+    finally:
+        current_tenant.reset(reset)
+    assert caplog.records[-1].getMessage() == "tenant=bob task t-1: query failed"
+    assert "tenant=alice" in logged
+    assert not any(key in logged for key in KEYS.values())
+    assert not any(token in logged for token in TOKENS.values())

@@ -46,6 +46,7 @@ from server.results import EmoDetection, EmojiDetection, Submitted, TaskStatus
 from server.store.evidence import Evidence
 from server.store.ledger import Ledger, TaskRecord
 from server.tenancy.audit import AuditLog, NoAudit
+from server.tenancy.current import current_tenant
 from server.upstream.client import DashScopeClient
 
 __all__ = ["NEXT_STEP", "Plan", "Service"]
@@ -106,7 +107,10 @@ class Service:
         self.generator.settings = renewed(self.generator.settings)
 
     async def run(self, *, task_status: StartStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The service's life: its background jobs, and the watcher inside them (ready once it is)."""
+        """The service's life: its background jobs, and the watcher inside them (ready once it is).
+        A tenant's watcher and jobs log under its name (this task's context, inherited by theirs)."""
+        if self.settings.tenant is not None:
+            current_tenant.set(self.settings.tenant)
         async with self.background.hosting():
             await self.watcher.run(task_status=task_status)
             await anyio.sleep_forever()  # without a key nothing is watched, but jobs run until the service closes
