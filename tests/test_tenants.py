@@ -390,3 +390,28 @@ async def test_log_lines_name_the_tenant_and_never_its_key(
     assert "tenant=alice" in logged
     assert not any(key in logged for key in KEYS.values())
     assert not any(token in logged for token in TOKENS.values())
+
+
+async def test_a_tenant_added_while_running_is_served_within_seconds(hosted: Hosted) -> None:
+    erin_key = hosted.key_files["bob"].with_name("erin")
+    erin_key.write_text(KEYS["bob"])
+    token = "token-of-erin-" + "z" * 24
+    hosted.tenants_file.write_text(
+        tenants_toml(hosted.key_files)
+        + f'\n[tenants.erin]\ndashscope_key_file = "{erin_key}"\ntoken_sha256 = ["{sha(token)}"]\n'
+    )
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(timeout=10) as raw:
+        with anyio.fail_after(10):
+            while True:
+                body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+                if (await raw.post(f"{hosted.base}/mcp", headers=headers, json=body)).status_code == 200:
+                    break
+                await anyio.sleep(0.2)
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+        Client(streamable_http_client(f"{hosted.base}/mcp", http_client=http)) as erin,
+    ):
+        await detect_emo(erin)
+        assert (await resource(erin, "spend://today"))["tenant"] == "erin"
+    assert (hosted.settings.output_dir / "tenants" / "erin").is_dir()

@@ -11,6 +11,7 @@ runs everything against the built-in loopback fake of DashScope. The subcommands
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -223,7 +224,9 @@ async def _serve(args: argparse.Namespace) -> int:
         from server.transport.stdio import serve_stdio
 
         check_ledger(settings)
-        await serve_stdio(create_app(settings))
+        # stdio is one person's, the one implicit tenant, and serves no /videos: no tenants, no links.
+        local = dataclasses.replace(settings, tenants_file=None, public_url=None, link_secret=None)
+        await serve_stdio(create_app(local))
         return EXIT_OK
 
     return await _with_settings(args.sandbox, run_stdio, args.allowed_root)
