@@ -66,6 +66,10 @@ class TenantRequiredError(RefusedInputError):
 class TaskNotFoundError(RefusedInputError):
     """A task id this server never saw and DashScope does not know either."""
 
+    def __init__(self, message: str, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id  # the id asked about, for the audit of cross-tenant attempts
+
 
 class UpstreamError(EmoMcpError):
     """DashScope answered with an error envelope (HTTP 4xx/5xx)."""

@@ -175,6 +175,13 @@ async def test_every_cross_tenant_attempt_is_refused_or_invisible(hosted: Hosted
             await bob.read_resource(f"tasks://{task_id}")
         spend = await resource(bob, "spend://today")
         assert spend["tenant"] == "bob" and spend["tasks"] == 0 and spend["detections"] == 0
+    audit = [json.loads(line) for line in (hosted.settings.output_dir / "audit.jsonl").read_text().splitlines()]
+    assert {"tenant": "bob", "reason": "cross-tenant", "task_id": task_id} in [
+        {k: line.get(k) for k in ("tenant", "reason", "task_id")} for line in audit
+    ]
+    assert {"tenant": "bob", "tool": "emo_generate", "reason": "provenance"} in [
+        {k: line.get(k) for k in ("tenant", "tool", "reason")} for line in audit
+    ]
     # Never asked upstream about alice's task with bob's key, and bob sent no generate at all.
     assert hosted.upstream("bob", task_id) == [] and hosted.upstream("bob", "emo-v1") == []
 

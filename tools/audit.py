@@ -67,3 +67,19 @@ def audit_refusal(service: Service, tool: str, error: EmoMcpError, request_id: A
         request_id=None if request_id is None else str(request_id),
         message=str(error)[:500],
     )
+
+
+def audit_foreign_task(services: list[Service], asking: Service, task_id: str, request_id: Any) -> None:
+    """A tenant asked about (or tried to cancel) a task id that is another tenant's: answered as an id
+    that does not exist, and recorded here as a cross-tenant attempt (an indexed lookup per tenant, made
+    only on this refusal's path)."""
+    if not any(other is not asking and other.ledger.get_task(task_id) is not None for other in services):
+        return
+    asking.audit.record(
+        tenant=_tenant(asking),
+        tool="task",
+        outcome="refused",
+        reason="cross-tenant",
+        task_id=task_id,
+        request_id=None if request_id is None else str(request_id),
+    )

@@ -17,7 +17,7 @@ from server.errors import EmoMcpError, TaskNotFoundError, TenantRequiredError
 from server.results import _Result
 from server.runtime import Services
 from server.tenancy.current import current_tenant
-from tools.audit import audit_call, audit_refusal
+from tools.audit import audit_call, audit_foreign_task, audit_refusal
 from tools.results import error_result, structured
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ async def run(
             service = await service_of(ctx)
             result = await call(service, bound)
     except TaskNotFoundError as exc:
+        if service is not None and exc.task_id is not None and service.settings.tenant is not None:
+            state = ctx.request_context.lifespan_context
+            if isinstance(state, AppContext):
+                audit_foreign_task(state.services.all(), service, exc.task_id, ctx.request_id)
         return error_result(str(exc), {"task_status": "UNKNOWN", "message": str(exc)})
     except EmoMcpError as exc:
         if audit is not None and service is not None:

@@ -75,7 +75,8 @@ def unknown_task(task_id: str) -> TaskNotFoundError:
     so or (tenant mode) the id is only another tenant's, which is never asked about."""
     return TaskNotFoundError(
         f"Task {task_id} is not in this server's ledger and {UNKNOWN_MESSAGE} "
-        "Use the task_id returned by emo_generate or emoji_generate."
+        "Use the task_id returned by emo_generate or emoji_generate.",
+        task_id,
     )
 
 
