@@ -88,6 +88,8 @@ async def test_a_request_without_a_token_learns_where_to_sign_in(base: str, issu
     assert f'resource_metadata="{METADATA}"' in missing.headers["www-authenticate"]
     async with httpx2.AsyncClient(timeout=10) as raw:
         document = (await raw.get(base + METADATA.removeprefix(PUBLIC))).json()
+        bare = (await raw.get(f"{base}/.well-known/oauth-protected-resource")).json()
+    assert bare == document
     assert document["resource"] == AUDIENCE
     assert [server.rstrip("/") for server in document["authorization_servers"]] == [issuer.url.rstrip("/")]
 

@@ -56,6 +56,7 @@ from server.tenancy.links import VIDEO_PREFIX
 from server.tenancy.tokens import TenantTokenVerifier
 from server.transport.tenants import (
     METRICS_TOKEN_ENV,
+    PROTECTED_RESOURCE_PREFIX,
     TenantGate,
     metadata_url,
     oauth_config,
@@ -347,7 +348,9 @@ def build_http_app(
         resource = resource_url(settings)
         assert resource is not None and settings.oauth_issuer is not None
         for route in create_protected_resource_routes(AnyHttpUrl(resource), [AnyHttpUrl(settings.oauth_issuer)]):
-            server.custom_route(route.path, methods=["GET", "OPTIONS"], include_in_schema=False)(route.endpoint)
+            # RFC 9728's path (the prefix inserted before /mcp), and the bare prefix some clients try first.
+            for path in dict.fromkeys((route.path, PROTECTED_RESOURCE_PREFIX)):
+                server.custom_route(path, methods=["GET", "OPTIONS"], include_in_schema=False)(route.endpoint)
     app: ASGIApp = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
