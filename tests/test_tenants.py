@@ -422,3 +422,24 @@ async def test_a_tenant_added_while_running_is_served_within_seconds(hosted: Hos
         await detect_emo(erin)
         assert (await resource(erin, "spend://today"))["tenant"] == "erin"
     assert (hosted.settings.output_dir / "tenants" / "erin").is_dir()
+
+
+def test_the_command_refuses_a_bad_tenants_file_with_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.alice]\ndashscope_key_env = "EMO_TEST_UNSET_KEY"\ntoken_sha256 = []\n')
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}
+    env["EMO_MCP_TENANTS_FILE"] = str(tenants)
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--transport", "http", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+    )
+    assert done.returncode != 0 and done.stdout == ""
+    assert "tenant 'alice'" in done.stderr and "EMO_TEST_UNSET_KEY" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -9,6 +9,7 @@ a traceback from inside the MCP lifespan.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def check_ledger(settings: Settings) -> None:
         ledger.ping()
     finally:
         ledger.close()
+    if settings.tenants_file is not None:
+        # Each tenant's schema too (made and migrated here): a role that may not create it is told at start,
+        # not by a failed lifespan.
+        from server.tenancy.tenants import load_tenants, tenant_settings
+
+        for tenant in load_tenants(settings.tenants_file, os.environ, oauth=settings.oauth_issuer is not None).values():
+            Ledger.open(tenant_settings(settings, tenant)).close()
 
 
 async def import_sqlite(settings: Settings, args: argparse.Namespace) -> int:

@@ -223,9 +223,9 @@ async def _serve(args: argparse.Namespace) -> int:
     async def run_stdio(settings: Settings) -> int:
         from server.transport.stdio import serve_stdio
 
-        check_ledger(settings)
         # stdio is one person's, the one implicit tenant, and serves no /videos: no tenants, no links.
         local = dataclasses.replace(settings, tenants_file=None, public_url=None, link_secret=None)
+        check_ledger(local)
         await serve_stdio(create_app(local))
         return EXIT_OK
 

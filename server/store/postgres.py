@@ -47,7 +47,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import RowMaker
 
-from server.errors import LedgerUnavailable, StorageError
+from server.errors import ConfigError, LedgerUnavailable, StorageError
 from server.redaction import register_secret
 from server.store.database import DATABASE_URL_VARIABLE, Dialect, NamedRow, Row, Transaction, redact_url, url_secrets
 from server.store.migrations import migrations
@@ -275,8 +275,15 @@ class PostgresDatabase:
         first = str(shown[0] if shown else "").split(",")[0].strip()
         if not _PLAIN_SCHEMA.fullmatch(first):
             return  # nothing this store may create (the migration then says what is missing)
-        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {first}")
+        try:
+            with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {first}")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"The ledger's schema {first} does not exist and this database role may not create it (each "
+                f"tenant's ledger lives in a schema of its own): GRANT CREATE ON DATABASE to the role, or create "
+                f"the schema as its owner (CREATE SCHEMA {first} AUTHORIZATION <role>)."
+            ) from exc
 
     @staticmethod
     def _version_on(conn: psycopg.Connection[NamedRow]) -> int:
