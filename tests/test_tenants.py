@@ -30,7 +30,7 @@ from server.tenancy.links import LinkSigner
 from server.tenancy.tenants import TenantsFile, parse_tenants
 from server.transport.http import http_security
 from tests.apps import apps_extension, image_uri, video_uri
-from tests.conftest import PORTRAIT, detect_emo, detect_emoji, emo_arguments, make_env, text_of
+from tests.conftest import PORTRAIT, SPEECH, detect_emo, detect_emoji, emo_arguments, make_env, text_of
 from tests.serving import serving
 from tests.tenancy import KEYS, PUBLIC, SECRET, TOKENS, sha
 
@@ -443,3 +443,42 @@ def test_the_command_refuses_a_bad_tenants_file_with_one_clear_line(tmp_path: Pa
     assert done.returncode != 0 and done.stdout == ""
     assert "tenant 'alice'" in done.stderr and "EMO_TEST_UNSET_KEY" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_generates_racing_on_two_workers_for_the_last_of_a_budget_never_overspend(
+    accounts: FakeDashScope, tmp_path: Path, database: str | None
+) -> None:
+    settings, tenants, keys = hosted_settings(accounts, tmp_path, database)
+    security = http_security("127.0.0.1", {})
+    async with serving(settings, security) as first, serving(settings, security) as second:
+        hosted = Hosted(first, accounts, settings, tenants, keys)
+        async with hosted.client("carol") as carol:
+            detection = await detect_emo(carol)
+            dry = await call(carol, "emo_generate", {**emo_arguments(detection), "dry_run": True})
+        # Room for the detection and one job, not two (re-read from the file by both workers).
+        budget = round(0.004 * 4 + dry["estimated_cost_cny"] * 1.5, 4)
+        tenants.write_text(
+            tenants.read_text().replace("[tenants.carol]\n", f"[tenants.carol]\ndaily_budget_cny = {budget}\n")
+        )
+        await anyio.sleep(2.5)
+        outcomes: list[bool] = []
+
+        async def one(base: str, audio: str) -> None:
+            async with hosted.client("carol", base) as client:
+                result = await client.call_tool(
+                    "emo_generate", {**emo_arguments(detection, audio), "allow_duplicate": True}
+                )
+                outcomes.append(not result.is_error)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one, first, SPEECH)
+                tg.start_soon(one, second, SPEECH)
+        # At most one fitted (two racing calls that each see the other's row are both refused, so it may be
+        # none); when none did, the budget still has room for one.
+        assert sum(outcomes) <= 1, outcomes
+        if not any(outcomes):
+            await one(first, SPEECH)
+            assert outcomes[-1], "the budget had room for one job"
+    submits = [r for r in hosted.upstream("shared") if r.method == "POST" and "video-synthesis" in r.path]
+    assert len(submits) == 1

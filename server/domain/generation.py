@@ -16,6 +16,7 @@ from server.config import Settings
 from server.domain.budget import Approval, check_budget, check_daily_budget, check_model, over_ceiling, utc_day_start
 from server.domain.inputs import Inputs, resolve_model
 from server.errors import (
+    BudgetRefusedError,
     EmoMcpError,
     RefusedInputError,
     SubmitOutcomeUnknownError,
@@ -39,7 +40,7 @@ from server.pricing import Estimate, estimate_emo, estimate_emoji
 from server.results import Submitted
 from server.store.evidence import Evidence
 from server.store.ledger import SUBMITTING, Ledger
-from server.store.spend import record_estimate, spent_since
+from server.store.spend import drop_estimate, record_estimate, spent_since
 
 # How long the refusal of a submit handed off to the background is remembered for its local id.
 HANDED_OFF_KEEP_SECONDS = 24 * 3600.0
@@ -67,9 +68,6 @@ class Generator:
         self.inputs = inputs
         self.submitter = submitter
         self.background = background
-        # Submits whose rows exist but whose estimate the ledger records only with their answer (local id ->
-        # CNY): they count against the tenant's daily budget meanwhile.
-        self._unestimated: dict[str, float] = {}
         # Submits whose caller left before DashScope answered: a refusal deletes the row, so it is told here.
         self._handed_off: dict[str, Job[Submitted]] = {}
 
@@ -155,9 +153,6 @@ class Generator:
         # An identical submit in flight (on this worker or another) is joined: its answer is this call's
         # too (`deduplicated`). Should its row go (refused outright), this call sends its own, once.
         for attempt in range(2):
-            # The day's spend and the row are read and written with no await between them, so two calls of
-            # this process cannot both fit in what is left of the budget (the row's estimate is held here
-            # until the answer records it).
             self._check_day(plan)
             started = self.submitter.begin(
                 plan.family,
@@ -180,7 +175,7 @@ class Generator:
         assert not isinstance(started, InFlight)
         if isinstance(started, Submitted):  # deduplicated: nothing to send
             return self._finish(started, plan)
-        self._unestimated[started.local_id] = plan.estimate.cny
+        self._hold_budget(started, plan)
         # From the row on, the submit is the background's: it records its outcome whatever the caller does.
         submit = self.background.start(lambda: self._send(started, plan))
         if await submit.wait(deadline.left()):
@@ -222,25 +217,46 @@ class Generator:
         }
 
     async def _send(self, started: PendingSubmit, plan: Plan) -> Submitted:
+        held = self.settings.daily_budget_cny is not None
         try:
             submitted = await self.submitter.send(started)
         except SubmitOutcomeUnknownError:
-            raise  # the row stays, maybe billed: its estimate keeps counting against the day's budget
+            raise  # the row stays, maybe billed: its held estimate keeps counting against the day's budget
         except BaseException:
-            self._unestimated.pop(started.local_id, None)  # refused or never sent: the row is gone
+            if held:
+                drop_estimate(self.ledger, started.local_id)  # refused or never sent: the row is gone
             raise
         try:
             return self._finish(submitted, plan)
         finally:
-            self._unestimated.pop(started.local_id, None)  # its estimate is in the ledger now
+            if held and submitted.task_id != started.local_id:
+                drop_estimate(self.ledger, started.local_id)  # the task's own estimate is recorded now
 
     def _check_day(self, plan: Plan) -> None:
         """The tenant's daily budget (none for a single-user server unless configured per tenant)."""
         if self.settings.daily_budget_cny is None:
             return
         now = time.time()
-        spent = spent_since(self.ledger, self.settings.prices, utc_day_start(now), unestimated=self._unestimated)
-        check_daily_budget(self.settings, plan.estimate, spent, now)
+        check_daily_budget(
+            self.settings, plan.estimate, spent_since(self.ledger, self.settings.prices, utc_day_start(now)), now
+        )
+
+    def _hold_budget(self, started: PendingSubmit, plan: Plan) -> None:
+        """With a daily budget: the new row's estimate goes into the ledger at once (under its local id), and
+        the day is summed again with it counted. Every worker's rows count in every worker's sums, so two
+        calls racing for the last of a budget can never both go: the later sum of each sees the other's row
+        (at worst both see both and both are refused, and nothing is overspent)."""
+        if self.settings.daily_budget_cny is None:
+            return
+        record_estimate(self.ledger, started.local_id, plan.family, plan.estimate.cny, plan.estimate.basis)
+        now = time.time()
+        spent = spent_since(self.ledger, self.settings.prices, utc_day_start(now))
+        try:
+            check_daily_budget(self.settings, plan.estimate, spent - plan.estimate.cny, now)
+        except BudgetRefusedError:
+            self.submitter.withdraw(started)
+            drop_estimate(self.ledger, started.local_id)
+            raise
 
     def _finish(self, submitted: Submitted, plan: Plan) -> Submitted:
         assert submitted.task_id is not None

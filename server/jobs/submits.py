@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,13 @@ class Submitter:
             return self._reuse(existing, output_size)
         self._evidence.write_json(pending / "request.json", payload)
         return PendingSubmit(local_id, family, model, payload, pending, output_size)
+
+    def withdraw(self, submit: PendingSubmit) -> None:
+        """Take back a submit whose row is written but whose request was never sent (refused by a rule
+        checked with the row counted: a tenant's daily budget); a joined identical call is woken."""
+        self._ledger.delete_task(submit.local_id)
+        self._watcher.notify(submit.local_id)
+        shutil.rmtree(submit.folder, ignore_errors=True)
 
     async def send(self, submit: PendingSubmit) -> Submitted:
         """The one paid request; its row becomes the task, is deleted (a clear refusal) or is left to the

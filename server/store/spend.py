@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -101,19 +100,24 @@ def spend_today(ledger: Ledger, prices: PriceTable | None = None, now: float | N
     )
 
 
-def spent_since(ledger: Ledger, prices: PriceTable, since: float, *, unestimated: Mapping[str, float] = {}) -> float:
+def drop_estimate(ledger: Ledger, task_id: str) -> None:
+    """Forget an estimate held under a submit's local id (its task has its own now, or it is gone)."""
+    ledger.execute("DELETE FROM spend_estimates WHERE task_id = ?", (task_id,))
+
+
+def spent_since(ledger: Ledger, prices: PriceTable, since: float) -> float:
     """CNY spent since `since` (a tenant's UTC day, for its daily budget): finished jobs at their actual
     cost, open jobs at their estimate, detections at their price, failed and cancelled jobs at nothing.
 
-    `unestimated`: estimates of submits whose rows exist but whose estimate is recorded only once their
-    answer arrives (by local id). Indexed reads of the day's rows (`tasks_by_created`,
+    A submit still waiting for its answer counts at the estimate held under its local id (a tenant with
+    a daily budget holds one; server/domain/generation.py). Indexed reads of the day's rows (`tasks_by_created`,
     `detections_by_created`): the cost follows one tenant's day, never the history."""
     total = 0.0
     detections = "SELECT family, COUNT(*) AS n FROM detections WHERE created_at >= ? GROUP BY family"
     for row in ledger.query(detections, (since,)):
         total += int(row["n"]) * prices.detect(str(row["family"])).cny
     rows = ledger.query(
-        "SELECT t.task_id, t.local_id, t.family, t.status, t.usage, e.estimated_cny FROM tasks t"
+        "SELECT t.task_id, t.family, t.status, t.usage, e.estimated_cny FROM tasks t"
         " LEFT JOIN spend_estimates e ON e.task_id = t.task_id WHERE t.created_at >= ?",
         (since,),
     )
@@ -126,6 +130,4 @@ def spent_since(ledger: Ledger, prices: PriceTable, since: float, *, unestimated
             continue
         elif row["estimated_cny"] is not None:
             total += float(row["estimated_cny"])
-        else:
-            total += unestimated.get(str(row["local_id"] or row["task_id"]), 0.0)
     return round(total, 6)
