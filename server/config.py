@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from server.errors import ConfigError
 from server.pricing import PriceTable
+from server.redaction import register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -384,10 +385,8 @@ def _parse_state_keys(raw: str) -> tuple[bytes, ...]:
     keys: list[bytes] = []
     for position, text in enumerate(filter(None, (part.strip() for part in raw.split(","))), start=1):
         key = _decode_key(text)
-        if key is None or len(key) < MIN_KEY_BYTES or len(set(key)) < MIN_KEY_BYTES // 2:
-            got = "is neither hex nor base64url" if key is None else f"decodes to {len(key)} bytes"
-            if key is not None and len(key) >= MIN_KEY_BYTES:
-                got = "repeats too few distinct bytes to be random"
+        got = _weak_key(key)
+        if key is None or got is not None:
             raise ConfigError(
                 f"{REQUEST_STATE_KEYS_ENV} key {position} {got}; each key must be at least {MIN_KEY_BYTES} random "
                 "bytes, as hex or base64url, for example the output of: openssl rand -hex 32"
@@ -396,6 +395,39 @@ def _parse_state_keys(raw: str) -> tuple[bytes, ...]:
             raise ConfigError(f"{REQUEST_STATE_KEYS_ENV} key {position} repeats an earlier key of the ring")
         keys.append(key)
     return tuple(keys)
+
+
+def _weak_key(key: bytes | None) -> str | None:
+    """Why a decoded secret (a ring key, the link secret) is not good enough; None when it is. 32 bytes of
+    one repeated pattern pass a length check but are guessable."""
+    if key is None:
+        return "is neither hex nor base64url"
+    if len(key) < MIN_KEY_BYTES:
+        return f"decodes to {len(key)} bytes"
+    if len(set(key)) < MIN_KEY_BYTES // 2:
+        return "repeats too few distinct bytes to be random"
+    return None
+
+
+LINK_SECRET_HELP = (
+    f"{LINK_SECRET_ENV} must be at least {MIN_KEY_BYTES} random bytes, as hex or base64url, and the same "
+    "on every worker; make one with: openssl rand -hex 32"
+)
+
+
+def parse_link_secret(raw: str) -> bytes:
+    """`EMO_MCP_LINK_SECRET` as bytes, refused at start unless it is at least 32 bytes that look random.
+
+    The refusal names the variable and how to make a good secret, never the text given (it may be a real
+    secret pasted into the wrong place). The accepted text is registered with the redaction, so it never
+    reaches a log or a result even if some message quotes the environment."""
+    text = raw.strip()
+    key = _decode_key(text) if text else None
+    got = "is empty" if not text else _weak_key(key)
+    if key is None or got is not None:
+        raise ConfigError(f"{LINK_SECRET_ENV} {got}; {LINK_SECRET_HELP}")
+    register_secret(text)
+    return key
 
 
 def _hosting(env: Mapping[str, str], cwd: Path, output_dir: Path) -> dict[str, Any]:
@@ -412,12 +444,7 @@ def _hosting(env: Mapping[str, str], cwd: Path, output_dir: Path) -> dict[str, A
             f"https://mcp.example.com (no query or fragment), got {public!r}"
         )
     secret_raw = (env.get(LINK_SECRET_ENV) or "").strip()
-    secret = _decode_key(secret_raw) if secret_raw else None
-    if secret_raw and (secret is None or len(secret) < MIN_KEY_BYTES):
-        raise ConfigError(
-            f"{LINK_SECRET_ENV} must be at least {MIN_KEY_BYTES} random bytes as hex or base64url, the same on "
-            "every worker, for example the output of: openssl rand -hex 32"
-        )
+    secret = parse_link_secret(secret_raw) if secret_raw else None
     audit_raw = (env.get("EMO_MCP_AUDIT_LOG") or "").strip()
     audit = (cwd / Path(audit_raw).expanduser()).resolve() if audit_raw else None
     if audit is None and tenants_file is not None:

@@ -14,10 +14,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from server.config import parse_link_secret
 from server.errors import ConfigError
 from server.redaction import redact, register_secret
 from server.tenancy.audit import MAX_LINE_BYTES, AuditLog, NoAudit
-from server.tenancy.links import VIDEO_PREFIX, LinkSigner, parse_link_secret
+from server.tenancy.links import VIDEO_PREFIX, LinkSigner
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = bytes(range(32))

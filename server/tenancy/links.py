@@ -26,18 +26,15 @@ from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-# A private helper, reused rather than copied: a link secret is written exactly like a request-state
-# key (hex or base64url), and two decoders would drift apart.
-from server.config import _decode_key
+# The secret is read and judged by server/config.py (`parse_link_secret`), like the request-state keys.
+from server.config import DEFAULT_LINK_TTL, LINK_SECRET_ENV, LINK_SECRET_HELP, MIN_KEY_BYTES, PUBLIC_URL_ENV
 from server.errors import ConfigError
 from server.redaction import register_secret
 
 VIDEO_PREFIX = "/videos/"
-DEFAULT_LINK_TTL = 86400.0
-MIN_SECRET_BYTES = 32
+MIN_SECRET_BYTES = MIN_KEY_BYTES
+__all__ = ["DEFAULT_LINK_TTL", "VIDEO_PREFIX", "LinkProblem", "LinkSigner"]
 
-LINK_SECRET_ENV = "EMO_MCP_LINK_SECRET"  # noqa: S105 (the variable's name, not a secret)
-PUBLIC_URL_ENV = "EMO_MCP_PUBLIC_URL"
 LINK_TTL_ENV = "EMO_MCP_LINK_TTL"
 # Ten years: `exp` then stays within MAX_EXP_DIGITS for millennia, and no sane policy asks for more.
 MAX_LINK_TTL = 10 * 365 * 86400.0
@@ -52,11 +49,6 @@ _EXP = re.compile(rf"0|[1-9][0-9]{{0,{MAX_EXP_DIGITS - 1}}}")
 # HMAC-SHA256 is 32 bytes: 43 base64url characters without padding.
 _SIG = re.compile(r"[A-Za-z0-9_-]{43}")
 
-_SECRET_HELP = (
-    f"{LINK_SECRET_ENV} must be at least {MIN_SECRET_BYTES} random bytes, as hex or base64url, and the same "
-    "on every worker; make one with: openssl rand -hex 32"
-)
-
 
 @dataclass(frozen=True)
 class LinkProblem:
@@ -66,26 +58,6 @@ class LinkProblem:
 
     reason: Literal["expired", "invalid"]
     message: str
-
-
-def parse_link_secret(raw: str) -> bytes:
-    """`EMO_MCP_LINK_SECRET` as bytes, refused at start unless it is at least 32 bytes that look random.
-
-    The refusal names the variable and how to make a good secret, never the text given (it may be a real
-    secret pasted into the wrong place). The accepted text is registered with the redaction, so it never
-    reaches a log or a result even if some message quotes the environment."""
-    text = raw.strip()
-    key = _decode_key(text) if text else None
-    if key is None:
-        got = "is empty" if not text else "is neither hex nor base64url"
-        raise ConfigError(f"{LINK_SECRET_ENV} {got}; {_SECRET_HELP}")
-    if len(key) < MIN_SECRET_BYTES:
-        raise ConfigError(f"{LINK_SECRET_ENV} decodes to {len(key)} bytes; {_SECRET_HELP}")
-    # 32 bytes of one repeated pattern pass a length check but are guessable (as for request-state keys).
-    if len(set(key)) < MIN_SECRET_BYTES // 2:
-        raise ConfigError(f"{LINK_SECRET_ENV} repeats too few distinct bytes to be random; {_SECRET_HELP}")
-    register_secret(text)
-    return key
 
 
 def _text_forms(secret: bytes) -> tuple[str, ...]:
@@ -143,7 +115,7 @@ class LinkSigner:
     ) -> None:
         for key in (secret, *previous):
             if len(key) < MIN_SECRET_BYTES:
-                raise ConfigError(f"{LINK_SECRET_ENV} (or an older secret kept for rotation): {_SECRET_HELP}")
+                raise ConfigError(f"{LINK_SECRET_ENV} (or an older secret kept for rotation): {LINK_SECRET_HELP}")
         if not (math.isfinite(ttl) and 1 <= ttl <= MAX_LINK_TTL):
             raise ConfigError(f"{LINK_TTL_ENV} must be a number of seconds from 1 to {MAX_LINK_TTL:.0f}, got {ttl:g}")
         self._secret = secret
