@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -58,10 +57,12 @@ from server.transport.tenants import (
     METRICS_TOKEN_ENV,
     PROTECTED_RESOURCE_PREFIX,
     TenantGate,
+    challenge,
     metadata_url,
     oauth_config,
     open_tenants,
     resource_url,
+    send_json,
     video_route,
 )
 
@@ -86,7 +87,6 @@ TASK_COUNTS_SQL = "SELECT status, COUNT(*) FROM tasks GROUP BY status"
 MIN_TOKEN_LENGTH = 16
 # A client gets this long to send a request's headers (a browser or an SDK needs milliseconds).
 HEADER_TIMEOUT_SECONDS = 10.0
-REALM = "dashscope-emo-mcp"
 
 LOOPBACK_ALLOWED_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
 LOOPBACK_ALLOWED_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
@@ -178,24 +178,9 @@ class BearerTokenMiddleware:
             await self.app(scope, receive, send)
             return
         # RFC 6750: no error code when no credentials were sent, invalid_token when they were wrong.
-        challenge = f'Bearer realm="{REALM}"'
-        if header:
-            challenge += ', error="invalid_token", error_description="The access token is not valid"'
-        body = json.dumps(
-            {"error": "invalid_token" if header else "unauthorized", "error_description": "Bearer token required"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", challenge.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = "invalid_token" if header else None
+        body = {"error": error or "unauthorized", "error_description": "Bearer token required"}
+        await send_json(send, 401, body, (challenge(error, "The access token is not valid"),))
 
 
 T = TypeVar("T")

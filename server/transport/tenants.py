@@ -122,7 +122,9 @@ class TenantGate:
             if self._metrics_token is not None and hmac.compare_digest(token.encode(), self._metrics_token):
                 await self.app(scope, receive, send)
                 return
-            await _plain(send, 404, {"error": "not_found", "error_description": f"/metrics needs {METRICS_TOKEN_ENV}"})
+            await send_json(
+                send, 404, {"error": "not_found", "error_description": f"/metrics needs {METRICS_TOKEN_ENV}"}
+            )
             return
         if not token:
             await self._refuse(send, 401, None, "Bearer token required")
@@ -151,17 +153,25 @@ class TenantGate:
             current_tenant.reset(tenant_reset)
 
     async def _refuse(self, send: Send, status: int, error: str | None, description: str) -> None:
-        # RFC 6750: no error code when no credentials were sent; RFC 9728: where to learn how to get some.
-        parts = [f'realm="{REALM}"']
-        if error is not None:
-            parts += [f'error="{error}"', f'error_description="{description}"']
-        if self.resource_metadata is not None:
-            parts.append(f'resource_metadata="{self.resource_metadata}"')
         body = {"error": error or "unauthorized", "error_description": description}
-        await _plain(send, status, body, ((b"www-authenticate", ("Bearer " + ", ".join(parts)).encode()),))
+        await send_json(send, status, body, (challenge(error, description, self.resource_metadata),))
 
 
-async def _plain(send: Send, status: int, body: dict[str, str], headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+def challenge(error: str | None, description: str, resource_metadata: str | None = None) -> tuple[bytes, bytes]:
+    """The `WWW-Authenticate` header of a refusal. RFC 6750: no error code when no credentials were sent;
+    RFC 9728: where to learn how to get some."""
+    parts = [f'realm="{REALM}"']
+    if error is not None:
+        parts += [f'error="{error}"', f'error_description="{description}"']
+    if resource_metadata is not None:
+        parts.append(f'resource_metadata="{resource_metadata}"')
+    return (b"www-authenticate", ("Bearer " + ", ".join(parts)).encode())
+
+
+async def send_json(
+    send: Send, status: int, body: dict[str, str], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A small JSON answer straight from ASGI middleware (before any app ran)."""
     data = json.dumps(body).encode()
     await send(
         {
