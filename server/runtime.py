@@ -24,7 +24,7 @@ from server.store.evidence import Evidence
 from server.store.ledger import Ledger
 from server.store.rates import SharedRates
 from server.tenancy.audit import AuditLog, NoAudit
-from server.tenancy.tenants import Tenant, TenantsFile, tenant_settings
+from server.tenancy.tenants import Tenant, TenantsFile, tenant_policy, tenant_settings
 from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
 from server.upstream.limits import Limits
 
@@ -44,21 +44,27 @@ async def open_service(
     `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
     `metrics` (the HTTP transport's) counts upstream calls, leases, downloads and ledger latency.
     """
-    async with _Opened(http, metrics, settings.audit_log) as opened:
+    async with _Opened(http, metrics, settings.audit_log) as opened, _running() as tg:
         service = opened.service(settings, recover=recover)
-        async with anyio.create_task_group() as tg:
-            await tg.start(service.run)
-            # The caller's own exception is re-raised as itself after the watcher stops, not wrapped in an
-            # ExceptionGroup by the task group (callers such as the CLI catch `EmoMcpError`).
-            failure: BaseException | None = None
-            try:
-                yield service
-            except BaseException as exc:
-                failure = exc
-            finally:
-                tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+        await tg.start(service.run)
+        yield service
+
+
+@asynccontextmanager
+async def _running() -> AsyncIterator[TaskGroup]:
+    """A task group for services' lives, cancelled when the body ends. The body's own exception is
+    re-raised as itself once they stopped, not wrapped in an ExceptionGroup by the task group (callers
+    such as the CLI catch `EmoMcpError`)."""
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        try:
+            yield tg
+        except BaseException as exc:
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 class _Opened:
@@ -141,13 +147,23 @@ class Services:
     token. A tenant added to the file while the server runs gets its service on its first request; one
     removed keeps its service (its open tasks are still followed and downloaded), unreachable by tokens."""
 
-    def __init__(self, single: Service | None, tenants: TenantsFile | None = None) -> None:
+    def __init__(
+        self,
+        single: Service | None,
+        tenants: TenantsFile | None = None,
+        *,
+        opened: _Opened | None = None,
+        base: Settings | None = None,
+        tg: TaskGroup | None = None,
+    ) -> None:
+        """`single`: the one implicit tenant's service. Or `tenants`, with what opens theirs: `opened` (the
+        shared client, ledgers and limits), the server's `base` settings and the task group `tg` they run in."""
         self.single = single
         self.tenants = tenants
         self._by_name: dict[str, Service] = {}
-        self._opened: _Opened | None = None
-        self._base: Settings | None = None
-        self._tg: TaskGroup | None = None
+        self._opened = opened
+        self._base = base
+        self._tg = tg
         self._lock = anyio.Lock()
 
     @property
@@ -187,14 +203,14 @@ class Services:
 
     async def _watch_file(self) -> None:
         """Re-read the tenants file when it changes; a new tenant's policy applies to its open service."""
-        assert self.tenants is not None
+        assert self.tenants is not None and self._base is not None
         while True:
             await anyio.sleep(TENANTS_CHECK_SECONDS)
             if await anyio.to_thread.run_sync(self.tenants.refresh):
                 for name, tenant in self.tenants.tenants.items():
                     service = self._by_name.get(name)
                     if service is not None:
-                        service.apply_policy(tenant_settings(self._base or service.settings, tenant))
+                        service.apply_policy(tenant_policy(self._base, service.settings, tenant))
 
 
 TENANTS_CHECK_SECONDS = 1.0
@@ -214,20 +230,11 @@ async def open_services(
         async with open_service(settings, http, metrics=metrics) as service:
             yield Services(service)
         return
-    services = Services(None, tenants)
-    async with _Opened(http, metrics, settings.audit_log) as opened, anyio.create_task_group() as tg:
+    async with _Opened(http, metrics, settings.audit_log) as opened, _running() as tg:
         # The shared rate windows of every key live in the server's own ledger, beside no tenant's data.
         opened.rates_ledger = Ledger.open(settings)
-        services._opened, services._base, services._tg = opened, settings, tg
+        services = Services(None, tenants, opened=opened, base=settings, tg=tg)
         for tenant in tenants.tenants.values():
             await services._open(tenant)
         tg.start_soon(services._watch_file)
-        failure: BaseException | None = None
-        try:
-            yield services
-        except BaseException as exc:
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+        yield services

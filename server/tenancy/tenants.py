@@ -287,8 +287,7 @@ def tenant_settings(base: Settings, tenant: Tenant) -> Settings:
     Its evidence and videos go under `OUTPUT_DIR/tenants/<name>/`, its SQLite ledger under the state
     folder's `tenants/<name>/`, its PostgreSQL ledger in a schema of its own: walls by construction,
     so no query of one tenant can see another's rows. The stricter per-job ceiling applies."""
-    ceilings = [c for c in (base.max_cost_cny, tenant.max_cost_cny) if c is not None]
-    return replace(
+    scoped = replace(
         base,
         api_key=tenant.api_key,
         key_source="tenant",
@@ -296,6 +295,16 @@ def tenant_settings(base: Settings, tenant: Tenant) -> Settings:
         output_dir=ensure_writable_dir(base.output_dir / "tenants" / tenant.name, "OUTPUT_DIR"),
         state_dir=ensure_writable_dir(base.state_dir / "tenants" / tenant.name, "EMO_MCP_STATE_DIR"),
         database_url=tenant_database_url(base.database_url, tenant.name) if base.database_url else None,
+    )
+    return tenant_policy(base, scoped, tenant)
+
+
+def tenant_policy(base: Settings, settings: Settings, tenant: Tenant) -> Settings:
+    """`settings` with the tenant's limits: the stricter per-job ceiling, its daily budget, its models
+    (also what a re-read tenants file applies to a running tenant's service)."""
+    ceilings = [c for c in (base.max_cost_cny, tenant.max_cost_cny) if c is not None]
+    return replace(
+        settings,
         max_cost_cny=min(ceilings) if ceilings else None,
         daily_budget_cny=tenant.daily_budget_cny,
         allowed_models=tenant.models,
