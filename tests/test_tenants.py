@@ -30,7 +30,7 @@ from server.tenancy.links import LinkSigner
 from server.tenancy.tenants import TenantsFile, parse_tenants
 from server.transport.http import http_security
 from tests.apps import apps_extension, image_uri, video_uri
-from tests.conftest import PORTRAIT, SPEECH, detect_emo, detect_emoji, emo_arguments, make_env, text_of
+from tests.conftest import PORTRAIT, SPEECH, call_ok, detect_emo, detect_emoji, emo_arguments, make_env, text_of
 from tests.serving import serving
 from tests.tenancy import KEYS, PUBLIC, SECRET, TOKENS, sha
 
@@ -38,28 +38,13 @@ pytestmark = pytest.mark.anyio
 
 
 def tenants_toml(keys: dict[str, Path], *, drop: str | None = None) -> str:
-    def hashes(name: str) -> str:
-        return "[]" if name == drop else json.dumps([sha(TOKENS[name])])
-
-    return f"""
-[tenants.alice]
-dashscope_key_file = "{keys["alice"]}"
-token_sha256 = {hashes("alice")}
-
-[tenants.bob]
-dashscope_key_file = "{keys["bob"]}"
-token_sha256 = {hashes("bob")}
-
-[tenants.carol]
-dashscope_key_file = "{keys["shared"]}"
-token_sha256 = {hashes("carol")}
-
-[tenants.dave]
-dashscope_key_file = "{keys["shared"]}"
-token_sha256 = {hashes("dave")}
-daily_budget_cny = 0.0001
-models = ["emo-v1"]
-"""
+    """alice and bob on keys of their own, carol and dave on the shared one (dave: a tiny budget, emo-v1
+    only); `drop`: that tenant's token hash removed (revoked)."""
+    text = ""
+    for tenant, key in (("alice", "alice"), ("bob", "bob"), ("carol", "shared"), ("dave", "shared")):
+        hashes = "[]" if tenant == drop else json.dumps([sha(TOKENS[tenant])])
+        text += f'\n[tenants.{tenant}]\ndashscope_key_file = "{keys[key]}"\ntoken_sha256 = {hashes}\n'
+    return text + 'daily_budget_cny = 0.0001\nmodels = ["emo-v1"]\n'
 
 
 @dataclass
@@ -127,17 +112,10 @@ async def finished_task(hosted: Hosted, tenant: str, base: str | None = None) ->
     """Detect, generate and wait for the video as `tenant`; the task's status, with the detection."""
     async with hosted.client(tenant, base) as client:
         detection = await detect_emo(client)
-        submitted = await call(client, "emo_generate", emo_arguments(detection))
-        status = await call(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 20})
+        submitted = await call_ok(client, "emo_generate", emo_arguments(detection))
+        status = await call_ok(client, "task_status", {"task_id": submitted["task_id"], "wait_seconds": 20})
     assert status["task_status"] == "SUCCEEDED", status
     return {**status, "detection": detection}
-
-
-async def call(client: Client, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    result = await client.call_tool(name, arguments)
-    assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return dict(result.structured_content)
 
 
 async def refused(client: Client, name: str, arguments: dict[str, Any]) -> str:
@@ -343,7 +321,7 @@ async def test_two_workers_keep_the_walls_and_serve_each_others_links(
         hosted = Hosted(first, accounts, settings, tenants, keys)
         status = await finished_task(hosted, "alice")
         async with hosted.client("alice", second) as alice:
-            again = await call(alice, "task_status", {"task_id": status["task_id"]})
+            again = await call_ok(alice, "task_status", {"task_id": status["task_id"]})
             assert again["video_path"] == status["video_path"]
         async with hosted.client("bob", second) as bob:
             text = await refused(bob, "task_status", {"task_id": status["task_id"]})
@@ -454,7 +432,7 @@ async def test_generates_racing_on_two_workers_for_the_last_of_a_budget_never_ov
         hosted = Hosted(first, accounts, settings, tenants, keys)
         async with hosted.client("carol") as carol:
             detection = await detect_emo(carol)
-            dry = await call(carol, "emo_generate", {**emo_arguments(detection), "dry_run": True})
+            dry = await call_ok(carol, "emo_generate", {**emo_arguments(detection), "dry_run": True})
         # Room for the detection and one job, not two (re-read from the file by both workers).
         budget = round(0.004 * 4 + dry["estimated_cost_cny"] * 1.5, 4)
         tenants.write_text(

@@ -362,49 +362,45 @@ async def test_the_tenant_claim_is_configurable(make: Make, issuer: LocalIssuer)
     assert await verdict(verifier, issuer.token({"tenant": "acme"})) == ("no-tenant", None)
 
 
-async def test_the_tenant_is_checked_on_every_call(
-    verifier: TenantTokenVerifier, issuer: LocalIssuer, tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    decodes = 0
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per signature check PyJWT makes (what the verifier's cache saves)."""
+    made: list[None] = []
     real_decode = jwt.decode
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal decodes
-        decodes += 1
+        made.append(None)
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(jwt, "decode", counting)
+    return made
+
+
+async def test_the_tenant_is_checked_on_every_call(
+    verifier: TenantTokenVerifier, issuer: LocalIssuer, tenancy: Tenancy, decodes: list[None]
+) -> None:
     token = issuer.token({"tenant": "acme"})
     for _ in range(3):
         assert await verdict(verifier, token) == ("ok", "acme")
-    assert decodes == 1  # verified once, then remembered
+    assert len(decodes) == 1  # verified once, then remembered
     tenancy.tenants.discard("acme")
     assert await verdict(verifier, token) == ("no-tenant", None)  # revoked at once despite the cache
     tenancy.tenants.add("acme")
     assert await verdict(verifier, token) == ("ok", "acme")
-    assert decodes == 1
+    assert len(decodes) == 1
 
 
 async def test_the_cache_forgets_after_five_minutes(
-    verifier: TenantTokenVerifier, issuer: LocalIssuer, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    verifier: TenantTokenVerifier, issuer: LocalIssuer, clock: Clock, decodes: list[None]
 ) -> None:
-    decodes = 0
-    real_decode = jwt.decode
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal decodes
-        decodes += 1
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(jwt, "decode", counting)
     token = issuer.token({"tenant": "acme", "exp": int(clock()) + 3600})
     assert await verdict(verifier, token) == ("ok", "acme")
     clock.advance(299)
     assert await verdict(verifier, token) == ("ok", "acme")
-    assert decodes == 1
+    assert len(decodes) == 1
     clock.advance(2)
     assert await verdict(verifier, token) == ("ok", "acme")
-    assert decodes == 2
+    assert len(decodes) == 2
 
 
 async def test_the_cache_is_bounded(

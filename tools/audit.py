@@ -21,6 +21,7 @@ from server.errors import (
     ProvenanceError,
     RefusedInputError,
 )
+from server.jobs.task_views import IMPLICIT_TENANT
 from server.results import _Result
 
 # Most specific first: the first class an error is an instance of names its kind.
@@ -37,7 +38,7 @@ REFUSALS: tuple[tuple[type[EmoMcpError], str], ...] = (
 
 
 def _tenant(service: Service) -> str:
-    return service.settings.tenant or "default"
+    return service.settings.tenant or IMPLICIT_TENANT
 
 
 def audit_call(service: Service, tool: str, result: _Result, request_id: Any) -> None:
