@@ -140,7 +140,7 @@ class Generator:
         if dry_run:
             return self._dry_run(plan)
         check_budget(self.settings, plan.estimate, approval)
-        self._check_day(plan)  # before the uploads too: they are free, but they are sent
+        self._check_day(plan)  # before the uploads (free, but sent); checked again with the row (_hold_budget)
         deadline = deadline or Deadline()
         # Free, and cached in the ledger once done: an upload slower than the call serves the next call.
         uploads = self.background.start(lambda: self._wire_input(plan, model))
@@ -153,7 +153,6 @@ class Generator:
         # An identical submit in flight (on this worker or another) is joined: its answer is this call's
         # too (`deduplicated`). Should its row go (refused outright), this call sends its own, once.
         for attempt in range(2):
-            self._check_day(plan)
             started = self.submitter.begin(
                 plan.family,
                 {**plan.payload, "input": uploads.result()},
