@@ -50,6 +50,8 @@ MATCH_SKEW = 120.0
 # A SUBMITTING row of a process on another host is considered dead after this long.
 STALE_SUBMIT = max(120.0, (SUBMIT_TIMEOUT.read or 30.0) * 4)
 BACKOFF_CAP = 300.0
+# After finding no unanswered submit, the seconds before the ledger is asked again (`Reconciler.pending`).
+PENDING_RECHECK = 1.0
 # A gmt_create below this (Sept 2001 in ms) is in seconds or garbage: such a list cannot be matched.
 MIN_CREATED_MS = 1e12
 HOST = socket.gethostname()
@@ -143,16 +145,26 @@ class Reconciler:
         self._owner_dead: OwnerDead = owner_dead or (lambda owner, at: legacy_owner_dead(owner, at, self._started_at))
         self._may_run: MayRun = may_run or (lambda: True)
         self._last_run = -math.inf
+        # Until when (monotonic) `pending` answers "no" without asking the ledger again.
+        self.quiet_until = -math.inf
         self._lock = anyio.Lock()
         self._failures = 0
         # Why a pass could not decide, by local id: each such row's `last_error`.
         self.errors: dict[str, EmoMcpError] = {}
 
     def pending(self) -> bool:
-        """Any unanswered submit to look for (asked on every tick: one indexed probe, no rows read)."""
-        return bool(
+        """Any unanswered submit to look for: one indexed probe, and after a "no" none again for
+        `PENDING_RECHECK` seconds (or the poll interval, if shorter). The watcher asks on every tick, and
+        with many open tasks a tick follows every query: the probe was the busiest read of all."""
+        now = time.monotonic()
+        if now < self.quiet_until:
+            return False
+        found = bool(
             self._ledger.query("SELECT 1 FROM tasks WHERE status IN (?, ?) LIMIT 1", (SUBMITTING, SUBMIT_UNKNOWN))
         )
+        if not found:
+            self.quiet_until = now + min(self._settings.poll_interval, PENDING_RECHECK)
+        return found
 
     def next_due(self) -> float:
         """One pass every poll interval; after failed passes, less and less often."""

@@ -58,7 +58,7 @@ from server.models import Family, template_max_seconds
 from server.store.evidence import Evidence
 from server.store.leases import Leases
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
-from server.store.queue import DOWNLOAD, QUERY, DueQueue, Entry, Rate
+from server.store.queue import DOWNLOAD, QUERY, Context, DueQueue, Rate
 from server.upstream.answers import snippet
 from server.upstream.client import DashScopeClient
 
@@ -387,6 +387,8 @@ class Watcher:
                 tg.start_soon(self._reconcile)
                 due = time.monotonic() + self.interval
             wake = min(wake, now + (due - time.monotonic()))
+        else:  # the probe is asked again after its quiet spell, even if nothing else wakes this loop
+            wake = min(wake, now + (self.reconciler.quiet_until - time.monotonic()))
         free = self._budget - len(self._inflight)
         if free < self._refill:
             # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
@@ -566,11 +568,11 @@ class Watcher:
                 record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY, owner=self._owner
             )
             return
-        entry = self.queue.get(record.task_id)
-        if entry is None:  # adopted or restored without a row: queue it first
+        context = self.queue.context(record.task_id, AHEAD_COUNTED)
+        if context is None:  # adopted or restored without a row: queue it first
             self.queue.schedule(record.task_id, record.model, record.created_at, now)
-            entry = self.queue.get(record.task_id)
-        eta = self._estimate(record, entry) if entry is not None else None
+            context = self.queue.context(record.task_id, AHEAD_COUNTED)
+        eta = self._estimate(record, context) if context is not None else None
         due = next_query(
             schedule=self._settings.poll_schedule,
             began=began_epoch,
@@ -580,17 +582,17 @@ class Watcher:
         )
         self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta, owner=self._owner)
 
-    def _estimate(self, record: TaskRecord, entry: Entry) -> Eta:
+    def _estimate(self, record: TaskRecord, context: Context) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
+        entry = context.entry
         if entry.expected_seconds is None:
             entry = dataclasses.replace(entry, expected_seconds=self._assumed_seconds(record.model))
-        ahead = self.queue.ahead(entry)
         ahead_end = None
-        if ahead is not None:
-            ahead_end = ahead.expected_end
+        if context.ahead_id is not None:
+            ahead_end = context.ahead_end
             if ahead_end is None and rate is not None:
-                seconds = ahead.expected_seconds or self._assumed_seconds(ahead.model)
-                ahead_end = (ahead.expected_start or self._now()) + seconds * rate
+                seconds = context.ahead_seconds or self._assumed_seconds(entry.model)  # one model's queue
+                ahead_end = (context.ahead_start or self._now()) + seconds * rate
         scheduled = parse_beijing(record.scheduled_time) if record.status == "RUNNING" else None
         return estimate(
             entry,
@@ -598,7 +600,7 @@ class Watcher:
             status=record.status,
             scheduled=scheduled,
             ahead_end=ahead_end,
-            ahead_count=self.queue.position(record.model, record.created_at, cap=AHEAD_COUNTED),
+            ahead_count=context.ahead_count,
             rate=rate,
             rate_basis=rate_basis,
         )

@@ -457,11 +457,10 @@ class Ledger:
         for name in _FREE_TEXT & fields.keys():
             fields[name] = _clean(fields[name])
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._tx() as db:
-            db.execute(
-                f"UPDATE tasks SET {assignments}, updated_at = ? WHERE task_id = ?",  # noqa: S608 (names are whitelisted)
-                (*fields.values(), time.time(), task_id),
-            )
+        self._db.execute(
+            f"UPDATE tasks SET {assignments}, updated_at = ? WHERE task_id = ?",  # noqa: S608 (names are whitelisted)
+            (*fields.values(), time.time(), task_id),
+        )
 
     def get_task(self, task_id: str) -> TaskRecord | None:
         """By upstream task id, or by the local id an unanswered submit was given."""

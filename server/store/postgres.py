@@ -172,8 +172,10 @@ class PostgresDatabase:
     # ------------------------------------------------------------------ Database
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self.transaction() as tx:
-            return tx.execute(sql, params)
+        # One statement in autocommit is its own transaction (atomic, committed before it returns): one
+        # round trip instead of BEGIN, the statement and COMMIT. The watcher writes after every query.
+        with self._guard("write"), self._pool.connection() as conn:
+            return self._run(conn, sql, params)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._guard("read"), self._pool.connection() as conn:

@@ -52,6 +52,18 @@ class Entry:
     basis: str | None
 
 
+@dataclass(frozen=True)
+class Context:
+    """A task's entry and what its estimate needs of the task just ahead of it (`DueQueue.context`)."""
+
+    entry: Entry
+    ahead_count: int
+    ahead_id: str | None
+    ahead_seconds: float | None
+    ahead_start: float | None
+    ahead_end: float | None
+
+
 class Estimate(Protocol):
     """What the queue keeps of a schedule estimate (`server.jobs.schedule.Eta` has these)."""
 
@@ -189,6 +201,39 @@ class DueQueue:
     def get(self, task_id: str) -> Entry | None:
         rows = self._ledger.query("SELECT * FROM due_queue WHERE task_id = ?", (task_id,))
         return _entry(rows[0]) if rows else None
+
+    def context(self, task_id: str, cap: int) -> Context | None:
+        """A task's entry with what its estimate needs of the queue ahead of it (the task just before
+        it in its model's queue, and how many are ahead, counting at most `cap`): one statement of
+        index probes instead of three reads, since the watcher asks after every query of every task."""
+        ahead = (
+            "(SELECT a.{column} FROM due_queue a WHERE a.model = q.model AND a.stage = ?"
+            " AND a.created_at < q.created_at ORDER BY a.created_at DESC LIMIT 1)"
+        )
+        columns = ("task_id", "expected_seconds", "expected_start", "expected_end")
+        rows = self._ledger.query(
+            "SELECT q.*, (SELECT COUNT(*) FROM (SELECT 1 FROM due_queue c WHERE c.model = q.model AND c.stage = ?"  # noqa: S608
+            " AND c.created_at < q.created_at LIMIT ?) AS counted) AS ahead_count, "
+            + ", ".join(ahead.format(column=column) + f" AS ahead_{column}" for column in columns)
+            + " FROM due_queue q WHERE q.task_id = ?",
+            (QUERY, cap, *([QUERY] * len(columns)), task_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+
+        def number(name: str) -> float | None:
+            value = row[name]
+            return None if value is None else float(value)
+
+        return Context(
+            entry=_entry(row),
+            ahead_count=int(row["ahead_count"]),
+            ahead_id=None if row["ahead_task_id"] is None else str(row["ahead_task_id"]),
+            ahead_seconds=number("ahead_expected_seconds"),
+            ahead_start=number("ahead_expected_start"),
+            ahead_end=number("ahead_expected_end"),
+        )
 
     def ahead(self, entry: Entry) -> Entry | None:
         """The task just before this one in its model's queue (this account runs them one at a time)."""

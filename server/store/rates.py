@@ -1,20 +1,25 @@
-"""The cluster's rate window: every process's upstream starts, counted in the shared ledger.
+"""The cluster's rate window: every process's upstream starts, reserved in the shared ledger.
 
 Why: DashScope's limits are per account, so the query limit and the per-model detect and submit
-limits must hold for the sum of all workers. Each start is recorded under its limiter's key inside a
-write transaction that first counts the key's starts in the last window; a start that would exceed
-the limit is refused with the time until the oldest one leaves the window. A 429's `Retry-After` is
-written to the key's row, so every worker pauses, not only the one that was told.
+limits must hold for the sum of all workers. Each limiter key has one row in `rate_limits` holding
+`tat`, the earliest moment the key's next start may have (a generic cell rate algorithm: starts are
+spaced `spacing` apart on one timeline for the whole cluster). A worker reserves its next few starts
+with one upsert that moves `tat` on by their spacing and returns where its slots begin, so the cost
+is one statement per batch of starts, whatever the window holds (the previous design counted the
+last window's starts, row by row, in a transaction per start: 4 statements per query). With
+`spacing = window / limit`, no window of `window` seconds holds more than `limit` reserved slots.
 
-The transaction begins by touching the key's row in `rate_limits` (an upsert): on SQLite the write
-lock serializes the whole transaction anyway; on PostgreSQL that row lock is what serializes the
-starts of one key (READ COMMITTED would otherwise let two workers count the same window).
+A 429's `Retry-After` is written to the key's row (`paused_until`), so every worker pauses, not only
+the one that was told: a reservation asked for while the key is paused grants nothing and says how
+long to wait.
 
-The tables come from migration 0003 (`server/store/sql/<dialect>/0003_cluster.sql`).
+The row lock of the upsert is what serializes the reservations of one key on PostgreSQL (READ
+COMMITTED re-reads the row it waited for), and SQLite's write lock does the same there. The columns
+come from migrations 0003 and 0005 (`server/store/sql/<dialect>/`).
 
 Time is the ledger's clock (`Ledger.clock`): on PostgreSQL the database server's, so skewed hosts
-count one window. The in-process limiter (server/upstream/limits.py) stays in front of this, so
-the ledger sees at most `rate` attempts per second per process.
+share one timeline. The in-process limiter (server/upstream/limits.py) stays in front of this,
+converts the slots to its own clock, and drops a slot it could not use in time.
 """
 
 from __future__ import annotations
@@ -23,10 +28,20 @@ from collections.abc import Callable
 
 from server.store.ledger import Ledger
 
-# Slots older than this many windows are deleted by the next start of their key.
-KEEP_WINDOWS = 2.0
-
 Clock = Callable[[], float]
+
+# One statement. A paused key grants nothing; so does a timeline already more than `horizon` ahead of
+# now (`granted` = -1), so that no worker holds slots far in the future when a 429 pauses the key.
+# Otherwise the slots start at max(tat, now) (`granted`) and tat moves on by their spacing. Every SET
+# expression sees the row as it was. CASE rather than GREATEST/MAX: one text for both dialects.
+_RESERVE = (
+    "INSERT INTO rate_limits (key, paused_until, tat, granted) VALUES (?, 0, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " granted = CASE WHEN rate_limits.paused_until > ? OR rate_limits.tat > ? THEN -1"
+    " WHEN rate_limits.tat > ? THEN rate_limits.tat ELSE ? END,"
+    " tat = CASE WHEN rate_limits.paused_until > ? OR rate_limits.tat > ? THEN rate_limits.tat"
+    " WHEN rate_limits.tat > ? THEN rate_limits.tat + ? ELSE ? END"
+    " RETURNING paused_until, tat, granted"
+)
 
 
 class SharedRates:
@@ -40,25 +55,23 @@ class SharedRates:
         # The ledger's clock by default: PostgreSQL's server clock, so skewed hosts agree (Ledger.clock).
         self.clock: Clock = clock or ledger.clock
 
-    def try_start(self, key: str, limit: int, window: float) -> float:
-        """Record a start now and return 0, or return how long to wait before asking again."""
+    def reserve(self, key: str, count: int, spacing: float, horizon: float) -> tuple[float, int]:
+        """Reserve `count` starts `spacing` apart, the first at most `horizon` seconds ahead: (seconds
+        from now to the first slot, count granted), or (seconds to wait before asking again, 0) while
+        the key is paused or its timeline is further ahead than `horizon`."""
         key = self._scope + key
-        with self._ledger.transaction() as db:
-            now = self.clock()
-            [paused] = db.execute(
-                "INSERT INTO rate_limits (key, paused_until) VALUES (?, 0) ON CONFLICT (key)"
-                " DO UPDATE SET paused_until = rate_limits.paused_until RETURNING paused_until",
-                (key,),
-            )
-            if float(paused[0]) > now:
-                return float(paused[0]) - now
-            counted = db.one("SELECT COUNT(*), MIN(at) FROM rate_slots WHERE key = ? AND at > ?", (key, now - window))
-            assert counted is not None
-            if int(counted[0]) >= limit:
-                return max(0.001, float(counted[1]) + window - now)
-            db.execute("INSERT INTO rate_slots (key, at) VALUES (?, ?)", (key, now))
-            db.execute("DELETE FROM rate_slots WHERE key = ? AND at < ?", (key, now - KEEP_WINDOWS * window))
-            return 0.0
+        now = self.clock()
+        span = max(1, count) * spacing
+        ahead = now + horizon
+        [row] = self._ledger.execute(
+            _RESERVE, (key, now + span, now, now, ahead, now, now, now, ahead, now, span, now + span)
+        )
+        paused, tat, granted = float(row[0]), float(row[1]), float(row[2])
+        if paused > now:
+            return paused - now, 0
+        if granted < 0:
+            return max(0.001, tat - ahead), 0
+        return max(0.0, granted - now), max(1, count)
 
     def pause(self, key: str, seconds: float) -> None:
         """Nobody in the cluster starts under `key` for `seconds` (a later pause never shortens one)."""
