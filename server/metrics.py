@@ -106,6 +106,7 @@ class PrometheusMetrics(Metrics):
             buckets=LEDGER_BUCKETS,
             registry=self.registry,
         )
+        self._ledger_children: dict[str, Histogram] = {}
 
     def upstream_call(self, endpoint: str, status: int | None) -> None:
         self._calls.labels(endpoint).inc()
@@ -124,7 +125,12 @@ class PrometheusMetrics(Metrics):
         self._download_bytes.inc(size)
 
     def ledger_call(self, operation: str, seconds: float) -> None:
-        self._ledger.labels(operation).observe(seconds)
+        # The labelled child once per operation: `labels()` validates and locks on every call, and this
+        # runs for every ledger call (several per task query).
+        child = self._ledger_children.get(operation)
+        if child is None:
+            child = self._ledger_children[operation] = self._ledger.labels(operation)
+        child.observe(seconds)
 
     def set_task_counts(self, counts: Mapping[str, int] | None) -> None:
         """The scrape's task counts by status, or None when the ledger did not answer in time

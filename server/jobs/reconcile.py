@@ -166,6 +166,10 @@ class Reconciler:
             self.quiet_until = now + min(self._settings.poll_interval, PENDING_RECHECK)
         return found
 
+    def look_again(self) -> None:
+        """This process just left a submit unanswered: the next tick asks the ledger, whatever it said last."""
+        self.quiet_until = -math.inf
+
     def next_due(self) -> float:
         """One pass every poll interval; after failed passes, less and less often."""
         interval = self._settings.poll_interval

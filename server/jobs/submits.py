@@ -224,6 +224,7 @@ class Submitter:
         """No answer: the row waits for `server.jobs.reconcile` (an identical submit is refused meanwhile)."""
         self._evidence.write_json(submit.folder / "outcome-unknown.json", {"error": why, "local_id": submit.local_id})
         self._ledger.update_task(submit.local_id, status=SUBMIT_UNKNOWN, message=why)
+        self._watcher.reconciler.look_again()
         self._watcher.notify(submit.local_id)
 
     def _reuse(self, record: TaskRecord, output_size: str) -> Submitted:

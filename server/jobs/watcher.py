@@ -101,6 +101,10 @@ QUERY_BACKOFF_CAP = 300.0
 KNOWN_STATUSES = frozenset({"PENDING", "RUNNING", "SUSPENDED", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
 # An answer that would end a task without its video is believed only after this many in a row.
 DOUBTFUL_ANSWERS = 3
+# Ticks (a claim and two reads of the due queue) come at most this often (or a tenth of the poll interval,
+# if shorter): every finished step wakes the loop, and with many steps in flight the finished ones of
+# those milliseconds share one tick instead of each paying its own.
+TICK_GAP = 0.02
 
 
 def _video_url(output: dict[str, Any]) -> str | None:
@@ -179,6 +183,8 @@ class Watcher:
         # queries at the limit, so a due task waits at most that long, and a saturated watcher claims
         # (a write) a few times per second instead of once per query.
         self._refill = max(1, self._budget // 4)
+        self._tick_gap = min(TICK_GAP, self.interval / 10)
+        self._last_tick = -math.inf
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self.queue = DueQueue(ledger)
@@ -240,6 +246,9 @@ class Watcher:
                     with anyio.move_on_after(delay):
                         await self._wake.wait()
                     self._wake = anyio.Event()
+                    gathering = self._last_tick + self._tick_gap - time.monotonic()
+                    if gathering > 0:
+                        await anyio.sleep(gathering)
         finally:
             # A clean stop hands this worker's claims to the others at once (a kill waits for the lease).
             try:
@@ -379,6 +388,7 @@ class Watcher:
 
     def _tick(self, tg: TaskGroup) -> float:
         """Start the due steps the rate allows; return how long to sleep before the next one is due."""
+        self._last_tick = time.monotonic()
         now = self._now()
         wake = now + self.interval
         if self.reconciler.pending():
@@ -387,8 +397,6 @@ class Watcher:
                 tg.start_soon(self._reconcile)
                 due = time.monotonic() + self.interval
             wake = min(wake, now + (due - time.monotonic()))
-        else:  # the probe is asked again after its quiet spell, even if nothing else wakes this loop
-            wake = min(wake, now + (self.reconciler.quiet_until - time.monotonic()))
         free = self._budget - len(self._inflight)
         if free < self._refill:
             # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
@@ -671,7 +679,7 @@ class Watcher:
         state.doubts = state.doubts + 1 if doubtful else 0
         if doubtful and state.doubts < DOUBTFUL_ANSWERS:
             # Would end the task without its video: believed only if it says so again.
-            self._ledger.update_task(task_id, polls=polls)
+            self._ledger.record_answer(task_id, polls=polls)
             raise UnreadableAnswerError(
                 f"DashScope answered {status} for task {task_id}"
                 + (" without a video URL" if status == "SUCCEEDED" else "")
@@ -696,7 +704,7 @@ class Watcher:
             fields["message"] = str(output.get("message") or "")
         elif status == "UNKNOWN":
             fields["code"], fields["message"] = "UNKNOWN", UNKNOWN_MESSAGE
-        self._ledger.update_task(task_id, **fields)
+        self._ledger.record_answer(task_id, **fields)
         if status not in TERMINAL_STATUSES:
             # Only polls, status and upstream's times changed: the row is known without reading it back
             # (this runs for every answer about every open task).

@@ -47,8 +47,13 @@ class Database(Protocol):
     # Where the rows live, fit for messages and logs (a file path, or a URL without its password).
     location: str
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        """One statement in its own write transaction; returns its rows (`RETURNING`, or none)."""
+    def execute(self, sql: str, params: Sequence[Any] = (), *, durable: bool = True) -> list[Row]:
+        """One statement in its own write transaction; returns its rows (`RETURNING`, or none).
+
+        `durable=False`: the commit need not wait for the disk (PostgreSQL's `synchronous_commit = off`:
+        visible to everyone at once, but a crash of the database server may forget the last fraction of
+        a second). Only for state the watcher re-derives by itself: due times, claims, rate slots,
+        heartbeats, the latest answer about a task. Never for a submit, a detection or a video."""
         ...
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:

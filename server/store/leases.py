@@ -64,6 +64,7 @@ class Leases:
             "UPDATE due_queue SET due_at = ?, claimed_by = ? WHERE task_id = ?"
             " AND (claimed_by IS NULL OR claimed_by = ? OR due_at <= ?) RETURNING task_id",
             (now + lease, worker_id, task_id, worker_id, now),
+            durable=False,
         )
         if rows:
             return "taken"
@@ -85,6 +86,7 @@ class Leases:
         rows = self._ledger.execute(
             f"UPDATE due_queue SET due_at = ? WHERE claimed_by = ? AND task_id IN ({marks}) RETURNING task_id",  # noqa: S608
             (until, worker_id, *task_ids),
+            durable=False,
         )
         return len(rows)
 

@@ -195,9 +195,10 @@ class Ledger:
         """Several statements as one write transaction."""
         return self._db.transaction()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        """One statement in its own transaction, for those modules' tables."""
-        return self._db.execute(sql, params)
+    def execute(self, sql: str, params: Sequence[Any] = (), *, durable: bool = True) -> list[Row]:
+        """One statement in its own transaction, for those modules' tables (`durable`: see
+        `server.store.database.Database.execute`)."""
+        return self._db.execute(sql, params, durable=durable)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """One read, without a write transaction around it (a SELECT sees a consistent snapshot by
@@ -448,7 +449,16 @@ class Ledger:
         }
     )
 
+    def record_answer(self, task_id: str, **fields: Any) -> None:
+        """`update_task` for what an upstream answer about a task says (status, times, URL, the query
+        count), committed without waiting for the disk: the watcher writes one after every query, and a
+        database crash that forgot the last of them only means the task is asked again."""
+        self._update_task(task_id, fields, durable=False)
+
     def update_task(self, task_id: str, **fields: Any) -> None:
+        self._update_task(task_id, fields, durable=True)
+
+    def _update_task(self, task_id: str, fields: dict[str, Any], *, durable: bool) -> None:
         unknown = set(fields) - self._TASK_COLUMNS
         if unknown:
             raise ValueError(f"not task columns: {sorted(unknown)}")
@@ -460,6 +470,7 @@ class Ledger:
         self._db.execute(
             f"UPDATE tasks SET {assignments}, updated_at = ? WHERE task_id = ?",  # noqa: S608 (names are whitelisted)
             (*fields.values(), time.time(), task_id),
+            durable=durable,
         )
 
     def get_task(self, task_id: str) -> TaskRecord | None:

@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -58,6 +59,8 @@ CONNECT_TIMEOUT = 3  # seconds to open a connection (libpq's connect_timeout)
 POOL_TIMEOUT = 3.0  # seconds a call waits to borrow a connection before the database counts as down
 # A statement that succeeded this recently stands for a ping (a paid call's check costs nothing then).
 HEALTHY_FOR = 1.0
+MAX_INDEXES = 1024  # distinct result shapes whose name index is kept (statements are few; a bound anyway)
+_TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
 # While the breaker is open: how often the background thread tries a connection.
 PROBE_EVERY = 0.5
 # The channel of the 0004 migration's trigger (payload: "<schema> <task id>").
@@ -111,8 +114,21 @@ def _translate(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# Column name -> position, per distinct list of result column names (a few dozen statements).
+_INDEXES: dict[tuple[bytes | None, ...], dict[str, int]] = {}
+
+
 def _named_rows(cursor: psycopg.Cursor[Any]) -> RowMaker[NamedRow]:
-    index = {column.name: position for position, column in enumerate(cursor.description or ())}
+    """Rows readable by name. The names come straight from the result (`cursor.description` builds a
+    `Column` object per column per statement: a tenth of a busy worker's time with `SELECT *` of tasks),
+    and each distinct list of names maps to one shared index."""
+    result = cursor.pgresult
+    names = tuple(result.fname(position) for position in range(result.nfields)) if result is not None else ()
+    index = _INDEXES.get(names)
+    if index is None:
+        index = {(name or b"").decode(): position for position, name in enumerate(names)}
+        if len(_INDEXES) < MAX_INDEXES:
+            _INDEXES[names] = index
     return lambda values: NamedRow(index, values)
 
 
@@ -146,6 +162,8 @@ class PostgresDatabase:
         self._probing = False
         self._closed = threading.Event()
         self._last_ok = 0.0  # monotonic time of the last statement that succeeded
+        # Pooled connections whose session has `synchronous_commit = off` (`_commit_mode`).
+        self._soft: weakref.WeakSet[psycopg.Connection[NamedRow]] = weakref.WeakSet()
         # A first connection straight away: a wrong or unreachable URL fails here, with libpq's reason,
         # not later as a pool timeout.
         with self._guard("connect"):
@@ -171,10 +189,11 @@ class PostgresDatabase:
 
     # ------------------------------------------------------------------ Database
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    def execute(self, sql: str, params: Sequence[Any] = (), *, durable: bool = True) -> list[Row]:
         # One statement in autocommit is its own transaction (atomic, committed before it returns): one
         # round trip instead of BEGIN, the statement and COMMIT. The watcher writes after every query.
         with self._guard("write"), self._pool.connection() as conn:
+            self._commit_mode(conn, durable=durable)
             return self._run(conn, sql, params)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -183,8 +202,10 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        with self._guard("write"), self._pool.connection() as conn, conn.transaction():
-            yield _Tx(conn, self)
+        with self._guard("write"), self._pool.connection() as conn:
+            self._commit_mode(conn, durable=True)
+            with conn.transaction():
+                yield _Tx(conn, self)
 
     def version(self) -> int:
         with self._guard("read"), self._pool.connection() as conn:
@@ -248,12 +269,28 @@ class PostgresDatabase:
 
     # ------------------------------------------------------------------ helpers
 
+    def _commit_mode(self, conn: psycopg.Connection[NamedRow], *, durable: bool) -> None:
+        """The session's `synchronous_commit` as this write needs it (`Database.execute`'s `durable`).
+
+        A pooled connection keeps the mode of its last write; it is switched (one `SET`, no commit)
+        only when the next write needs the other one, so a watcher's run of soft writes pays it once.
+        A new connection is durable (the server's default)."""
+        soft = conn in self._soft
+        if soft == (not durable):
+            return
+        conn.execute("SET synchronous_commit = " + ("on" if durable else "off"))
+        if durable:
+            self._soft.discard(conn)
+        else:
+            self._soft.add(conn)
+
     def _run(self, conn: psycopg.Connection[NamedRow], sql: str, params: Sequence[Any]) -> list[Row]:
         if self._trace is not None:
             self._trace(sql)
         # Without parameters psycopg reads the text as it is (no placeholders, `%` needs no doubling).
         cursor = conn.execute(_translate(sql), tuple(params)) if params else conn.execute(sql)
-        return list(cursor.fetchall()) if cursor.description is not None else []
+        result = cursor.pgresult  # its status, not `cursor.description` (see `_named_rows`)
+        return list(cursor.fetchall()) if result is not None and result.status == _TUPLES_OK else []
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:

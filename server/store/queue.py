@@ -11,6 +11,10 @@ to PostgreSQL, where a claim is `FOR UPDATE SKIP LOCKED` (the dialects' `claim` 
 `server/store/sql/<dialect>/queries.sql`), so concurrent workers never claim the same task. The tables
 are the baseline migration's.
 
+Its writes (claims, due times) commit without waiting for the disk (`durable=False`, see
+`server.store.database.Database.execute`): they follow every query, and a database crash that forgot
+the last of them only means a task is claimed or asked again.
+
 The row also holds the task's schedule estimate (expected output seconds, start and end, how
 they were reckoned), and `model_rates` holds each model's learned processing rate as running
 sums, so an estimate never reads the history either.
@@ -116,7 +120,7 @@ class DueQueue:
         """Up to `limit` due tasks, earliest first; each is pushed `lease` seconds ahead while in flight."""
         if limit <= 0:
             return []
-        rows = self._ledger.execute(self._ledger.sql("claim"), (now, limit, now + lease, owner))
+        rows = self._ledger.execute(self._ledger.sql("claim"), (now, limit, now + lease, owner), durable=False)
         # A row still claimed by another worker was due only because that claim's lease ran out: a takeover.
         taken = sum(1 for row in rows if row[1] is not None and row[1] != owner)
         if taken and self.on_takeover is not None:
@@ -144,7 +148,7 @@ class DueQueue:
 
     def schedule(self, task_id: str, model: str, created_at: float, due_at: float, stage: str = QUERY) -> None:
         """Queue a task (or move it): its estimate, if any, is kept."""
-        self._ledger.execute(self._ledger.sql("schedule"), (task_id, model, created_at, stage, due_at))
+        self._ledger.execute(self._ledger.sql("schedule"), (task_id, model, created_at, stage, due_at), durable=False)
 
     def file(
         self,
@@ -171,6 +175,7 @@ class DueQueue:
                 " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage,"
                 " claimed_by = NULL" + mine,
                 (task_id, model, created_at, stage, due_at, *who),
+                durable=False,
             )
             return
         self._ledger.execute(
@@ -179,6 +184,7 @@ class DueQueue:
             " stage = excluded.stage, claimed_by = NULL, expected_start = excluded.expected_start,"
             " expected_end = excluded.expected_end, basis = excluded.basis" + mine,
             (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis, *who),
+            durable=False,
         )
 
     def reschedule(self, task_id: str, due_at: float, stage: str, *, owner: str | None = None) -> None:
@@ -187,6 +193,7 @@ class DueQueue:
         self._ledger.execute(
             "UPDATE due_queue SET due_at = ?, stage = ?, claimed_by = NULL WHERE task_id = ?" + mine,  # noqa: S608
             (due_at, stage, task_id, *(() if owner is None else (owner,))),
+            durable=False,
         )
 
     def expect(self, task_id: str, seconds: float | None) -> None:

@@ -64,7 +64,7 @@ class SharedRates:
         span = max(1, count) * spacing
         ahead = now + horizon
         [row] = self._ledger.execute(
-            _RESERVE, (key, now + span, now, now, ahead, now, now, now, ahead, now, span, now + span)
+            _RESERVE, (key, now + span, now, now, ahead, now, now, now, ahead, now, span, now + span), durable=False
         )
         paused, tat, granted = float(row[0]), float(row[1]), float(row[2])
         if paused > now:

@@ -94,7 +94,8 @@ class SQLiteDatabase:
 
     # ------------------------------------------------------------------ Database
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    def execute(self, sql: str, params: Sequence[Any] = (), *, durable: bool = True) -> list[Row]:
+        # `durable` changes nothing here: in WAL mode with synchronous=NORMAL no commit waits for the disk.
         with self.transaction() as tx:
             return tx.execute(sql, params)
 

@@ -51,6 +51,7 @@ class WorkerTable:
             "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?)"
             " ON CONFLICT (worker_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
             (worker_id, host, pid, now, now),
+            durable=False,
         )
         return now
 
