@@ -323,6 +323,24 @@ async def test_a_chain_through_nginx_round_robin_lands_on_several_workers(
 # ---------------------------------------------------------------- the pieces, in one process
 
 
+def test_a_reservation_spaces_its_slots_and_holds_back_when_the_timeline_runs_ahead(ledger: Ledger) -> None:
+    """The shared window's one statement, on each backend: slots on one timeline per key, none granted
+    while the timeline is further ahead than the horizon or the key is paused."""
+    now = [1000.0]
+    rates = SharedRates(ledger, clock=lambda: now[0])
+    assert rates.reserve("queries", 3, 0.1, 0.15) == (0.0, 3)  # slots at +0.0, +0.1, +0.2; next free at +0.3
+    wait, granted = rates.reserve("queries", 2, 0.1, 0.15)
+    assert granted == 0 and wait == pytest.approx(0.15)  # the timeline is 0.3 s ahead, 0.15 s past the horizon
+    now[0] += 0.2
+    wait, granted = rates.reserve("queries", 2, 0.1, 0.15)
+    assert granted == 2 and wait == pytest.approx(0.1)  # this caller's slots begin where the others' end
+    rates.pause("queries", 5.0)  # a 429's Retry-After, seen by any worker
+    wait, granted = rates.reserve("queries", 1, 0.1, 0.15)
+    assert granted == 0 and wait == pytest.approx(5.0)
+    assert rates.reserve("model:emo-v1", 1, 0.2, 0.15) == (0.0, 1)  # each key has a timeline of its own
+    assert SharedRates(ledger, clock=lambda: now[0], scope="key-2").reserve("queries", 1, 0.1, 0.15) == (0.0, 1)
+
+
 async def test_two_limiters_on_one_ledger_share_one_window_and_one_pause(ledger: Ledger) -> None:
     """What two workers' query limiters do with one ledger (on each backend), at the grant."""
     limiters = [RateLimiter(5.0, shared=SharedRates(ledger)) for _ in range(2)]

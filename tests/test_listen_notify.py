@@ -80,3 +80,22 @@ def test_the_cluster_clock_is_the_database_servers_even_on_a_skewed_host(
         assert abs(ledger.clock() - server_now) < 5.0
     finally:
         ledger.close()
+
+
+def test_a_query_count_alone_notifies_nobody_and_a_new_status_does(pg_url: str, tmp_path: Path) -> None:
+    """Migration 0005: an answer that says what the last one said (only `polls` moves) wakes no listener;
+    with many open tasks every worker's listener would otherwise wake on every query of the cluster."""
+    import psycopg
+
+    writer = Ledger(tmp_path / "a", pg_url)
+    try:
+        _task(writer, "task-q")
+        with psycopg.connect(pg_url, autocommit=True) as listener:
+            listener.execute("LISTEN emo_task_changed")
+            writer.record_answer("task-q", polls=5)
+            assert [note.payload for note in listener.notifies(timeout=1.0, stop_after=1)] == []
+            writer.record_answer("task-q", polls=6, status="RUNNING")
+            woken = [note.payload for note in listener.notifies(timeout=5.0, stop_after=1)]
+            assert len(woken) == 1 and woken[0].endswith(" task-q"), woken
+    finally:
+        writer.close()

@@ -90,6 +90,22 @@ def test_workers_starting_together_migrate_an_empty_database_once(pg_url: str, t
 
 
 @needs_postgres
+def test_soft_writes_do_not_wait_for_the_disk_and_every_other_write_does(pg_url: str, tmp_path: Path) -> None:
+    """`durable=False` (the watcher's bookkeeping) switches the pooled session's synchronous_commit off;
+    the next durable write or transaction on any pooled connection has it on again."""
+    ledger = Ledger(tmp_path, pg_url)
+    try:
+        for _ in range(3):  # whichever pooled connection each call borrows
+            assert ledger.execute("SHOW synchronous_commit", durable=False)[0][0] == "off"
+            assert ledger.execute("SHOW synchronous_commit")[0][0] == "on"
+            ledger.execute("SHOW synchronous_commit", durable=False)
+            with ledger.transaction() as tx:
+                assert tx.execute("SHOW synchronous_commit")[0][0] == "on"
+    finally:
+        ledger.close()
+
+
+@needs_postgres
 def test_concurrent_claimers_never_get_the_same_task(pg_url: str, tmp_path: Path) -> None:
     ledgers = [Ledger(tmp_path, pg_url) for _ in range(WORKERS)]
     try:

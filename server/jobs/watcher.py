@@ -520,7 +520,8 @@ class Watcher:
             record = self._ledger.get_task(task_id)
             if record is None or not record.finished or (record.status == "SUCCEEDED" and not record.video_url):
                 # The schedule counts from when a query starts, so one lands every interval, not every
-                # interval plus a round trip.
+                # interval plus a round trip; "starts" is when the limiter lets it go (`_poll` moves it
+                # there): a step that waited its turn must not file its next query that much earlier.
                 began = time.monotonic()
                 state.last_query = began
                 try:
@@ -653,7 +654,7 @@ class Watcher:
             logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
 
     async def _poll(self, task_id: str, record: TaskRecord | None, state: _State) -> TaskRecord:
-        body = await self._client.get_task(task_id)
+        body = await self._client.get_task(task_id, started=lambda: setattr(state, "last_query", time.monotonic()))
         output = body.get("output")
         status = output.get("task_status") if isinstance(output, dict) else None
         if not isinstance(output, dict) or not isinstance(status, str) or status not in KNOWN_STATUSES:

@@ -304,9 +304,10 @@ class DashScopeClient:
 
     # ------------------------------------------------------------------ tasks
 
-    async def get_task(self, task_id: str) -> dict[str, Any]:
-        """GET /tasks/{id}, retried: a read is safe to repeat."""
-        return await self._read(f"{self._base_url}/tasks/{task_id}", None, "task query")
+    async def get_task(self, task_id: str, *, started: Callable[[], object] | None = None) -> dict[str, Any]:
+        """GET /tasks/{id}, retried: a read is safe to repeat. `started` is called whenever the limiter lets
+        an attempt go (the watcher schedules the next query from that moment, not from its wait)."""
+        return await self._read(f"{self._base_url}/tasks/{task_id}", None, "task query", started=started)
 
     async def list_tasks(self, model: str, start_time: str, end_time: str, *, page_size: int = 100) -> dict[str, Any]:
         """GET /tasks with a model and a window (`YYYYMMDDhhmmss`, Beijing time): finds lost submits."""
@@ -365,7 +366,13 @@ class DashScopeClient:
             ) from exc
 
     async def _read(
-        self, url: str, params: dict[str, str] | None, what: str, limiter: RateLimiter | None = None
+        self,
+        url: str,
+        params: dict[str, str] | None,
+        what: str,
+        limiter: RateLimiter | None = None,
+        *,
+        started: Callable[[], object] | None = None,
     ) -> dict[str, Any]:
         """GET a JSON object, retried on anything but a clear refusal (a read is safe to repeat)."""
         limiter = limiter or self.limits.queries
@@ -373,6 +380,8 @@ class DashScopeClient:
         last: Exception | None = None
         for attempt in range(MAX_READ_RETRIES + 1):
             await self._slot(limiter)
+            if started is not None:
+                started()
             retry_after: float | None = None
             try:
                 answer = await self._exchange(
