@@ -309,8 +309,11 @@ def test_queue_position_and_neighbours_follow_submit_order(ledger: Ledger) -> No
     queue.schedule("other", "emoji-v1", 100.5, 1000.0)
     entry = queue.get("q2")
     assert entry is not None and queue.position("emo-v1", entry.created_at) == 2
-    ahead, behind = queue.ahead(entry), queue.behind("emo-v1", entry.created_at)
-    assert ahead is not None and ahead.task_id == "q1" and behind is not None and behind.task_id == "q3"
+    context, behind = queue.context("q2", cap=100), queue.behind("emo-v1", entry.created_at)
+    assert context is not None and context.ahead_id == "q1" and behind is not None and behind.task_id == "q3"
+    assert context.entry == entry and context.ahead_count == 2
+    capped = queue.context("q3", cap=2)
+    assert capped is not None and capped.ahead_count == 2  # counted up to the cap, not the queue's depth
 
 
 def test_rates_are_running_sums(ledger: Ledger) -> None:

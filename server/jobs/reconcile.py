@@ -146,7 +146,7 @@ class Reconciler:
         self._may_run: MayRun = may_run or (lambda: True)
         self._last_run = -math.inf
         # Until when (monotonic) `pending` answers "no" without asking the ledger again.
-        self.quiet_until = -math.inf
+        self._quiet_until = -math.inf
         self._lock = anyio.Lock()
         self._failures = 0
         # Why a pass could not decide, by local id: each such row's `last_error`.
@@ -157,18 +157,18 @@ class Reconciler:
         `PENDING_RECHECK` seconds (or the poll interval, if shorter). The watcher asks on every tick, and
         with many open tasks a tick follows every query: the probe was the busiest read of all."""
         now = time.monotonic()
-        if now < self.quiet_until:
+        if now < self._quiet_until:
             return False
         found = bool(
             self._ledger.query("SELECT 1 FROM tasks WHERE status IN (?, ?) LIMIT 1", (SUBMITTING, SUBMIT_UNKNOWN))
         )
         if not found:
-            self.quiet_until = now + min(self._settings.poll_interval, PENDING_RECHECK)
+            self._quiet_until = now + min(self._settings.poll_interval, PENDING_RECHECK)
         return found
 
     def look_again(self) -> None:
         """This process just left a submit unanswered: the next tick asks the ledger, whatever it said last."""
-        self.quiet_until = -math.inf
+        self._quiet_until = -math.inf
 
     def next_due(self) -> float:
         """One pass every poll interval; after failed passes, less and less often."""

@@ -242,14 +242,6 @@ class DueQueue:
             ahead_end=number("ahead_expected_end"),
         )
 
-    def ahead(self, entry: Entry) -> Entry | None:
-        """The task just before this one in its model's queue (this account runs them one at a time)."""
-        rows = self._ledger.query(
-            "SELECT * FROM due_queue WHERE model = ? AND stage = ? AND created_at < ? ORDER BY created_at DESC LIMIT 1",
-            (entry.model, QUERY, entry.created_at),
-        )
-        return _entry(rows[0]) if rows else None
-
     def behind(self, model: str, created_at: float) -> Entry | None:
         """The task just after this moment in the model's queue: the next to start when one ends."""
         rows = self._ledger.query(
