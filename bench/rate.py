@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
-import httpx2
 
 from bench.common import BENCH_KEY, ROOT, publish
 from server.sandbox.fake_dashscope import FakeDashScope
@@ -31,11 +30,9 @@ async def burst(fake: FakeDashScope, base_url: str, window: float, count: int) -
     limits = Limits(LIMIT)
     limits.queries = RateLimiter(LIMIT, window=window)
     before = len(fake.requests)
-    async with httpx2.AsyncClient() as http:
-        client = DashScopeClient(http, base_url, BENCH_KEY, limits=limits)
-        async with anyio.create_task_group() as tg:
-            for index in range(count):
-                tg.start_soon(client.get_task, f"bench-{window}-{index}")
+    async with DashScopeClient(None, base_url, BENCH_KEY, limits=limits) as client, anyio.create_task_group() as tg:
+        for index in range(count):
+            tg.start_soon(client.get_task, f"bench-{window}-{index}")
     return sorted(r.at for r in fake.requests[before:] if "/tasks/" in r.path)
 
 

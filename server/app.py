@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx2
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
@@ -24,6 +23,9 @@ from tools import build_tools
 from tools.context import AppContext, OpenServices
 from tools.prompts import check_prompt_request, register_prompts
 from tools.resources import not_found_error, register_resources, register_spend_resource
+
+if TYPE_CHECKING:
+    import aiohttp
 
 INSTRUCTIONS = """Animate portraits with Alibaba Cloud Model Studio (DashScope).
 EMO (talking head from a portrait + speech): emo_detect → emo_generate → task_status.
@@ -70,13 +72,13 @@ def request_state_security(settings: Settings) -> RequestStateSecurity | None:
 
 def create_app(
     settings: Settings,
-    http: httpx2.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
     *,
     metrics: Metrics = NO_METRICS,
     on_service: Callable[[Services | None], None] | None = None,
     tenants: TenantsFile | None = None,
 ) -> MCPServer[AppContext]:
-    """Build the server. `http` lets tests or a host share a client; otherwise the lifespan owns one.
+    """Build the server. `session` lets tests or a host share an API session; otherwise the lifespan owns one.
 
     The HTTP transport passes `metrics` (what its /metrics serves) and `on_service`, told the open
     services and then None when they close: /healthz, /metrics and /videos are routes beside MCP, not
@@ -87,7 +89,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        async with open_services(settings, http, tenants=tenants, metrics=metrics) as services:
+        async with open_services(settings, session, tenants=tenants, metrics=metrics) as services:
             opened.services = services
             if on_service is not None:
                 on_service(services)

@@ -1,6 +1,6 @@
 """Opening and closing the domain layer: one place that builds a `Service` and its resources.
 
-Both the MCP lifespan and the command line use it, so they share one HTTP client, one ledger
+Both the MCP lifespan and the command line use it, so they share one API session, one ledger
 connection, one set of rate limits, the same rules, and the background task watcher (started here,
 stopped when the service closes).
 """
@@ -11,9 +11,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx2
 from anyio.abc import TaskGroup
 
 from server.config import Settings
@@ -25,8 +25,11 @@ from server.store.ledger import Ledger
 from server.store.rates import SharedRates
 from server.tenancy.audit import AuditLog, NoAudit
 from server.tenancy.tenants import Tenant, TenantsFile, tenant_policy, tenant_settings
-from server.upstream.client import DEFAULT_TIMEOUT, DashScopeClient
+from server.upstream.client import DashScopeClient
 from server.upstream.limits import Limits
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +37,17 @@ logger = logging.getLogger(__name__)
 @asynccontextmanager
 async def open_service(
     settings: Settings,
-    http: httpx2.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
     *,
     recover: bool = True,
     metrics: Metrics = NO_METRICS,
 ) -> AsyncIterator[Service]:
-    """Yield a ready `Service`; an injected `http` client is borrowed, otherwise one is built lazily and closed.
+    """Yield a ready `Service`; an injected API `session` is borrowed, otherwise one is built lazily and closed.
 
     `recover=False` (the CLI's `status` and `doctor`) skips start-up recovery: they look, they do not repair.
     `metrics` (the HTTP transport's) counts upstream calls, leases, downloads and ledger latency.
     """
-    async with _Opened(http, metrics, settings.audit_log) as opened, _running() as tg:
+    async with _Opened(session, metrics, settings.audit_log) as opened, _running() as tg:
         service = opened.service(settings, recover=recover)
         await tg.start(service.run)
         yield service
@@ -68,14 +71,14 @@ async def _running() -> AsyncIterator[TaskGroup]:
 
 
 class _Opened:
-    """What services opened together share and close together: the HTTP client (built lazily), their
-    ledgers, and one set of limits per DashScope key."""
+    """What services opened together share and close together: the API session (built lazily, one for
+    all: the upstream is the same host), their ledgers, and one set of limits per DashScope key."""
 
-    def __init__(self, http: httpx2.AsyncClient | None, metrics: Metrics, audit: Path | None = None) -> None:
-        self._http = http
+    def __init__(self, session: aiohttp.ClientSession | None, metrics: Metrics, audit: Path | None = None) -> None:
+        self._session = session
         self.audit: AuditLog | NoAudit = AuditLog(audit) if audit is not None else NoAudit()
         self._metrics = metrics
-        self._owned: list[httpx2.AsyncClient] = []
+        self._owned: aiohttp.ClientSession | None = None
         self._ledgers: list[Ledger] = []
         self._limits: dict[str, Limits] = {}
         self.rates_ledger: Ledger | None = None  # where tenants' shared windows are counted (tenant mode)
@@ -84,18 +87,21 @@ class _Opened:
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        for built in self._owned:
-            await built.aclose()
+        if self._owned is not None:
+            await self._owned.close()
         for ledger in reversed(self._ledgers):
             ledger.close()
         if self.rates_ledger is not None:
             self.rates_ledger.close()
         self.audit.close()
 
-    def _build_http(self) -> httpx2.AsyncClient:
-        # Built on the first upstream call, not at start-up (see HttpFactory in server/upstream/client.py).
-        self._owned.append(httpx2.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=True))
-        return self._owned[-1]
+    def _build_session(self) -> aiohttp.ClientSession:
+        # Built on the first upstream call, not at start-up (see SessionFactory in server/upstream/client.py).
+        if self._owned is None:
+            from server.upstream.wire import open_session
+
+            self._owned = open_session()
+        return self._owned
 
     def service(self, settings: Settings, *, recover: bool = True, key_id: str | None = None) -> Service:
         """A service on its own ledger. `key_id` (tenant mode): the limits are those of the tenant's
@@ -119,7 +125,7 @@ class _Opened:
                 ),
             )
         client = DashScopeClient(
-            self._http or self._build_http,
+            self._session or self._build_session,
             settings.base_url,
             settings.api_key,
             limits=limits,
@@ -219,7 +225,7 @@ TENANTS_CHECK_SECONDS = 1.0
 @asynccontextmanager
 async def open_services(
     settings: Settings,
-    http: httpx2.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
     *,
     tenants: TenantsFile | None = None,
     metrics: Metrics = NO_METRICS,
@@ -227,10 +233,10 @@ async def open_services(
     """Without a tenants file: the one service, as `open_service`. With one: a service per tenant, each on
     its own ledger, folders and key, started together (their watchers follow their open tasks at once)."""
     if tenants is None:
-        async with open_service(settings, http, metrics=metrics) as service:
+        async with open_service(settings, session, metrics=metrics) as service:
             yield Services(service)
         return
-    async with _Opened(http, metrics, settings.audit_log) as opened, _running() as tg:
+    async with _Opened(session, metrics, settings.audit_log) as opened, _running() as tg:
         # The shared rate windows of every key live in the server's own ledger, beside no tenant's data.
         opened.rates_ledger = Ledger.open(settings)
         services = Services(None, tenants, opened=opened, base=settings, tg=tg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import httpx2
 import pytest
 
 from server.domain.uploads import Uploads
@@ -73,8 +72,7 @@ async def test_what_is_checked_uploaded_and_shown_is_what_was_hashed(
     assert checked.image is not None and (checked.image.width, checked.image.height) == (600, 700)
 
     ledger = Ledger(tmp_path)
-    async with httpx2.AsyncClient() as http:
-        client = DashScopeClient(http, fake.base_url, TEST_KEY, limits=Limits(20.0, {}))
+    async with DashScopeClient(None, fake.base_url, TEST_KEY, limits=Limits(20.0, {})) as client:
         url = await Uploads(client, ledger).url_for(ref, "emo-detect-v1")
     ledger.close()
     stored = fake.objects[url.removeprefix("oss://")]

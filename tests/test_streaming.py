@@ -71,7 +71,7 @@ async def _no_sleep(_: float) -> None:
 
 
 def _client() -> DashScopeClient:
-    return DashScopeClient(httpx2.AsyncClient, "http://127.0.0.1:9/api/v1", "sk-test", sleep=_no_sleep)
+    return DashScopeClient(None, "http://127.0.0.1:9/api/v1", "sk-test", sleep=_no_sleep)
 
 
 async def test_a_video_of_several_megabytes_arrives_whole_with_its_sha256(client: Client, fake: FakeDashScope) -> None:
@@ -126,7 +126,7 @@ def test_a_full_disk_is_an_os_error() -> None:
 
 
 def test_listing_tools_builds_no_http_client(tmp_path: Path) -> None:
-    """The HTTP transport (and its TLS context) loads on the first upstream call, not at start-up."""
+    """The HTTP stacks (and their TLS contexts) load on the first upstream call, not at start-up."""
     script = f"""
 import sys, anyio
 from mcp import Client
@@ -136,14 +136,14 @@ env = {{"DASHSCOPE_API_KEY": "sk-x", "OUTPUT_DIR": {str(tmp_path)!r}, "HOME": {s
 async def main():
     async with Client(create_app(load_settings(env))) as client:
         assert len((await client.list_tools()).tools) == 6
-    sys.stdout.write(str("httpcore2" in sys.modules))
+    sys.stdout.write(str([name for name in ("httpcore2", "aiohttp") if name in sys.modules]))
 anyio.run(main)
 """
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "False"
+    assert result.stdout == "[]"
 
 
 async def test_a_download_that_drips_slower_than_its_deadline_is_cut_off_and_retried(
@@ -157,7 +157,7 @@ async def test_a_download_that_drips_slower_than_its_deadline_is_cut_off_and_ret
     fake.complete(task_id)
     fake.fault("download", "stall", seconds=1.0, times=1_000)
     url = f"{fake.origin}/files/{task_id}.mp4"
-    client = DashScopeClient(httpx2.AsyncClient, fake.base_url, "sk-test", sleep=_no_sleep)
+    client = DashScopeClient(None, fake.base_url, "sk-test", sleep=_no_sleep)
     with pytest.raises(UpstreamUnavailableError, match="longer than its deadline"):
         await client.download(url, tmp_path / "t.mp4")
     assert not list(tmp_path.iterdir())  # nothing half-written is left, nothing named .mp4

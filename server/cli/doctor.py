@@ -27,7 +27,7 @@ from server.store.ledger import Ledger
 from server.store.migrations import latest
 from server.store.spend import spend_today
 
-PACKAGES = ("dashscope-emo-mcp", "mcp", "pydantic", "httpx2", "starlette", "uvicorn")
+PACKAGES = ("dashscope-emo-mcp", "mcp", "pydantic", "httpx2", "aiohttp", "starlette", "uvicorn")
 
 
 Level = Literal["ok", "warn", "fail"]

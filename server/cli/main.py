@@ -185,6 +185,7 @@ def _configure_logging(command: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
     # Every log line passes the one redaction (keys, Authorization values, bearer tokens).
     install_log_redaction()
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import h11
-import httpx2
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.datastructures import Headers
@@ -305,7 +304,6 @@ def check_cluster(host: str, on_database: bool, has_keys: bool) -> None:
 def build_http_app(
     settings: Settings,
     security: HttpSecurity,
-    http: httpx2.AsyncClient | None = None,
     *,
     env: Mapping[str, str] | None = None,
 ) -> ASGIApp:
@@ -318,7 +316,7 @@ def build_http_app(
     tenants = open_tenants(settings, env)
     probe = LedgerProbe()
     metrics = PrometheusMetrics()
-    server = create_app(settings, http, metrics=metrics, on_service=probe.bind, tenants=tenants)
+    server = create_app(settings, metrics=metrics, on_service=probe.bind, tenants=tenants)
     server.custom_route(HEALTH_PATH, methods=["GET"], include_in_schema=False)(health_route(probe))
     server.custom_route(METRICS_PATH, methods=["GET"], include_in_schema=False)(metrics_route(probe, metrics))
     if settings.links_on:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -41,18 +41,19 @@ from server.errors import (
 from server.media.addresses import BlockedAddressError, check_url, is_loopback, pinned_sync_transport, public_only
 from server.metrics import NO_METRICS, Metrics
 from server.upstream.answers import (
-    HTTP_STACK_ERRORS,
     Answer,
     NoAnswer,
     NotSent,
     Unreadable,
-    exchange,
     parse_retry_after,
     refusal,
     snippet,
 )
 from server.upstream.limits import Limits, RateLimiter
-from server.upstream.streaming import BadVideoError, download_to_file
+from server.upstream.streaming import HTTP_STACK_ERRORS, BadVideoError, download_to_file
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["DashScopeClient", "Downloaded", "backoff_delay", "parse_retry_after", "part_path"]
 
@@ -83,8 +84,9 @@ UPLOAD_POLICY_QPS = 100.0
 _ENDPOINTS = {"task query": "task_query", "task list": "task_list", "upload policy request": "upload_policy"}
 
 Sleep = Callable[[float], Awaitable[None]]
-# Building an httpx2 client imports its transport and a TLS context (~80 ms): too slow for start-up.
-HttpFactory = Callable[[], httpx2.AsyncClient]
+# The API session (`server.upstream.wire`) is built on first use: importing aiohttp and building a TLS
+# context take ~100 ms, too slow for start-up.
+SessionFactory = Callable[[], "aiohttp.ClientSession"]
 
 DETECT_NOT_SENT = (
     "DashScope could not be reached for detection ({why}); nothing was sent and nothing billed. "
@@ -124,17 +126,6 @@ def _not_a_verdict(answer: Answer) -> str:
     return f"HTTP {answer.status}"
 
 
-def _when_sent(callback: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
-    """An httpcore `trace` hook calling `callback` when the request has been sent and the answer's
-    headers are awaited (HTTP/1.1 and HTTP/2 name that step alike)."""
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        if event.endswith(".receive_response_headers.started"):
-            callback()
-
-    return trace
-
-
 class _DownloadProblem(Exception):
     """One attempt at the video failed in a way another attempt may not (the message says how)."""
 
@@ -144,7 +135,7 @@ class DashScopeClient:
 
     def __init__(
         self,
-        http: httpx2.AsyncClient | HttpFactory,
+        session: aiohttp.ClientSession | SessionFactory | None,
         base_url: str,
         api_key: str | None,
         *,
@@ -153,7 +144,12 @@ class DashScopeClient:
         metrics: Metrics = NO_METRICS,
         party: str = "",
     ) -> None:
-        self._http_or_factory = http
+        # None: a session of its own, built on first use and closed by `aclose` (tests, benches, the CLI).
+        self._session: aiohttp.ClientSession | None = None
+        self._factory = session if callable(session) else None
+        self._owns_session = session is None
+        if session is not None and not callable(session):
+            self._session = session
         self._base_url = base_url.rstrip("/")
         self._upstream_host = urlsplit(self._base_url).hostname or ""
         self._api_key = api_key
@@ -166,17 +162,28 @@ class DashScopeClient:
         # Policy calls have their own limit (100 QPS per account and model), not the task queries'.
         self._policies = RateLimiter(UPLOAD_POLICY_QPS)
 
-    @property
-    def _http(self) -> httpx2.AsyncClient:
-        """The HTTP client, built on first use when a factory was given."""
-        if not isinstance(self._http_or_factory, httpx2.AsyncClient):
-            self._http_or_factory = self._http_or_factory()
-        return self._http_or_factory
+    def _api(self) -> aiohttp.ClientSession:
+        """The API session, built on first use."""
+        if self._session is None:
+            if self._factory is not None:
+                self._session = self._factory()
+            else:
+                from server.upstream.wire import open_session
 
-    @property
-    def http(self) -> httpx2.AsyncClient:
-        """The shared HTTP client (pre-flight fetches reuse its connection pool)."""
-        return self._http
+                self._session = open_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session this client built for itself (a shared one is its owner's to close)."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> DashScopeClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
 
     def _headers(self, *, asynchronous: bool = False, oss: bool = False) -> dict[str, str]:
         if not self._api_key:
@@ -203,13 +210,12 @@ class DashScopeClient:
             payload["parameters"] = {"ratio": ratio}
         headers = self._headers(oss=image_url.startswith("oss://"))
         limiter = self.limits.model(model)
-        extra: dict[str, Any] = {} if on_sent is None else {"extensions": {"trace": _when_sent(on_sent)}}
         for attempt in range(MAX_READ_RETRIES + 1):
             await self._slot(limiter)
             try:
                 answer = await self._exchange(
                     "detect", "POST", self._base_url + DETECT_PATH, json=payload, headers=headers,
-                    http_timeout=DETECT_TIMEOUT, **extra,
+                    http_timeout=DETECT_TIMEOUT, on_sent=on_sent,
                 )  # fmt: skip
             except NotSent as exc:
                 raise UpstreamUnavailableError(DETECT_NOT_SENT.format(why=exc)) from exc
@@ -279,16 +285,18 @@ class DashScopeClient:
             ) from exc
 
     async def _slot(self, limiter: RateLimiter) -> None:
-        """Wait for a start slot with the HTTP client already built: built lazily after the slot, the first
+        """Wait for a start slot with the API session already built: built lazily after the slot, the first
         call reached DashScope ~60 ms later than its start, close enough to the next calls to put one more
         than the rate in one second at the upstream (seen at 2/s in tests/test_operations.py)."""
-        _ = self._http
+        self._api()
         await limiter.acquire(self._party)
 
     async def _exchange(self, endpoint: str, method: str, url: str, **options: Any) -> Answer:
         """`exchange`, counted by endpoint (a request that may have left counts; one never sent does not)."""
+        from server.upstream.wire import exchange  # after `_api()`: aiohttp is loaded by then
+
         try:
-            answer = await exchange(self._http, method, url, **options)
+            answer = await exchange(self._api(), method, url, **options)
         except NoAnswer:
             self.metrics.upstream_call(endpoint, None)
             raise
@@ -450,7 +458,7 @@ class DashScopeClient:
         """Multipart POST to the storage host; the policy authorises it, so the API key is not sent."""
         try:
             answer = await self._exchange(
-                "upload", "POST", host, data=fields, files={"file": (filename, content)}, http_timeout=UPLOAD_TIMEOUT,
+                "upload", "POST", host, data=_form(fields, filename, content), http_timeout=UPLOAD_TIMEOUT,
                 budget=UPLOAD_ANSWER_BYTES,
             )  # fmt: skip
         except (NotSent, NoAnswer) as exc:
@@ -552,6 +560,20 @@ class DashScopeClient:
                 f"The video's URL led to {snippet(url, 120)}, which this server refuses to fetch ({exc}); "
                 "nothing was sent there. The task is recorded; the server tries the URL again later."
             ) from exc
+
+
+def _form(fields: dict[str, str], filename: str, content: bytes) -> aiohttp.FormData:
+    """The storage host's multipart form: the policy's fields first, the file last (OSS reads them in order)."""
+    import mimetypes
+
+    import aiohttp
+
+    form = aiohttp.FormData(quote_fields=False)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    form.add_field("file", content, filename=filename, content_type=kind)
+    return form
 
 
 def part_path(destination: Path) -> Path:

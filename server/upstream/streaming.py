@@ -57,6 +57,11 @@ class Fetched:
     sha256: str = ""
 
 
+# What httpx2 raises once a download's request may be on its way (decoding, protocol and redirect
+# errors are not TransportErrors, and used to escape the callers' handlers).
+HTTP_STACK_ERRORS: tuple[type[Exception], ...] = (httpx2.HTTPError, httpx2.StreamError, httpx2.InvalidURL)
+
+
 class FetchStoppedError(Exception):
     """The awaiting task was cancelled, so the abandoned worker thread stopped early."""
 
