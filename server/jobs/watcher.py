@@ -53,8 +53,10 @@ from server.jobs.changes import ChangeFeed, change_feed
 from server.jobs.reconcile import HOST, Reconciler, legacy_owner_dead, pid_alive
 from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
 from server.jobs.workers import Worker
+from server.jobs.writes import WriteBehind
 from server.media.sources import file_sha256
 from server.models import Family, template_max_seconds
+from server.store.database import Statement
 from server.store.evidence import Evidence
 from server.store.leases import Leases
 from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger, TaskRecord
@@ -142,6 +144,14 @@ def settled(record: TaskRecord) -> bool:
     return record.finished and not needs_download(record)
 
 
+@dataclass(frozen=True)
+class _Prefetched:
+    """A tick's step's row and queue context, read with the rest of its batch (None: not found then)."""
+
+    record: TaskRecord | None
+    context: Context | None
+
+
 @dataclass
 class _State:
     """What the watcher knows about one task beyond the ledger (in memory, per process)."""
@@ -198,6 +208,8 @@ class Watcher:
         # Tasks this worker has a step in flight for (ticks and callers' fresh queries alike).
         self._held: set[str] = set()
         self.changes: ChangeFeed = change_feed(ledger)
+        # The answers and next due times of the steps the ticks start, written a tick's worth at a time.
+        self.writes = WriteBehind(ledger, self._tick_gap)
         self._started = time.time()
         self._ledger_lost = False  # the last tick found the ledger database unreachable
         self.reconciler = Reconciler(
@@ -227,6 +239,7 @@ class Watcher:
                 task_status.started()
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self.changes.run)
+                tg.start_soon(self.writes.run)
                 if self._recover_on_start:
                     tg.start_soon(self._recover_in_background)
                 while True:
@@ -250,6 +263,7 @@ class Watcher:
                     if gathering > 0:
                         await anyio.sleep(gathering)
         finally:
+            self.writes.flush()
             # A clean stop hands this worker's claims to the others at once (a kill waits for the lease).
             try:
                 self.leases.release_workers([self._owner], self._now())
@@ -406,13 +420,19 @@ class Watcher:
         # A claim is a write: made only when something is due (every finished step wakes this loop).
         due = upcoming is not None and upcoming <= now
         due_now = self.queue.claim(now, free, self.lease, self._owner) if due else []
-        for task_id in due_now:
+        # A caller's fresh query may be running one of them; its end files the next due time.
+        starting = [task_id for task_id in due_now if self._state(task_id).inflight is None]
+        records: dict[str, TaskRecord] = {}
+        contexts: dict[str, Context] = {}
+        if starting:
+            # The rows and queue contexts of the whole batch in two reads, not two per step.
+            records = self._ledger.get_tasks(starting)
+            contexts = self.queue.contexts(starting, AHEAD_COUNTED)
+        for task_id in starting:
             state = self._state(task_id)
-            if state.inflight is not None:
-                continue  # a caller's fresh query is running it; its end files the next due time
             state.inflight = anyio.Event()
             self._inflight.add(task_id)
-            tg.start_soon(self._step, task_id, state.inflight)
+            tg.start_soon(self._step, task_id, state.inflight, _Prefetched(records.get(task_id), contexts.get(task_id)))
         if len(self._inflight) < self._budget:
             upcoming = self.queue.next_due() if due_now else upcoming
             if upcoming is not None:
@@ -509,15 +529,21 @@ class Watcher:
             logger.exception("reconciling unanswered submits failed")
             self.reconciler.failed()
 
-    async def _step(self, task_id: str, done: anyio.Event) -> None:
-        """Query the task if it is not finished, then download its video if it succeeded."""
+    async def _step(self, task_id: str, done: anyio.Event, prefetched: _Prefetched | None = None) -> None:
+        """Query the task if it is not finished, then download its video if it succeeded.
+
+        `prefetched` (a tick's step): its row and queue context, read with the rest of its batch; its
+        answer and next due time are then written with the batch's (`self.writes`), and the step ends
+        once they are. Without it (a caller's fresh query) everything is read and written at once."""
         state = self._state(task_id)
         self._held.add(task_id)
         # The row as this step leaves it, so filing the next due time need not read it again; None
         # after any failure (then it is read afresh).
         latest: TaskRecord | None = None
+        later: list[Statement] | None = [] if prefetched is not None else None
         try:
-            record = self._ledger.get_task(task_id)
+            record = prefetched.record if prefetched is not None else None
+            record = record or self._ledger.get_task(task_id)
             if record is None or not record.finished or (record.status == "SUCCEEDED" and not record.video_url):
                 # The schedule counts from when a query starts, so one lands every interval, not every
                 # interval plus a round trip; "starts" is when the limiter lets it go (`_poll` moves it
@@ -525,7 +551,7 @@ class Watcher:
                 began = time.monotonic()
                 state.last_query = began
                 try:
-                    record = await self._poll(task_id, record, state)
+                    record = await self._poll(task_id, record, state, later)
                 except Exception as exc:  # this task's trouble (upstream, parser, disk, bug), never the server's
                     self._query_failed(task_id, state, began, exc)
                     return
@@ -541,18 +567,33 @@ class Watcher:
         except Exception as exc:  # reading the ledger itself failed: retried at the next due time
             self._query_failed(task_id, state, time.monotonic(), exc)
         finally:
-            state.inflight = None
-            self._inflight.discard(task_id)
-            self._held.discard(task_id)
             try:
-                self._file_next(task_id, state, latest)
+                context = prefetched.context if prefetched is not None and latest is not None else None
+                self._file_next(task_id, state, latest, context, later)
             except (OSError, sqlite3.Error, StorageError) as exc:  # the lease brings it back if unwritten
                 logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
-            done.set()
-            self.notify(task_id)
+            try:
+                if later:
+                    await self.writes.add(later).wait()
+            finally:
+                state.inflight = None
+                self._inflight.discard(task_id)
+                self._held.discard(task_id)
+                done.set()
+                self.notify(task_id)
 
-    def _file_next(self, task_id: str, state: _State, record: TaskRecord | None = None) -> None:
-        """After a step: the task's next due time from its schedule, or out of the queue once settled."""
+    def _file_next(
+        self,
+        task_id: str,
+        state: _State,
+        record: TaskRecord | None = None,
+        context: Context | None = None,
+        later: list[Statement] | None = None,
+    ) -> None:
+        """After a step: the task's next due time from its schedule, or out of the queue once settled.
+
+        `context`: the task's queue context read with its batch (else read here); `later`: where a
+        tick's step puts its filing for the batch write (else it is written at once)."""
         record = record or self._ledger.get_task(task_id)
         if record is None or record.status in LOCAL_STATUSES or settled(record):
             self.queue.remove(task_id)
@@ -577,7 +618,8 @@ class Watcher:
                 record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY, owner=self._owner
             )
             return
-        context = self.queue.context(record.task_id, AHEAD_COUNTED)
+        if context is None or context.entry.task_id != record.task_id:
+            context = self.queue.context(record.task_id, AHEAD_COUNTED)
         if context is None:  # adopted or restored without a row: queue it first
             self.queue.schedule(record.task_id, record.model, record.created_at, now)
             context = self.queue.context(record.task_id, AHEAD_COUNTED)
@@ -589,7 +631,13 @@ class Watcher:
             interval=self.interval,
             max_interval=self._settings.poll_max_interval,
         )
-        self.queue.file(record.task_id, record.model, record.created_at, due, QUERY, eta, owner=self._owner)
+        filing = self.queue.file_statement(
+            record.task_id, record.model, record.created_at, due, QUERY, eta, owner=self._owner
+        )
+        if later is None:
+            self._ledger.execute(*filing, durable=False)
+        else:
+            later.append(filing)
 
     def _estimate(self, record: TaskRecord, context: Context) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
@@ -653,7 +701,11 @@ class Watcher:
         if not isinstance(exc, TaskNotFoundError):
             logger.warning("task %s: query failed (next in %.1fs): %s", task_id, delay, state.error)
 
-    async def _poll(self, task_id: str, record: TaskRecord | None, state: _State) -> TaskRecord:
+    async def _poll(
+        self, task_id: str, record: TaskRecord | None, state: _State, later: list[Statement] | None = None
+    ) -> TaskRecord:
+        """One query and what it says, recorded; `later`: where an answer that changes nothing but the
+        row's own fields goes for the batch write (else, and for every final answer, written at once)."""
         body = await self._client.get_task(task_id, started=lambda: setattr(state, "last_query", time.monotonic()))
         output = body.get("output")
         status = output.get("task_status") if isinstance(output, dict) else None
@@ -705,11 +757,15 @@ class Watcher:
             fields["message"] = str(output.get("message") or "")
         elif status == "UNKNOWN":
             fields["code"], fields["message"] = "UNKNOWN", UNKNOWN_MESSAGE
-        self._ledger.record_answer(task_id, **fields)
         if status not in TERMINAL_STATUSES:
             # Only polls, status and upstream's times changed: the row is known without reading it back
             # (this runs for every answer about every open task).
+            if later is None:
+                self._ledger.record_answer(task_id, **fields)
+            else:
+                later.append(self._ledger.answer_statement(task_id, **fields))
             return dataclasses.replace(record, **fields)
+        self._ledger.record_answer(task_id, **fields)
         updated = self._reread(task_id)
         if status in TERMINAL_STATUSES:
             self._evidence.write_json(Path(updated.evidence_dir) / "result.json", body)

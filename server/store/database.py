@@ -26,6 +26,10 @@ DIALECTS: tuple[Dialect, ...] = ("sqlite", "postgresql")
 DATABASE_URL_VARIABLE = "EMO_MCP_DATABASE_URL"
 
 
+# One statement and its parameters (`Database.execute_batch`).
+Statement = tuple[str, Sequence[Any]]
+
+
 class Row(Protocol):
     """A result row, by column name or by position (`sqlite3.Row` is one; PostgreSQL's rows are too)."""
 
@@ -58,6 +62,12 @@ class Database(Protocol):
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """One read without a write transaction (a single statement sees a consistent snapshot)."""
+        ...
+
+    def execute_batch(self, statements: Sequence[Statement], *, durable: bool = True) -> None:
+        """Statements whose rows nobody reads, as one write transaction sent at once: PostgreSQL pipelines
+        them (one round trip for the lot, however many), SQLite runs them in one transaction. For the
+        watcher's writes after many queries at a time (`server/jobs/writes.py`); `durable` as in `execute`."""
         ...
 
     def transaction(self) -> AbstractContextManager[Transaction]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from server.config import Settings
 from server.redaction import redact
-from server.store.database import Database, Dialect, Row, Transaction, open_database
+from server.store.database import Database, Dialect, Row, Statement, Transaction, open_database
 from server.store.migrations import named_queries
 from server.store.sqlite import FILE_MODE, LEDGER_FILE
 
@@ -44,6 +44,8 @@ VIDEO_EXPIRED = "VideoExpired"
 
 # Seconds between two readings of the database's clock (its offset from this host's clock is kept).
 CLOCK_REFRESH = 10.0
+# Ids per read of `get_tasks` (and the due queue's `contexts`): well inside SQLite's parameter limit.
+BATCH_READ = 500
 
 # Columns holding upstream's (or an exception's) free text: redacted on the way in.
 _FREE_TEXT = frozenset({"code", "message"})
@@ -204,6 +206,10 @@ class Ledger:
         """One read, without a write transaction around it (a SELECT sees a consistent snapshot by
         itself): the watcher reads the due queue after every query, so the saving counts."""
         return self._db.query(sql, params)
+
+    def execute_batch(self, statements: Sequence[Statement], *, durable: bool = True) -> None:
+        """Statements as one transaction, sent at once (see `Database.execute_batch`)."""
+        self._db.execute_batch(statements, durable=durable)
 
     # detections -------------------------------------------------------------
 
@@ -458,7 +464,14 @@ class Ledger:
     def update_task(self, task_id: str, **fields: Any) -> None:
         self._update_task(task_id, fields, durable=True)
 
+    def answer_statement(self, task_id: str, **fields: Any) -> Statement:
+        """`record_answer`'s statement, not run: the watcher sends a tick's answers in one batch."""
+        return self._task_update(task_id, fields)
+
     def _update_task(self, task_id: str, fields: dict[str, Any], *, durable: bool) -> None:
+        self._db.execute(*self._task_update(task_id, fields), durable=durable)
+
+    def _task_update(self, task_id: str, fields: dict[str, Any]) -> Statement:
         unknown = set(fields) - self._TASK_COLUMNS
         if unknown:
             raise ValueError(f"not task columns: {sorted(unknown)}")
@@ -467,10 +480,9 @@ class Ledger:
         for name in _FREE_TEXT & fields.keys():
             fields[name] = _clean(fields[name])
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        self._db.execute(
+        return (
             f"UPDATE tasks SET {assignments}, updated_at = ? WHERE task_id = ?",  # noqa: S608 (names are whitelisted)
             (*fields.values(), time.time(), task_id),
-            durable=durable,
         )
 
     def get_task(self, task_id: str) -> TaskRecord | None:
@@ -480,6 +492,18 @@ class Ledger:
             (task_id, task_id, task_id),
         )
         return _task(rows[0]) if rows else None
+
+    def get_tasks(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        """Several tasks by upstream id in one read (the watcher's claimed batch), keyed by id; an id with
+        no row is absent."""
+        found: dict[str, TaskRecord] = {}
+        for start in range(0, len(task_ids), BATCH_READ):
+            chunk = task_ids[start : start + BATCH_READ]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.query(f"SELECT * FROM tasks WHERE task_id IN ({marks})", tuple(chunk)):  # noqa: S608
+                record = _task(row)
+                found[record.task_id] = record
+        return found
 
     def tasks(self, *, limit: int = 50) -> list[TaskRecord]:
         """Newest first."""

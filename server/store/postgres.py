@@ -50,7 +50,16 @@ from psycopg.rows import RowMaker
 
 from server.errors import ConfigError, LedgerUnavailable, StorageError
 from server.redaction import register_secret
-from server.store.database import DATABASE_URL_VARIABLE, Dialect, NamedRow, Row, Transaction, redact_url, url_secrets
+from server.store.database import (
+    DATABASE_URL_VARIABLE,
+    Dialect,
+    NamedRow,
+    Row,
+    Statement,
+    Transaction,
+    redact_url,
+    url_secrets,
+)
 from server.store.migrations import migrations
 
 logger = logging.getLogger(__name__)
@@ -199,6 +208,22 @@ class PostgresDatabase:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._guard("read"), self._pool.connection() as conn:
             return self._run(conn, sql, params)
+
+    def execute_batch(self, statements: Sequence[Statement], *, durable: bool = True) -> None:
+        # Pipeline mode: BEGIN, every statement and COMMIT leave together and their results come back
+        # together, one round trip instead of one per statement (the watcher batches a tick's writes).
+        if not statements:
+            return
+        with self._guard("write"), self._pool.connection() as conn:
+            self._commit_mode(conn, durable=durable)
+            with conn.pipeline(), conn.transaction():
+                for sql, params in statements:
+                    if self._trace is not None:
+                        self._trace(sql)
+                    if params:
+                        conn.execute(_translate(sql), tuple(params))
+                    else:
+                        conn.execute(sql)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

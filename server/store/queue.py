@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.store.database import Row
-from server.store.ledger import LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger
+from server.store.database import Row, Statement
+from server.store.ledger import BATCH_READ, LOCAL_STATUSES, TERMINAL_STATUSES, VIDEO_EXPIRED, Ledger
 
 # "query": the task is PENDING/RUNNING upstream (in this account's queue); "download": it
 # SUCCEEDED and its video is not on disk yet.
@@ -167,24 +167,37 @@ class DueQueue:
         Only a claim `owner` holds (or no claim) is touched: a worker that stalled past its lease must not
         clear the claim of the worker that took the task over, nor move that worker's lease. `owner=None`
         (a single process, the tests) files whatever the claim."""
+        self._ledger.execute(
+            *self.file_statement(task_id, model, created_at, due_at, stage, eta, owner=owner), durable=False
+        )
+
+    def file_statement(
+        self,
+        task_id: str,
+        model: str,
+        created_at: float,
+        due_at: float,
+        stage: str,
+        eta: Estimate | None = None,
+        *,
+        owner: str | None = None,
+    ) -> Statement:
+        """`file`'s statement, not run: the watcher sends a tick's filings in one batch."""
         mine = "" if owner is None else " WHERE due_queue.claimed_by IS NULL OR due_queue.claimed_by = ?"
         who = () if owner is None else (owner,)
         if eta is None:
-            self._ledger.execute(
+            return (
                 "INSERT INTO due_queue (task_id, model, created_at, stage, due_at) VALUES (?,?,?,?,?)"  # noqa: S608
                 " ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at, stage = excluded.stage,"
                 " claimed_by = NULL" + mine,
                 (task_id, model, created_at, stage, due_at, *who),
-                durable=False,
             )
-            return
-        self._ledger.execute(
+        return (
             "INSERT INTO due_queue (task_id, model, created_at, stage, due_at, expected_start, expected_end, basis)"  # noqa: S608
             " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (task_id) DO UPDATE SET due_at = excluded.due_at,"
             " stage = excluded.stage, claimed_by = NULL, expected_start = excluded.expected_start,"
             " expected_end = excluded.expected_end, basis = excluded.basis" + mine,
             (task_id, model, created_at, stage, due_at, eta.start, eta.end, eta.basis, *who),
-            durable=False,
         )
 
     def reschedule(self, task_id: str, due_at: float, stage: str, *, owner: str | None = None) -> None:
@@ -213,34 +226,28 @@ class DueQueue:
         """A task's entry with what its estimate needs of the queue ahead of it (the task just before
         it in its model's queue, and how many are ahead, counting at most `cap`): one statement of
         index probes instead of three reads, since the watcher asks after every query of every task."""
+        return self.contexts([task_id], cap).get(task_id)
+
+    def contexts(self, task_ids: Sequence[str], cap: int) -> dict[str, Context]:
+        """`context` of several tasks in one read per `BATCH_READ` ids (the watcher's claimed batch)."""
         ahead = (
             "(SELECT a.{column} FROM due_queue a WHERE a.model = q.model AND a.stage = ?"
             " AND a.created_at < q.created_at ORDER BY a.created_at DESC LIMIT 1)"
         )
         columns = ("task_id", "expected_seconds", "expected_start", "expected_end")
-        rows = self._ledger.query(
-            "SELECT q.*, (SELECT COUNT(*) FROM (SELECT 1 FROM due_queue c WHERE c.model = q.model AND c.stage = ?"  # noqa: S608
-            " AND c.created_at < q.created_at LIMIT ?) AS counted) AS ahead_count, "
-            + ", ".join(ahead.format(column=column) + f" AS ahead_{column}" for column in columns)
-            + " FROM due_queue q WHERE q.task_id = ?",
-            (QUERY, cap, *([QUERY] * len(columns)), task_id),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-
-        def number(name: str) -> float | None:
-            value = row[name]
-            return None if value is None else float(value)
-
-        return Context(
-            entry=_entry(row),
-            ahead_count=int(row["ahead_count"]),
-            ahead_id=None if row["ahead_task_id"] is None else str(row["ahead_task_id"]),
-            ahead_seconds=number("ahead_expected_seconds"),
-            ahead_start=number("ahead_expected_start"),
-            ahead_end=number("ahead_expected_end"),
-        )
+        found: dict[str, Context] = {}
+        for start in range(0, len(task_ids), BATCH_READ):
+            chunk = task_ids[start : start + BATCH_READ]
+            rows = self._ledger.query(
+                "SELECT q.*, (SELECT COUNT(*) FROM (SELECT 1 FROM due_queue c WHERE c.model = q.model"  # noqa: S608
+                " AND c.stage = ? AND c.created_at < q.created_at LIMIT ?) AS counted) AS ahead_count, "
+                + ", ".join(ahead.format(column=column) + f" AS ahead_{column}" for column in columns)
+                + f" FROM due_queue q WHERE q.task_id IN ({','.join('?' * len(chunk))})",
+                (QUERY, cap, *([QUERY] * len(columns)), *chunk),
+            )
+            for row in rows:
+                found[str(row["task_id"])] = _context(row)
+        return found
 
     def behind(self, model: str, created_at: float) -> Entry | None:
         """The task just after this moment in the model's queue: the next to start when one ends."""
@@ -283,6 +290,21 @@ class DueQueue:
             " run_seconds = model_rates.run_seconds + excluded.run_seconds",
             (model, output_seconds, run_seconds),
         )
+
+
+def _context(row: Row) -> Context:
+    def number(name: str) -> float | None:
+        value = row[name]
+        return None if value is None else float(value)
+
+    return Context(
+        entry=_entry(row),
+        ahead_count=int(row["ahead_count"]),
+        ahead_id=None if row["ahead_task_id"] is None else str(row["ahead_task_id"]),
+        ahead_seconds=number("ahead_expected_seconds"),
+        ahead_start=number("ahead_expected_start"),
+        ahead_end=number("ahead_expected_end"),
+    )
 
 
 def _entry(row: Row) -> Entry:

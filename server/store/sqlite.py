@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.store.database import Dialect, Row, Transaction
+from server.store.database import Dialect, Row, Statement, Transaction
 from server.store.migrations import migrations
 
 LEDGER_FILE = "ledger.sqlite3"
@@ -102,6 +102,13 @@ class SQLiteDatabase:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         rows: list[Row] = self._db.execute(sql, tuple(params)).fetchall()
         return rows
+
+    def execute_batch(self, statements: Sequence[Statement], *, durable: bool = True) -> None:
+        if not statements:
+            return
+        with self.transaction() as tx:
+            for sql, params in statements:
+                tx.execute(sql, params)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
