@@ -107,6 +107,8 @@ DOUBTFUL_ANSWERS = 3
 # if shorter): every finished step wakes the loop, and with many steps in flight the finished ones of
 # those milliseconds share one tick instead of each paying its own.
 TICK_GAP = 0.02
+# At most this long between two reads of the due queue's earliest due time (see `Watcher._known_next`).
+DUE_RECHECK = 0.25
 
 
 def _video_url(output: dict[str, Any]) -> str | None:
@@ -194,6 +196,12 @@ class Watcher:
         # (a write) a few times per second instead of once per query.
         self._refill = max(1, self._budget // 4)
         self._tick_gap = min(TICK_GAP, self.interval / 10)
+        # The due queue's earliest due time as last read, lowered since by this worker's own filings
+        # (`_filed`): a tick with nothing due before it reads nothing. Read again at least every
+        # `_recheck` s for what other workers filed and did not claim themselves (one that died since).
+        self._known_next: float | None = None
+        self._known_at = -math.inf
+        self._recheck = min(self.interval / 2, DUE_RECHECK)
         self._last_tick = -math.inf
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -230,6 +238,7 @@ class Watcher:
             # Steps a killed process had in flight are due now, not when their lease runs out.
             dead = [task_id for task_id, owner in self.queue.claims() if self._claimer_dead(owner)]
             self.queue.release(dead, self._now())
+            self._known_at = -math.inf
             self._client.metrics.leases_taken_over(len(dead))
         except Exception:  # a damaged ledger must not keep the server from starting
             logger.exception("watcher: could not prepare the due queue; following it as it is")
@@ -284,6 +293,7 @@ class Watcher:
                 stale = self.worker.stale()
                 released = self.leases.release_workers(stale, now) if stale else []
                 if released:
+                    self._filed(now)
                     logger.info("watcher: %d claim(s) of %d stopped worker(s) released", len(released), len(stale))
                     self._client.metrics.leases_taken_over(len(released))
                     self._wake.set()
@@ -398,6 +408,7 @@ class Watcher:
                 return
         self._ledger.update_task(record.task_id, video_path=None, video_sha256=None, video_bytes=None)
         self.queue.schedule(record.task_id, record.model, record.created_at, self._now(), DOWNLOAD)
+        self._filed(self._now())
         self._wake.set()
 
     def _tick(self, tg: TaskGroup) -> float:
@@ -416,7 +427,12 @@ class Watcher:
             # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
             # and two reads per finished step; a finishing step wakes this loop again (notify).
             return max(0.0, wake - self._now())
-        upcoming = self.queue.next_due()
+        known = self._known_next
+        if time.monotonic() - self._known_at < self._recheck and (known is None or known > now):
+            # Nothing is due yet, as far as this worker knows: no read at all (every finished step wakes
+            # this loop, and its filing only lowered what is known).
+            return max(0.0, min(wake, known if known is not None else wake) - self._now())
+        upcoming = self._read_next_due()
         # A claim is a write: made only when something is due (every finished step wakes this loop).
         due = upcoming is not None and upcoming <= now
         due_now = self.queue.claim(now, free, self.lease, self._owner) if due else []
@@ -434,17 +450,28 @@ class Watcher:
             self._inflight.add(task_id)
             tg.start_soon(self._step, task_id, state.inflight, _Prefetched(records.get(task_id), contexts.get(task_id)))
         if len(self._inflight) < self._budget:
-            upcoming = self.queue.next_due() if due_now else upcoming
+            upcoming = self._read_next_due() if due_now else upcoming
             if upcoming is not None:
                 wake = min(wake, upcoming)
         # With every slot busy, a finishing step wakes the loop (notify), so no busy wait.
         return max(0.0, wake - self._now())
+
+    def _read_next_due(self) -> float | None:
+        self._known_next = self.queue.next_due()
+        self._known_at = time.monotonic()
+        return self._known_next
+
+    def _filed(self, due_at: float) -> None:
+        """This worker filed a due time: what it knows of the queue's earliest one can only come sooner."""
+        if self._known_next is None or due_at < self._known_next:
+            self._known_next = due_at
 
     def watch(self, task_id: str, expected_seconds: float | None = None) -> None:
         """A task was just submitted or adopted: look at it now."""
         record = self._ledger.get_task(task_id)
         if record is not None and record.status not in LOCAL_STATUSES and not settled(record):
             self.queue.schedule(record.task_id, record.model, record.created_at, self._now())
+            self._filed(self._now())
         self._wake.set()
 
     def expect(self, task_id: str, seconds: float | None) -> None:
@@ -610,6 +637,7 @@ class Watcher:
                 DOWNLOAD,
                 owner=self._owner,
             )
+            self._filed(max(now, state.next_download))
             return
         began = state.last_query if state.last_query > -math.inf else time.monotonic()
         began_epoch = now - (time.monotonic() - began)
@@ -617,11 +645,13 @@ class Watcher:
             self.queue.file(
                 record.task_id, record.model, record.created_at, max(now, state.retry_at), QUERY, owner=self._owner
             )
+            self._filed(max(now, state.retry_at))
             return
         if context is None or context.entry.task_id != record.task_id:
             context = self.queue.context(record.task_id, AHEAD_COUNTED)
         if context is None:  # adopted or restored without a row: queue it first
             self.queue.schedule(record.task_id, record.model, record.created_at, now)
+            self._filed(now)
             context = self.queue.context(record.task_id, AHEAD_COUNTED)
         eta = self._estimate(record, context) if context is not None else None
         due = next_query(
@@ -638,6 +668,7 @@ class Watcher:
             self._ledger.execute(*filing, durable=False)
         else:
             later.append(filing)
+        self._filed(due)
 
     def _estimate(self, record: TaskRecord, context: Context) -> Eta:
         rate, rate_basis = learned_rate(record.model, self._rate(record.model), prior=self._settings.is_beijing)
@@ -690,6 +721,7 @@ class Watcher:
             soon = self._now()  # it has just started: one query gives its real start (scheduled_time)
             # `schedule` keeps the earlier due time and leaves a claim in flight alone.
             self.queue.schedule(behind.task_id, behind.model, behind.created_at, soon, behind.stage)
+            self._filed(soon)
             self._wake.set()
 
     def _query_failed(self, task_id: str, state: _State, began: float, exc: Exception) -> None:

@@ -118,6 +118,7 @@ class RateLimiter:
         # timeline's spacing reserves only the slots it can use within LATE of their times.
         self._pace = self._spacing
         self._last_start = -math.inf
+        self._backlog = False  # another caller was waiting when the last start was made
 
     async def acquire(self, party: str = "") -> None:
         """Wait for this caller's turn. Callers of one `party` (a tenant of a shared key) queue among
@@ -143,9 +144,13 @@ class RateLimiter:
                     await self._sleep(slot - now)
                 self._starts.append(now)
                 self._next = now + self._interval
-                if now - self._last_start < 1.0:
+                # The pace is how fast this process starts when callers queue: a gap after a start that
+                # left nobody waiting is idleness, not slowness (a tick's batch comes all at once, then
+                # nothing for a while), and counted would shrink every reservation to a slot or two.
+                if self._backlog and now - self._last_start < 1.0:
                     self._pace += PACE_WEIGHT * (now - self._last_start - self._pace)
                 self._last_start = now
+                self._backlog = self._waiting > 1
         finally:
             self._waiting -= 1
 
