@@ -427,12 +427,13 @@ class Watcher:
             # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
             # and two reads per finished step; a finishing step wakes this loop again (notify).
             return max(0.0, wake - self._now())
-        known = self._known_next
-        if time.monotonic() - self._known_at < self._recheck and (known is None or known > now):
+        upcoming = self._known_next
+        if time.monotonic() - self._known_at >= self._recheck:
+            upcoming = self._read_next_due()
+        elif upcoming is None or upcoming > now:
             # Nothing is due yet, as far as this worker knows: no read at all (every finished step wakes
             # this loop, and its filing only lowered what is known).
-            return max(0.0, min(wake, known if known is not None else wake) - self._now())
-        upcoming = self._read_next_due()
+            return max(0.0, min(wake, upcoming if upcoming is not None else wake) - self._now())
         # A claim is a write: made only when something is due (every finished step wakes this loop).
         due = upcoming is not None and upcoming <= now
         due_now = self.queue.claim(now, free, self.lease, self._owner) if due else []
