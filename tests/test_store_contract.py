@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import LedgerUnavailable
+from server.errors import LedgerUnavailable, StorageError
 from server.store.database import DATABASE_URL_VARIABLE, redact_url
 from server.store.ledger import DEAD_STATUSES, LIVE_PREDICATE, SUBMITTING, Ledger
 from server.store.migrations import latest, migrations, named_queries
@@ -125,6 +126,19 @@ def test_a_transaction_commits_together_or_not_at_all(ledger: Ledger) -> None:
         tx.execute("INSERT INTO due_queue_meta (key, value) VALUES ('a', '1')")
         assert tx.one("SELECT value FROM due_queue_meta WHERE key = ?", ("a",)) is not None
     assert len(ledger.query("SELECT * FROM due_queue_meta WHERE key = 'a'")) == 1
+
+
+def test_a_batch_of_statements_commits_together_or_not_at_all(ledger: Ledger) -> None:
+    """The watcher's write-behind batch (server/jobs/writes.py): every statement lands, in order, or none."""
+    insert = "INSERT INTO due_queue_meta (key, value) VALUES (?, ?)"
+    update = "UPDATE due_queue_meta SET value = ? WHERE key = ?"
+    ledger.execute_batch([(insert, ("b1", "1")), (insert, ("b2", "2")), (update, ("3", "b1"))], durable=False)
+    rows = ledger.query("SELECT key, value FROM due_queue_meta WHERE key LIKE 'b%' ORDER BY key")
+    assert [(row["key"], row["value"]) for row in rows] == [("b1", "3"), ("b2", "2")]
+    with pytest.raises(StorageError if ledger.dialect == "postgresql" else sqlite3.IntegrityError):
+        ledger.execute_batch([(insert, ("b3", "1")), (insert, ("b1", "again"))])  # the second breaks the key
+    assert ledger.query("SELECT * FROM due_queue_meta WHERE key = 'b3'") == []
+    ledger.execute_batch([])  # nothing to send: no round trip, no error
 
 
 # ---------------------------------------------------------------------------------------------- detections
@@ -314,6 +328,29 @@ def test_queue_position_and_neighbours_follow_submit_order(ledger: Ledger) -> No
     assert context.entry == entry and context.ahead_count == 2
     capped = queue.context("q3", cap=2)
     assert capped is not None and capped.ahead_count == 2  # counted up to the cap, not the queue's depth
+    # A tick's batch reads every claimed task's context at once: the same answers as one by one.
+    many = queue.contexts(["q0", "q2", "q3", "other", "missing"], cap=2)
+    assert set(many) == {"q0", "q2", "q3", "other"}
+    for task_id, found in many.items():
+        assert found == queue.context(task_id, cap=2)
+    assert many["q0"].ahead_id is None and many["q0"].ahead_count == 0 and many["other"].ahead_count == 0
+
+
+def test_several_tasks_are_read_in_one_call_and_an_answer_can_wait_for_a_batch(ledger: Ledger) -> None:
+    for index in range(3):
+        ledger.add_task(
+            task_id=f"m{index}", family="emo", model="emo-v1", payload={"n": index}, ratio="1:1",
+            status="PENDING", request_id=None, evidence_dir="/e",
+        )  # fmt: skip
+    found = ledger.get_tasks(["m0", "m2", "nope"])
+    assert set(found) == {"m0", "m2"} and found["m2"].payload == {"n": 2}
+    assert ledger.get_tasks([]) == {}
+    statement = ledger.answer_statement("m1", status="RUNNING", polls=4, message="x")
+    unchanged = ledger.get_task("m1")
+    assert unchanged is not None and unchanged.status == "PENDING"  # built, not run
+    ledger.execute_batch([statement], durable=False)
+    record = ledger.get_task("m1")
+    assert record is not None and (record.status, record.polls, record.message) == ("RUNNING", 4, "x")
 
 
 def test_rates_are_running_sums(ledger: Ledger) -> None:
