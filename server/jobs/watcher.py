@@ -107,6 +107,9 @@ DOUBTFUL_ANSWERS = 3
 # if shorter): every finished step wakes the loop, and with many steps in flight the finished ones of
 # those milliseconds share one tick instead of each paying its own.
 TICK_GAP = 0.02
+# A tick's steps' answers and next due times wait at most this long to be written together (a step that
+# ends a task writes at once): at the default limit of 20 queries/s a batch holds two queries, not one.
+WRITE_GAP = 0.1
 # At most this long between two reads of the due queue's earliest due time (see `Watcher._known_next`).
 DUE_RECHECK = 0.25
 
@@ -217,7 +220,7 @@ class Watcher:
         self._held: set[str] = set()
         self.changes: ChangeFeed = change_feed(ledger)
         # The answers and next due times of the steps the ticks start, written a tick's worth at a time.
-        self.writes = WriteBehind(ledger, self._tick_gap)
+        self.writes = WriteBehind(ledger, min(WRITE_GAP, self.interval / 5))
         self._started = time.time()
         self._ledger_lost = False  # the last tick found the ledger database unreachable
         self.reconciler = Reconciler(

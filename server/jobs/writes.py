@@ -1,11 +1,12 @@
-"""The watcher's writes after each query, gathered for a few milliseconds and sent as one batch.
+"""The watcher's writes after each query, gathered for up to a tenth of a second and sent as one batch.
 
 Why: after every answer about an open task the watcher writes two rows (the answer: the query count,
 status and times; the task's next due time and estimate). Run one by one they were two round trips
 per query on PostgreSQL, each blocking the event loop for its whole round trip (the ledger driver is
 synchronous): at hundreds of queries a second a worker spent most of its time waiting on them, and
-the database most of its CPU committing them. Gathered for `gap` seconds, one tick's worth leaves as
-one pipelined transaction (`Ledger.execute_batch`).
+the database most of its CPU committing them. Gathered for `gap` seconds (`WRITE_GAP`, 0.1 s, or a fifth
+of the poll interval), they leave as one pipelined transaction (`Ledger.execute_batch`); on SQLite at the
+default 20 queries/s that halves the commits. An answer that ends a task is never held back here.
 
 Only soft writes come here (`durable=False`): what the watcher re-derives by itself. A batch that
 cannot be written (the ledger is away) loses nothing that matters: the tasks' claims stay, their

@@ -16,14 +16,17 @@ overall deadline besides the per-read timeout, and every failure of the stack so
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import zlib
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import anyio
 import httpx2
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from server.upstream.answers import MAX_ANSWER_BYTES, Answer, NoAnswer, NotSent
 
@@ -46,24 +49,26 @@ NOT_SENT_ERRORS = tuple(kind for kind, _ in _NOT_SENT)
 
 def open_session() -> aiohttp.ClientSession:
     """The API session: the system's trust store (httpx2's own TLS context, so certificates are trusted
-    as before), the environment's proxy settings, no cookies kept, and `on_sent` callbacks (see `exchange`)."""
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(_call_on_sent)
+    as before), no cookies kept. The environment's proxy settings
+    are read once per host (`_proxy`), not by aiohttp's `trust_env`, which reads them and `~/.netrc`
+    again for every request (a file lookup per task query)."""
     connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=httpx2.create_ssl_context())
     return aiohttp.ClientSession(
         connector=connector,
-        trust_env=True,
+        trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        trace_configs=[trace],
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
 
-async def _call_on_sent(_: aiohttp.ClientSession, context: SimpleNamespace, __: object) -> None:
-    callback = getattr(context, "trace_request_ctx", None)
-    if callable(callback):
-        callback()
+@functools.lru_cache(maxsize=64)
+def _proxy(scheme: str, host: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` name for this host, if any (read once per host)."""
+    try:
+        return get_env_proxy_for_url(URL.build(scheme=scheme, host=host))
+    except LookupError:
+        return None, None
 
 
 def deadline_of(timeout: httpx2.Timeout) -> float:
@@ -84,19 +89,25 @@ async def exchange(
 ) -> Answer:
     """Send one request and read its answer within `budget` bytes; never follows a redirect.
 
-    `on_sent` (which must not raise) is called once the request's headers are on the wire."""
+    `on_sent` (which must not raise) is called at the event loop's next turn: on a pooled connection the
+    request has been handed to the socket by then (aiohttp writes it before it first waits), on a new one
+    the connection is being made. Not a trace hook: aiohttp's tracing costs every request its signals."""
     deadline = deadline_of(http_timeout)
     timeout = aiohttp.ClientTimeout(
         total=None, connect=http_timeout.connect, sock_read=http_timeout.read, ceil_threshold=3600
     )
     response: aiohttp.ClientResponse | None = None
     sent = {"Accept-Encoding": ACCEPT_ENCODING, **(headers or {})}
+    target = URL(url)
+    proxy, proxy_auth = _proxy(target.scheme, target.host or "")
     try:
         with anyio.fail_after(deadline):
+            if on_sent is not None:
+                asyncio.get_running_loop().call_soon(on_sent)
             try:
                 response = await session.request(
-                    method, url, headers=sent, timeout=timeout, allow_redirects=False, trace_request_ctx=on_sent,
-                    **request,
+                    method, target, headers=sent, timeout=timeout, allow_redirects=False, proxy=proxy,
+                    proxy_auth=proxy_auth, **request,
                 )  # fmt: skip
             except NOT_SENT_ERRORS as exc:
                 raise NotSent(_name(exc)) from exc
