@@ -25,7 +25,7 @@ from server.store.ledger import Ledger
 from server.store.rates import SharedRates
 from server.tenancy.audit import AuditLog, NoAudit
 from server.tenancy.tenants import Tenant, TenantsFile, tenant_policy, tenant_settings
-from server.upstream.client import DashScopeClient
+from server.upstream.client import DashScopeClient, new_session
 from server.upstream.limits import Limits
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class _Opened:
         self.audit: AuditLog | NoAudit = AuditLog(audit) if audit is not None else NoAudit()
         self._metrics = metrics
         self._owned: aiohttp.ClientSession | None = None
+        self._building = anyio.Lock()  # services' first calls together build one session
         self._ledgers: list[Ledger] = []
         self._limits: dict[str, Limits] = {}
         self.rates_ledger: Ledger | None = None  # where tenants' shared windows are counted (tenant mode)
@@ -95,12 +96,11 @@ class _Opened:
             self.rates_ledger.close()
         self.audit.close()
 
-    def _build_session(self) -> aiohttp.ClientSession:
+    async def _build_session(self) -> aiohttp.ClientSession:
         # Built on the first upstream call, not at start-up (see SessionFactory in server/upstream/client.py).
-        if self._owned is None:
-            from server.upstream.wire import open_session
-
-            self._owned = open_session()
+        async with self._building:
+            if self._owned is None:
+                self._owned = await new_session()
         return self._owned
 
     def service(self, settings: Settings, *, recover: bool = True, key_id: str | None = None) -> Service:

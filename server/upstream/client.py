@@ -86,7 +86,18 @@ _ENDPOINTS = {"task query": "task_query", "task list": "task_list", "upload poli
 Sleep = Callable[[float], Awaitable[None]]
 # The API session (`server.upstream.wire`) is built on first use: importing aiohttp and building a TLS
 # context take ~100 ms, too slow for start-up.
-SessionFactory = Callable[[], "aiohttp.ClientSession"]
+SessionFactory = Callable[[], Awaitable["aiohttp.ClientSession"]]
+
+
+async def new_session() -> aiohttp.ClientSession:
+    """A new API session, aiohttp imported on a worker thread: the first query of a server with open tasks
+    comes at once, while a client's handshake may still be waiting for the event loop."""
+    import importlib
+
+    wire = await anyio.to_thread.run_sync(importlib.import_module, "server.upstream.wire")
+    session: aiohttp.ClientSession = await wire.start_session()
+    return session
+
 
 DETECT_NOT_SENT = (
     "DashScope could not be reached for detection ({why}); nothing was sent and nothing billed. "
@@ -146,7 +157,8 @@ class DashScopeClient:
     ) -> None:
         # None: a session of its own, built on first use and closed by `aclose` (tests, benches, the CLI).
         self._session: aiohttp.ClientSession | None = None
-        self._factory = session if callable(session) else None
+        self._factory: SessionFactory = session if callable(session) else new_session
+        self._building = anyio.Lock()
         self._owns_session = session is None
         if session is not None and not callable(session):
             self._session = session
@@ -162,15 +174,12 @@ class DashScopeClient:
         # Policy calls have their own limit (100 QPS per account and model), not the task queries'.
         self._policies = RateLimiter(UPLOAD_POLICY_QPS)
 
-    def _api(self) -> aiohttp.ClientSession:
-        """The API session, built on first use."""
+    async def _api(self) -> aiohttp.ClientSession:
+        """The API session, built on first use (once, however many calls come first together)."""
         if self._session is None:
-            if self._factory is not None:
-                self._session = self._factory()
-            else:
-                from server.upstream.wire import open_session
-
-                self._session = open_session()
+            async with self._building:
+                if self._session is None:
+                    self._session = await self._factory()
         return self._session
 
     async def aclose(self) -> None:
@@ -288,15 +297,16 @@ class DashScopeClient:
         """Wait for a start slot with the API session already built: built lazily after the slot, the first
         call reached DashScope ~60 ms later than its start, close enough to the next calls to put one more
         than the rate in one second at the upstream (seen at 2/s in tests/test_operations.py)."""
-        self._api()
+        await self._api()
         await limiter.acquire(self._party)
 
     async def _exchange(self, endpoint: str, method: str, url: str, **options: Any) -> Answer:
         """`exchange`, counted by endpoint (a request that may have left counts; one never sent does not)."""
+        session = await self._api()
         from server.upstream.wire import exchange  # after `_api()`: aiohttp is loaded by then
 
         try:
-            answer = await exchange(self._api(), method, url, **options)
+            answer = await exchange(session, method, url, **options)
         except NoAnswer:
             self.metrics.upstream_call(endpoint, None)
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,12 +48,18 @@ _NOT_SENT: tuple[tuple[type[Exception], str], ...] = (
 NOT_SENT_ERRORS = tuple(kind for kind, _ in _NOT_SENT)
 
 
-def open_session() -> aiohttp.ClientSession:
+async def start_session() -> aiohttp.ClientSession:
+    """`open_session` with its TLS context built on a worker thread (it reads the system's trust store,
+    tens of milliseconds the event loop keeps for a handshake that may be under way)."""
+    return open_session(await anyio.to_thread.run_sync(httpx2.create_ssl_context))
+
+
+def open_session(tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
     """The API session: the system's trust store (httpx2's own TLS context, so certificates are trusted
     as before), no cookies kept. The environment's proxy settings
     are read once per host (`_proxy`), not by aiohttp's `trust_env`, which reads them and `~/.netrc`
     again for every request (a file lookup per task query)."""
-    connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=httpx2.create_ssl_context())
+    connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=tls or httpx2.create_ssl_context())
     return aiohttp.ClientSession(
         connector=connector,
         trust_env=False,
