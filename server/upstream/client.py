@@ -574,6 +574,7 @@ class DashScopeClient:
 
 def _form(fields: dict[str, str], filename: str, content: bytes) -> aiohttp.FormData:
     """The storage host's multipart form: the policy's fields first, the file last (OSS reads them in order)."""
+    import io
     import mimetypes
 
     import aiohttp
@@ -582,7 +583,9 @@ def _form(fields: dict[str, str], filename: str, content: bytes) -> aiohttp.Form
     for name, value in fields.items():
         form.add_field(name, value)
     kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    form.add_field("file", content, filename=filename, content_type=kind)
+    # A file object, not bytes: aiohttp streams it in pieces (and warns that a large bytes body would
+    # be written in one go from the event loop).
+    form.add_field("file", io.BytesIO(content), filename=filename, content_type=kind)
     return form
 
 
