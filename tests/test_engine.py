@@ -22,7 +22,7 @@ from mcp_types import ProgressNotificationParams
 from server.app import create_app
 from server.config import load_settings
 from server.errors import ConfigError
-from server.jobs.schedule import Eta, estimate, learned_rate, next_query
+from server.jobs.schedule import Eta, estimate, keep_cadence, learned_rate, next_query
 from server.jobs.task_views import recent_views
 from server.runtime import open_service
 from server.sandbox.account import SimulatedAccount
@@ -188,6 +188,17 @@ def test_the_schedule_polls_sparsely_far_from_the_end_and_densely_near_it() -> N
     assert next_query(schedule="adaptive", began=1000.0, eta=queued, interval=15, max_interval=60) == 1060.0
     capped = Eta(start=1000.0, end=100000.0, basis="")
     assert next_query(schedule="adaptive", began=1000.0, eta=capped, interval=15, max_interval=60) == 1060.0
+
+
+def test_the_next_query_counts_from_the_due_time_so_the_cadence_holds_but_never_crowds_the_last_answer() -> None:
+    # Asked 20 ms early (a tick's look-ahead) or 30 ms late (its turn at the limit): still due every 0.5 s.
+    assert keep_cadence(1000.48 + 0.5, began=1000.48, was_due=1000.5, now=1000.49) == 1001.0
+    assert keep_cadence(1000.53 + 0.5, began=1000.53, was_due=1000.5, now=1000.54) == 1001.0
+    # Its answer came 0.4 s late (a stalled loop, a slow upstream): the next is 0.75 of a delay after it,
+    # not 0.1 s after it, and not a full delay plus the lag either.
+    assert keep_cadence(1000.6 + 0.5, began=1000.6, was_due=1000.5, now=1000.9) == 1000.9 + 0.375
+    # Nothing to shift when the schedule says "now" (a retry, a task already due).
+    assert keep_cadence(1000.0, began=1000.6, was_due=1000.5, now=1000.9) == 1000.0
 
 
 def test_the_rate_is_learned_from_finished_tasks() -> None:

@@ -290,6 +290,21 @@ def test_the_due_queue_claims_due_tasks_once_per_lease(ledger: Ledger) -> None:
     assert set(queue.task_ids()) == {"q0", "q1", "q2"}
 
 
+def test_a_claim_says_when_each_task_was_due_and_may_take_what_falls_due_shortly(ledger: Ledger) -> None:
+    queue, now = DueQueue(ledger), 1000.0
+    for index, due in enumerate((1000.04, 990.0, 995.0, 1000.2)):
+        queue.schedule(f"q{index}", "emo-v1", 100.0 + index, due)
+    # Earliest first, with the due time each was claimed at (the next one counts from it).
+    assert list(queue.claim_due(now, 10, 30.0, "w", ahead=0.05).items()) == [
+        ("q1", 990.0),
+        ("q2", 995.0),
+        ("q0", 1000.04),
+    ]
+    assert queue.claim_due(now, 10, 30.0, "w", ahead=0.05) == {}  # leased now; q3 is not due within 0.05 s
+    assert queue.claim_due(now, 10, 30.0, "w") == {}
+    assert queue.claim_due(now + 0.2, 10, 30.0, "w") == {"q3": 1000.2}
+
+
 def test_schedule_only_moves_a_task_earlier_and_file_releases_its_claim(ledger: Ledger) -> None:
     queue = DueQueue(ledger)
     queue.schedule("q", "emo-v1", 100.0, 500.0)

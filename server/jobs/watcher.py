@@ -51,7 +51,15 @@ from server.errors import (
 )
 from server.jobs.changes import ChangeFeed, change_feed
 from server.jobs.reconcile import HOST, Reconciler, legacy_owner_dead, pid_alive
-from server.jobs.schedule import AHEAD_COUNTED, Eta, estimate, learned_rate, next_query, parse_beijing
+from server.jobs.schedule import (
+    AHEAD_COUNTED,
+    Eta,
+    estimate,
+    keep_cadence,
+    learned_rate,
+    next_query,
+    parse_beijing,
+)
 from server.jobs.workers import Worker
 from server.jobs.writes import WriteBehind
 from server.media.sources import file_sha256
@@ -106,7 +114,7 @@ DOUBTFUL_ANSWERS = 3
 # Ticks (a claim and two reads of the due queue) come at most this often (or a tenth of the poll interval,
 # if shorter): every finished step wakes the loop, and with many steps in flight the finished ones of
 # those milliseconds share one tick instead of each paying its own.
-TICK_GAP = 0.02
+TICK_GAP = 0.05
 # A tick's steps' answers and next due times wait at most this long to be written together (a step that
 # ends a task writes at once): at the default limit of 20 queries/s a batch holds two queries, not one.
 WRITE_GAP = 0.1
@@ -155,6 +163,7 @@ class _Prefetched:
 
     record: TaskRecord | None
     context: Context | None
+    due_at: float | None = None  # the due time it was claimed at (epoch seconds)
 
 
 @dataclass
@@ -430,16 +439,22 @@ class Watcher:
             # Nearly every slot is busy (the rate limit binds): refill in batches, not one claim (a write)
             # and two reads per finished step; a finishing step wakes this loop again (notify).
             return max(0.0, wake - self._now())
+        # What falls due before the next tick may come is claimed now (ticks are `_tick_gap` apart), so a
+        # busy worker claims a tick's worth at a time, and its steps start together: one claim, two reads
+        # and one rate reservation for the batch. A step runs at most that early, and its next due time
+        # counts from the due time it was claimed at (`_file_next`), so the cadence stays the interval.
+        ahead = self._tick_gap
         upcoming = self._known_next
         if time.monotonic() - self._known_at >= self._recheck:
             upcoming = self._read_next_due()
-        elif upcoming is None or upcoming > now:
+        elif upcoming is None or upcoming > now + ahead:
             # Nothing is due yet, as far as this worker knows: no read at all (every finished step wakes
             # this loop, and its filing only lowered what is known).
-            return max(0.0, min(wake, upcoming if upcoming is not None else wake) - self._now())
+            return max(0.0, min(wake, upcoming - ahead if upcoming is not None else wake) - self._now())
         # A claim is a write: made only when something is due (every finished step wakes this loop).
-        due = upcoming is not None and upcoming <= now
-        due_now = self.queue.claim(now, free, self.lease, self._owner) if due else []
+        due = upcoming is not None and upcoming <= now + ahead
+        claimed = self.queue.claim_due(now, free, self.lease, self._owner, ahead=ahead) if due else {}
+        due_now = list(claimed)
         # A caller's fresh query may be running one of them; its end files the next due time.
         starting = [task_id for task_id in due_now if self._state(task_id).inflight is None]
         records: dict[str, TaskRecord] = {}
@@ -452,11 +467,12 @@ class Watcher:
             state = self._state(task_id)
             state.inflight = anyio.Event()
             self._inflight.add(task_id)
-            tg.start_soon(self._step, task_id, state.inflight, _Prefetched(records.get(task_id), contexts.get(task_id)))
+            prefetched = _Prefetched(records.get(task_id), contexts.get(task_id), claimed[task_id])
+            tg.start_soon(self._step, task_id, state.inflight, prefetched)
         if len(self._inflight) < self._budget:
             upcoming = self._read_next_due() if due_now else upcoming
             if upcoming is not None:
-                wake = min(wake, upcoming)
+                wake = min(wake, upcoming - ahead)
         # With every slot busy, a finishing step wakes the loop (notify), so no busy wait.
         return max(0.0, wake - self._now())
 
@@ -600,7 +616,8 @@ class Watcher:
         finally:
             try:
                 context = prefetched.context if prefetched is not None and latest is not None else None
-                self._file_next(task_id, state, latest, context, later)
+                was_due = prefetched.due_at if prefetched is not None else None
+                self._file_next(task_id, state, latest, context, later, was_due)
             except (OSError, sqlite3.Error, StorageError) as exc:  # the lease brings it back if unwritten
                 logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
             try:
@@ -620,11 +637,13 @@ class Watcher:
         record: TaskRecord | None = None,
         context: Context | None = None,
         later: list[Statement] | None = None,
+        was_due: float | None = None,
     ) -> None:
         """After a step: the task's next due time from its schedule, or out of the queue once settled.
 
         `context`: the task's queue context read with its batch (else read here); `later`: where a
-        tick's step puts its filing for the batch write (else it is written at once)."""
+        tick's step puts its filing for the batch write (else it is written at once); `was_due`: the
+        due time a tick claimed the task at, from which the next one counts (`keep_cadence`)."""
         record = record or self._ledger.get_task(task_id)
         if record is None or record.status in LOCAL_STATUSES or settled(record):
             self.queue.remove(task_id)
@@ -665,6 +684,8 @@ class Watcher:
             interval=self.interval,
             max_interval=self._settings.poll_max_interval,
         )
+        if was_due is not None:
+            due = keep_cadence(due, began=began_epoch, was_due=was_due, now=now)
         filing = self.queue.file_statement(
             record.task_id, record.model, record.created_at, due, QUERY, eta, owner=self._owner
         )

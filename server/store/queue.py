@@ -118,14 +118,22 @@ class DueQueue:
 
     def claim(self, now: float, limit: int, lease: float, owner: str) -> list[str]:
         """Up to `limit` due tasks, earliest first; each is pushed `lease` seconds ahead while in flight."""
+        return list(self.claim_due(now, limit, lease, owner))
+
+    def claim_due(self, now: float, limit: int, lease: float, owner: str, *, ahead: float = 0.0) -> dict[str, float]:
+        """`claim`, also taking what falls due within `ahead` seconds: {task id: the due time it was
+        claimed at}, earliest first. Why the due time: the next one counts from it (a step that ran a
+        little early or late keeps its task's cadence, see Watcher._file_next)."""
         if limit <= 0:
-            return []
-        rows = self._ledger.execute(self._ledger.sql("claim"), (now, limit, now + lease, owner), durable=False)
+            return {}
+        rows = self._ledger.execute(
+            self._ledger.sql("claim"), (now + max(0.0, ahead), limit, now + lease, owner), durable=False
+        )
         # A row still claimed by another worker was due only because that claim's lease ran out: a takeover.
         taken = sum(1 for row in rows if row[1] is not None and row[1] != owner)
         if taken and self.on_takeover is not None:
             self.on_takeover(taken)
-        return [str(row[0]) for row in rows]
+        return {str(row[0]): float(row[2]) for row in sorted(rows, key=lambda row: float(row[2]))}
 
     def claims(self) -> list[tuple[str, str]]:
         """(task id, claimer) of the steps in flight (a few rows: the claimed ones only)."""

@@ -5,12 +5,13 @@
 -- Up to LIMIT due tasks, earliest first, pushed a lease ahead. SKIP LOCKED: a row another worker is
 -- claiming right now is passed over, not waited for, so concurrent claimers never share a task.
 -- (now, limit, lease_until, owner)
--- Returns (task_id, previous claimer): a previous claimer other than the owner is a takeover of a
--- claim whose lease ran out (counted by emo_mcp_leases_taken_over).
-WITH picked AS (SELECT task_id, claimed_by AS previous FROM due_queue WHERE due_at <= ? ORDER BY due_at
-    LIMIT ? FOR UPDATE SKIP LOCKED)
+-- Returns (task_id, previous claimer, the due time it was claimed at): a previous claimer other than
+-- the owner is a takeover of a claim whose lease ran out (counted by emo_mcp_leases_taken_over); the due
+-- time anchors the task's next one (Watcher._file_next), so its queries keep their cadence.
+WITH picked AS (SELECT task_id, claimed_by AS previous, due_at AS was_due FROM due_queue WHERE due_at <= ?
+    ORDER BY due_at LIMIT ? FOR UPDATE SKIP LOCKED)
 UPDATE due_queue SET due_at = ?, claimed_by = ? FROM picked WHERE due_queue.task_id = picked.task_id
-    RETURNING due_queue.task_id, picked.previous;
+    RETURNING due_queue.task_id, picked.previous, picked.was_due;
 
 -- name: schedule
 -- Queue a task, or move it earlier (never later): (task_id, model, created_at, stage, due_at).
