@@ -132,9 +132,12 @@ def test_a_batch_of_statements_commits_together_or_not_at_all(ledger: Ledger) ->
     """The watcher's write-behind batch (server/jobs/writes.py): every statement lands, in order, or none."""
     insert = "INSERT INTO due_queue_meta (key, value) VALUES (?, ?)"
     update = "UPDATE due_queue_meta SET value = ? WHERE key = ?"
-    ledger.execute_batch([(insert, ("b1", "1")), (insert, ("b2", "2")), (update, ("3", "b1"))], durable=False)
+    ledger.execute_batch(
+        [(insert, ("b1", "1")), (insert, ("b2", "2")), (update, ("3", "b1")), (update, ("4", "b1")), (insert, ("b4", "4"))],
+        durable=False,
+    )  # runs of one statement (sent as one executemany on PostgreSQL) keep their order
     rows = ledger.query("SELECT key, value FROM due_queue_meta WHERE key LIKE 'b%' ORDER BY key")
-    assert [(row["key"], row["value"]) for row in rows] == [("b1", "3"), ("b2", "2")]
+    assert [(row["key"], row["value"]) for row in rows] == [("b1", "4"), ("b2", "2"), ("b4", "4")]
     with pytest.raises(StorageError if ledger.dialect == "postgresql" else sqlite3.IntegrityError):
         ledger.execute_batch([(insert, ("b3", "1")), (insert, ("b1", "again"))])  # the second breaks the key
     assert ledger.query("SELECT * FROM due_queue_meta WHERE key = 'b3'") == []

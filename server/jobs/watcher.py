@@ -622,7 +622,7 @@ class Watcher:
                 logger.warning("task %s: could not schedule its next query: %s", task_id, exc)
             try:
                 if later:
-                    await self.writes.add(later).wait()
+                    await self.writes.add(later, task_id).wait()
             finally:
                 state.inflight = None
                 self._inflight.discard(task_id)

@@ -35,13 +35,18 @@ class WriteBehind:
         self._ledger = ledger
         self._gap = gap
         self._pending: list[Statement] = []
+        self._keys: set[str] = set()
+        self._repeated = False  # a key came twice into the batch now gathering
         self._written = anyio.Event()  # set once the batch now gathering has been written (or given up)
         self._wake = anyio.Event()
         self.batches = 0  # written so far (tests and benches read it)
         self.failed = 0
 
-    def add(self, statements: Sequence[Statement]) -> anyio.Event:
-        """Queue `statements`; the event is set once they are written (or their batch failed)."""
+    def add(self, statements: Sequence[Statement], key: str) -> anyio.Event:
+        """Queue `statements` (the writes of the row or rows `key` names: a task's answer and filing);
+        the event is set once they are written (or their batch failed)."""
+        self._repeated = self._repeated or key in self._keys
+        self._keys.add(key)
         self._pending.extend(statements)
         self._wake.set()
         return self._written
@@ -58,6 +63,12 @@ class WriteBehind:
         """Write what is pending now (also at shutdown, so a clean stop leaves its answers behind)."""
         batch, self._pending = self._pending, []
         written, self._written = self._written, anyio.Event()
+        if not self._repeated:
+            # Each key's rows are written once in this batch, so the order between keys is free: the same
+            # statements together (a stable sort), which the database driver sends as one `executemany`.
+            order = {sql: index for index, (sql, _) in reversed(list(enumerate(batch)))}
+            batch.sort(key=lambda statement: order[statement[0]])
+        self._keys, self._repeated = set(), False
         try:
             if batch:
                 self._ledger.execute_batch(batch, durable=False)
