@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -422,6 +422,13 @@ async def part_polling(args: argparse.Namespace, schemas: Schemas, work: Path) -
         fake.close()
 
 
+def failure(exc: BaseException) -> str:
+    """What failed, through any exception groups (the client's task groups wrap a cut stream's error)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def part_kills(args: argparse.Namespace, schemas: Schemas, work: Path) -> tuple[Kills, Backend]:
     """(3): generate jobs through nginx while workers are killed with SIGKILL and started again."""
     await anyio.Path(work).mkdir(parents=True, exist_ok=True)
@@ -431,7 +438,7 @@ async def part_kills(args: argparse.Namespace, schemas: Schemas, work: Path) -> 
     cluster = Cluster(worker_env(fake.base_url, work, backend, query_qps=HIGH_QPS), work, args.workers)
     jobs: dict[int, str] = {}  # job -> task id
     finals: dict[int, dict[str, Any]] = {}
-    errors: dict[int, str] = {}
+    errors: dict[int, Counter[str]] = defaultdict(Counter)  # job -> its failures, how often each
     kills: list[tuple[float, list[str]]] = []
     killing = args.kills * args.kill_gap
     life = args.polls_to_finish * INTERVAL
@@ -455,7 +462,7 @@ async def part_kills(args: argparse.Namespace, schemas: Schemas, work: Path) -> 
                 try:
                     jobs[index] = (await call_once(cluster.base, "emo_generate", arguments, 30))["task_id"]
                 except Exception as exc:  # a killed worker: 502 from nginx, a cut stream, a timeout
-                    errors[index] = f"generate: {type(exc).__name__}: {exc}"[:300]
+                    errors[index][f"generate: {failure(exc)}"[:200]] += 1
                     await anyio.sleep(0.3)
             while index in jobs and time.monotonic() < deadline[0]:
                 try:
@@ -463,7 +470,7 @@ async def part_kills(args: argparse.Namespace, schemas: Schemas, work: Path) -> 
                         cluster.base, "task_status", {"task_id": jobs[index], "wait_seconds": 10}, 25
                     )
                 except Exception as exc:
-                    errors[index] = f"task_status: {type(exc).__name__}: {exc}"[:300]
+                    errors[index][f"task_status: {failure(exc)}"[:200]] += 1
                     await anyio.sleep(0.3)
                     continue
                 if status.get("task_status") == "SUCCEEDED" and status.get("video_path"):
@@ -507,7 +514,8 @@ async def part_kills(args: argparse.Namespace, schemas: Schemas, work: Path) -> 
         path = Path(final["video_path"]) if final else None
         if final is None or path is None or not path.is_file():
             lost += 1
-            notes.append(f"job {index}: not finished ({errors.get(index, 'no error seen')})")
+            seen_errors = "; ".join(f"{count}x {text}" for text, count in errors[index].most_common(3))
+            notes.append(f"job {index}: not finished ({seen_errors or 'no error seen'})")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != digests.get(jobs[index]):
             lost += 1
             notes.append(f"job {index}: the video on disk has the wrong sha256")
