@@ -133,7 +133,13 @@ def test_a_batch_of_statements_commits_together_or_not_at_all(ledger: Ledger) ->
     insert = "INSERT INTO due_queue_meta (key, value) VALUES (?, ?)"
     update = "UPDATE due_queue_meta SET value = ? WHERE key = ?"
     ledger.execute_batch(
-        [(insert, ("b1", "1")), (insert, ("b2", "2")), (update, ("3", "b1")), (update, ("4", "b1")), (insert, ("b4", "4"))],
+        [
+            (insert, ("b1", "1")),
+            (insert, ("b2", "2")),
+            (update, ("3", "b1")),
+            (update, ("4", "b1")),
+            (insert, ("b4", "4")),
+        ],
         durable=False,
     )  # runs of one statement (sent as one executemany on PostgreSQL) keep their order
     rows = ledger.query("SELECT key, value FROM due_queue_meta WHERE key LIKE 'b%' ORDER BY key")

@@ -323,6 +323,45 @@ async def test_rate_limiter_spaces_slots_and_pauses_everyone() -> None:
     assert now[0] == pytest.approx(before + 2.0)
 
 
+async def test_a_fast_limiter_lets_a_batch_go_together_in_one_reservation_and_a_slow_one_keeps_its_spacing() -> None:
+    """At ~1,000 starts/s and more a tick's batch leaves together (up to EARLY ahead of its times), with
+    one shared reservation for the batch it announced; the window bound holds either way."""
+    now = [100.0]
+    sleeps: list[float] = []
+    reserved: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    class Window:
+        """A shared window with a free timeline: every slot asked for, from now."""
+
+        def reserve(self, key: str, count: int, spacing: float, horizon: float) -> tuple[float, int]:
+            reserved.append(count)
+            return 0.0, count
+
+        def pause(self, key: str, seconds: float) -> None: ...
+
+    fast = RateLimiter(2000.0, clock=lambda: now[0], sleep=sleep, shared=Window())
+    fast.expect(8)
+    for _ in range(8):
+        await fast.acquire()
+    assert sleeps == [] and reserved == [8]  # eight starts, no sleep, one reservation
+    starts: list[float] = []
+    for _ in range(2100):
+        await fast.acquire()
+        starts.append(now[0])
+    assert max(sum(1 for s in starts if t <= s < t + 1.0) for t in starts[::50]) <= 2000
+
+    sleeps.clear()
+    slow = RateLimiter(20.0, clock=lambda: now[0], sleep=sleep)
+    slow.expect(3)
+    for _ in range(3):
+        await slow.acquire()
+    assert len(sleeps) == 2 and all(seconds == pytest.approx(0.05) for seconds in sleeps)  # 1/20 s apart
+
+
 def test_limits_follow_the_contract_and_aliases_share_a_limiter() -> None:
     limits = Limits(20.0, {"emo-v1": ("my-emo",)})
     assert limits.queries.rate == 20.0

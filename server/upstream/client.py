@@ -322,6 +322,11 @@ class DashScopeClient:
 
     # ------------------------------------------------------------------ tasks
 
+    def expect_queries(self, count: int) -> None:
+        """`count` task queries are about to start together (a watcher tick's batch): the query limiter
+        reserves shared slots for them all at once (see `RateLimiter.expect`)."""
+        self.limits.queries.expect(count)
+
     async def get_task(self, task_id: str, *, started: Callable[[], object] | None = None) -> dict[str, Any]:
         """GET /tasks/{id}, retried: a read is safe to repeat. `started` is called whenever the limiter lets
         an attempt go (the watcher schedules the next query from that moment, not from its wait)."""
