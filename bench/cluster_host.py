@@ -185,7 +185,9 @@ class Cluster:
         prefix = self.work / f"nginx-{self.nginx_port}"
         conf = render_nginx(prefix, self.nginx_port, [w.base for w in self.workers])
         command = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
-        self._nginx = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its errors (an upstream reset, a timeout) in the prefix, for a look at what a client saw as a 502.
+        with (prefix / "logs" / "error.log").open("ab") as errors:
+            self._nginx = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
 
     def close(self) -> None:
         if self._nginx is not None and self._nginx.poll() is None:
