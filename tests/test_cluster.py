@@ -407,3 +407,31 @@ def test_a_stalled_worker_filing_late_leaves_its_successors_claim_alone(ledger: 
     queue.file("task-1", "emo-v1", now, later + 0.5, "query", owner="successor")  # its own claim: released
     assert queue.claims() == []
     assert queue.claim(later + 0.5, 10, LEASE, "successor") == ["task-1"] and taken == [1]
+
+
+def test_a_dead_workers_submit_that_never_left_is_withdrawn_and_one_that_left_is_looked_for(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """A worker killed between writing a submit's row and sending it (say while the submit waited for its
+    rate-limit turn) left nothing upstream: the row goes at once and the identical generate may be sent,
+    rather than being refused for EMO_MCP_RECONCILE_WINDOW. One killed after the request left may have
+    created a task: it is looked for in the task list, and identical generates stay refused."""
+    from server.config import load_settings
+    from server.jobs.reconcile import Reconciler
+    from server.store.ledger import SUBMIT_UNKNOWN
+    from tests.test_store_contract import submit
+
+    assert submit(ledger, "submit-queued", "fp-queued") is None and submit(ledger, "submit-left", "fp-left") is None
+    ledger.mark_sent("submit-left")
+    notified: list[str] = []
+    settings = load_settings({"HOME": str(tmp_path), "OUTPUT_DIR": str(tmp_path / "out")}, cwd=tmp_path)
+    unused: Any = None  # neither the client nor the evidence is touched by this step
+    reconciler = Reconciler(
+        settings, unused, ledger, unused, lambda *ids: notified.extend(ids), owner_dead=lambda owner, created_at: True
+    )
+    unknown = reconciler.mark_dead_submits()
+    assert ledger.get_task("submit-queued") is None and notified == ["submit-queued"]
+    assert [(row.task_id, row.status) for row in unknown] == [("submit-left", SUBMIT_UNKNOWN)]
+    assert submit(ledger, "submit-again", "fp-queued") is None  # the identical generate is sent
+    refused = submit(ledger, "submit-twice", "fp-left")
+    assert refused is not None and refused.task_id == "submit-left"  # this one may exist: not sent twice

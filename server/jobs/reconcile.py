@@ -180,9 +180,19 @@ class Reconciler:
         self._failures += 1
 
     def mark_dead_submits(self) -> list[TaskRecord]:
-        """SUBMITTING rows whose process is gone become SUBMIT_OUTCOME_UNKNOWN; returns the unknown rows."""
+        """SUBMITTING rows whose process is gone become SUBMIT_OUTCOME_UNKNOWN (or go, if never sent);
+        returns the unknown rows."""
         for row in self._ledger.rows([SUBMITTING]):
-            if self._owner_dead(row.owner, row.created_at):
+            if not self._owner_dead(row.owner, row.created_at):
+                continue
+            if row.sent_at == 0.0:
+                # Its worker died before the request left (waiting for its rate-limit turn, or just after
+                # the row was written): nothing can exist upstream, so the row goes and an identical
+                # generate may be sent at once, instead of being refused for EMO_MCP_RECONCILE_WINDOW.
+                self._ledger.delete_task(row.task_id)
+                self._notify(row.task_id)
+                logger.warning("submit %s: its process died before sending it; nothing was sent", row.task_id)
+            else:
                 self._ledger.update_task(
                     row.task_id,
                     status=SUBMIT_UNKNOWN,

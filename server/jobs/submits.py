@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -137,8 +138,15 @@ class Submitter:
         """The one paid request; its row becomes the task, is deleted (a clear refusal) or is left to the
         reconciler (no answer). Run it where a caller's timeout or cancellation cannot cut it short."""
         local_id, model, pending = submit.local_id, submit.model, submit.folder
+        sent = False
+
+        def sending() -> None:
+            nonlocal sent
+            self._ledger.mark_sent(local_id)  # raises (the ledger is away): nothing is sent
+            sent = True
+
         try:
-            body = await self._client.submit(submit.payload)
+            body = await self._client.submit(submit.payload, sending=sending)
         except SubmitOutcomeUnknownError as exc:
             self._unknown(submit, str(exc))
             raise SubmitOutcomeUnknownError(
@@ -153,9 +161,18 @@ class Submitter:
             self._watcher.notify(local_id)
             raise
         except anyio.get_cancelled_exc_class():
-            # The server is stopping with the request queued or in flight: a task may exist, so the
-            # reconciler looks for it (here or in the next process) instead of the row staying SUBMITTING.
-            self._unknown(submit, "The server stopped before DashScope answered this submit.")
+            # The server is stopping with the request queued or in flight. Still queued: nothing was sent,
+            # the row goes. In flight: a task may exist, so the reconciler looks for it (here or in the
+            # next process) instead of the row staying SUBMITTING.
+            if sent:
+                self._unknown(submit, "The server stopped before DashScope answered this submit.")
+            else:
+                self.withdraw(submit)
+            raise
+        except Exception:
+            if not sent:  # recording "sending" failed (the ledger is away): nothing went; best effort
+                with contextlib.suppress(Exception):
+                    self.withdraw(submit)
             raise
         output = body.get("output") if isinstance(body.get("output"), dict) else {}
         assert isinstance(output, dict)

@@ -118,6 +118,8 @@ class TaskRecord:
     local_id: str | None = None
     owner: str | None = None
     created_at: float = 0.0
+    # A submit's request: 0.0 not sent yet, else when it was about to leave; None: not recorded (older rows).
+    sent_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -336,8 +338,8 @@ class Ledger:
                     return _task(row)
             inserted = db.execute(
                 "INSERT INTO tasks (task_id, family, model, payload, ratio, status, evidence_dir, fingerprint,"
-                " local_id, owner, dedupe_key, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT DO NOTHING RETURNING task_id",
+                " local_id, owner, dedupe_key, created_at, updated_at, sent_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT DO NOTHING RETURNING task_id",
                 (*values, local_id, owner, key, now, now),
             )
             if inserted:
@@ -357,6 +359,14 @@ class Ledger:
                 allow_duplicate=allow_duplicate,
             )
         return _task(winner)
+
+    def mark_sent(self, local_id: str) -> None:
+        """A submit's request is about to leave (durable, before any byte goes): from now on its outcome
+        can only be unknown, never "not sent" (`server.jobs.reconcile.Reconciler.mark_dead_submits`)."""
+        self._db.execute(
+            "UPDATE tasks SET sent_at = ?, updated_at = ? WHERE task_id = ? AND status = ?",
+            (time.time(), time.time(), local_id, SUBMITTING),
+        )
 
     def resolve_submit(
         self, local_id: str, *, task_id: str, status: str, request_id: str | None, evidence_dir: str
@@ -536,4 +546,5 @@ def _task(row: Row) -> TaskRecord:
         local_id=row["local_id"],
         owner=row["owner"],
         created_at=float(row["created_at"]),
+        sent_at=None if row["sent_at"] is None else float(row["sent_at"]),
     )

@@ -256,12 +256,17 @@ class DashScopeClient:
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST video-synthesis once. Anything but a clear answer means "outcome unknown"."""
+    async def submit(self, payload: dict[str, Any], *, sending: Callable[[], None] | None = None) -> dict[str, Any]:
+        """POST video-synthesis once. Anything but a clear answer means "outcome unknown".
+
+        `sending` is called once the rate limit lets the request go, just before it is sent (the ledger
+        records that a task may exist from now on); if it raises, nothing is sent."""
         uses_oss = "oss://" in json.dumps(payload.get("input", {}))
         headers = self._headers(asynchronous=True, oss=uses_oss)
         limiter = self.limits.model(str(payload.get("model")))
         await self._slot(limiter)
+        if sending is not None:
+            sending()
         try:
             answer = await self._exchange(
                 "submit", "POST", self._base_url + SUBMIT_PATH, json=payload, headers=headers,
