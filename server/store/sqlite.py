@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -29,6 +30,7 @@ BUSY_TIMEOUT = 10.0
 _COMPANIONS = ("-wal", "-shm", "-journal")
 # Columns a ledger from before versioned migrations may lack (the `_ADDED_COLUMNS` of those releases,
 # and the dedupe key of the baseline): added before the baseline adopts the file.
+_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\w+\s+ADD\s+COLUMN\s", re.IGNORECASE)
 _LEGACY_COLUMNS = {"fingerprint": "TEXT", "local_id": "TEXT", "owner": "TEXT", "dedupe_key": "TEXT"}
 # An unversioned ledger's usable submits get the dedupe key: the newest usable row per fingerprint
 # (older identical ones were sent with allow_duplicate, and the unique index admits one only).
@@ -138,7 +140,13 @@ class SQLiteDatabase:
                 self._adopt_unversioned()
             for migration in pending[current:]:
                 for statement in statements(migration.sql):
-                    tx.execute(statement)
+                    try:
+                        tx.execute(statement)
+                    except sqlite3.OperationalError as exc:
+                        # A replay (a ledger adopted as unversioned) meets a column it already has: SQLite has
+                        # no ADD COLUMN IF NOT EXISTS, so this is that statement's PostgreSQL meaning.
+                        if not (_ADD_COLUMN.match(statement) and "duplicate column name" in str(exc)):
+                            raise
                 tx.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
                     (migration.version, migration.name, time.time()),
