@@ -205,8 +205,15 @@ class Generator:
                 f"The submit under local id {local_id} never reached DashScope ({exc}); no task was created "
                 "and nothing is billed."
             )
-        except EmoMcpError:
+        except SubmitOutcomeUnknownError:
             return None  # an unknown outcome: its row is in the ledger, followed as usual
+        except Exception as exc:
+            # Its row went without an answer from DashScope: the request was never sent (recording that it
+            # was about to leave failed, say), so the caller is told that, not that the id is unknown.
+            return UpstreamUnavailableError(
+                f"The submit under local id {local_id} was not sent ({exc}); no task was created and nothing "
+                "is billed. Call the generate tool again."
+            )
         return None
 
     async def _wire_input(self, plan: Plan, model: str) -> dict[str, Any]:

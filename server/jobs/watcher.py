@@ -465,7 +465,6 @@ class Watcher:
             # The rows and queue contexts of the whole batch in two reads, not two per step.
             records = self._ledger.get_tasks(starting)
             contexts = self.queue.contexts(starting, AHEAD_COUNTED)
-        if starting:
             self._client.expect_queries(len(starting))
         for task_id in starting:
             state = self._state(task_id)

@@ -363,9 +363,10 @@ class Ledger:
     def mark_sent(self, local_id: str) -> None:
         """A submit's request is about to leave (durable, before any byte goes): from now on its outcome
         can only be unknown, never "not sent" (`server.jobs.reconcile.Reconciler.mark_dead_submits`)."""
+        now = time.time()
         self._db.execute(
             "UPDATE tasks SET sent_at = ?, updated_at = ? WHERE task_id = ? AND status = ?",
-            (time.time(), time.time(), local_id, SUBMITTING),
+            (now, now, local_id, SUBMITTING),
         )
 
     def resolve_submit(

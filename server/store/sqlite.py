@@ -28,9 +28,10 @@ FILE_MODE = 0o600
 BUSY_TIMEOUT = 10.0
 # SQLite's files beside the database; created with the database file's mode, tightened if older.
 _COMPANIONS = ("-wal", "-shm", "-journal")
+# A migration statement that adds a column (skipped on a replay that finds the column there, see `migrate`).
+_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\w+\s+ADD\s+COLUMN\s", re.IGNORECASE)
 # Columns a ledger from before versioned migrations may lack (the `_ADDED_COLUMNS` of those releases,
 # and the dedupe key of the baseline): added before the baseline adopts the file.
-_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+\w+\s+ADD\s+COLUMN\s", re.IGNORECASE)
 _LEGACY_COLUMNS = {"fingerprint": "TEXT", "local_id": "TEXT", "owner": "TEXT", "dedupe_key": "TEXT"}
 # An unversioned ledger's usable submits get the dedupe key: the newest usable row per fingerprint
 # (older identical ones were sent with allow_duplicate, and the unique index admits one only).
